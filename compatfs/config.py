@@ -1,0 +1,241 @@
+"""The YAML configuration file: its schema, its validation, its defaults.
+
+Every key is declared once in :data:`SCHEMA` (type, default, meaning); the
+same table validates files, fills defaults and is rendered in
+``docs/configuration.md`` (a test keeps the two in step). A bad file gives one
+:class:`ConfigError` naming the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative_path
+from .names import INT64_MAX, is_sha256, is_uuid
+
+STAGES = ("off", "observe", "redirect", "migrate", "rollback")
+
+
+class ConfigError(Exception):
+    """A configuration file or value is not acceptable; ``str()`` is one line."""
+
+
+@dataclass(frozen=True)
+class Override:
+    """An operator's mapping of (app, sha) to a volume, winning over the checkpoint."""
+
+    app: str
+    sha: str
+    volume: str
+    generation: int = 0
+    clear_text: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    root: str = DEFAULT_ROOT
+    stage: str = "observe"
+    require_encrypted_vault: bool = True
+    paths: dict[str, str] = field(default_factory=dict)
+    overrides: tuple[Override, ...] = ()
+    mount_prepared: bool = False
+    source: str = "<defaults>"
+
+    def layout(self, root: str | None = None) -> Layout:
+        """The layout under *root* (default: the configured root)."""
+        return Layout(root or self.root, self.paths)
+
+
+# -- schema -------------------------------------------------------------------
+
+class _Bad(Exception):
+    """Raised by a checker; carries the text after 'key: '."""
+
+
+def _str_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or v not in choices:
+            raise _Bad(f"must be one of {', '.join(choices)}, not {v!r}")
+        return v
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"must be true or false, not {v!r}")
+    return v
+
+
+def _abs_path(v: Any) -> str:
+    if not isinstance(v, str) or not v.startswith("/") or "\0" in v:
+        raise _Bad(f"must be an absolute path, not {v!r}")
+    return os.path.normpath(v)
+
+
+def _rel_path(v: Any) -> str:
+    try:
+        return check_relative_path(v)
+    except LayoutError as exc:
+        raise _Bad(str(exc)) from None
+
+
+def _uuid(v: Any) -> str:
+    if not isinstance(v, str) or not is_uuid(v):
+        raise _Bad(f"must be a UUID, not {v!r}")
+    return v.lower()
+
+
+def _sha(v: Any) -> str:
+    if not isinstance(v, str) or not is_sha256(v):
+        raise _Bad(f"must be a 64-digit sha256, not {v!r}")
+    return v.lower()
+
+
+def _generation(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= INT64_MAX:
+        raise _Bad(f"must be a whole number from 0, not {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Key:
+    check: Callable[[Any], Any]
+    default: Any
+    doc: str
+
+
+TOP: dict[str, Key] = {
+    "root": Key(_abs_path, DEFAULT_ROOT, "The /persist directory both layouts live under."),
+    "stage": Key(_str_choice(STAGES), "observe",
+                 "Rollout stage: off, observe, redirect, migrate or rollback."),
+    "require_encrypted_vault": Key(_bool, True,
+                                   "Refuse to put vault-bound data in a directory the kernel "
+                                   "does not report as fscrypt-encrypted."),
+    "mount_prepared": Key(_bool, False,
+                          "Also mount a legacy view over runx/pods/prepared (container volumes)."),
+    "paths": Key(dict, {}, "Location overrides, each relative to root (see the table below)."),
+    "overrides": Key(list, [], "Operator mappings of (app, sha) to a volume; they win over the checkpoint."),
+}
+
+OVERRIDE: dict[str, Key] = {
+    "app": Key(_uuid, None, "App instance UUID of the legacy name."),
+    "sha": Key(_sha, None, "sha256 of the legacy name (any case)."),
+    "volume": Key(_uuid, None, "Volume UUID it belongs to."),
+    "generation": Key(_generation, 0, "Generation counter of the new name."),
+    "clear_text": Key(_bool, False, "Place it in novault (not encrypted)."),
+}
+
+REQUIRED_OVERRIDE_KEYS = ("app", "sha", "volume")
+
+
+# -- loading ------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _mapping(source: str, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(source, node)}: {what}: must be a mapping")
+    seen: set[str] = set()
+    out = []
+    for knode, vnode in node.value:
+        if not isinstance(knode, yaml.ScalarNode) or knode.tag != "tag:yaml.org,2002:str":
+            raise ConfigError(f"{_where(source, knode)}: {what}: keys must be plain names")
+        key = knode.value
+        if key in seen:
+            raise ConfigError(f"{_where(source, knode)}: {_join(what, key)}: duplicate key")
+        seen.add(key)
+        out.append((key, knode, vnode))
+    return out
+
+
+def _join(prefix: str, key: str) -> str:
+    return key if prefix == "top level" else f"{prefix}.{key}"
+
+
+def _value(loader: _Loader, source: str, node: yaml.Node, name: str, key: Key) -> Any:
+    if key.check in (dict, list):
+        return node  # structured; validated by the caller
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError(f"{_where(source, node)}: {name}: must be a single value")
+    value = loader.construct_object(node, deep=True)
+    try:
+        return key.check(value)
+    except _Bad as exc:
+        raise ConfigError(f"{_where(source, node)}: {name}: {exc}") from None
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Validate YAML *text*; raises :class:`ConfigError` with file and line."""
+    loader = _Loader(text)
+    try:
+        root_node = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}{line}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if root_node is None:
+        return Config(source=source)
+    values: dict[str, Any] = {}
+    for key, knode, vnode in _mapping(source, root_node, "top level"):
+        spec = TOP.get(key)
+        if spec is None:
+            raise ConfigError(f"{_where(source, knode)}: {key}: unknown key "
+                              f"(known: {', '.join(TOP)})")
+        values[key] = _value(loader, source, vnode, key, spec)
+
+    paths: dict[str, str] = {}
+    if "paths" in values:
+        for key, knode, vnode in _mapping(source, values["paths"], "paths"):
+            if key not in LOCATIONS:
+                raise ConfigError(f"{_where(source, knode)}: paths.{key}: unknown location "
+                                  f"(known: {', '.join(LOCATIONS)})")
+            paths[key] = _value(loader, source, vnode, f"paths.{key}",
+                                Key(_rel_path, None, ""))
+    overrides = []
+    if "overrides" in values:
+        seq = values["overrides"]
+        if not isinstance(seq, yaml.SequenceNode):
+            raise ConfigError(f"{_where(source, seq)}: overrides: must be a list")
+        for i, item in enumerate(seq.value):
+            name = f"overrides[{i}]"
+            fields = {}
+            for key, knode, vnode in _mapping(source, item, name):
+                spec = OVERRIDE.get(key)
+                if spec is None:
+                    raise ConfigError(f"{_where(source, knode)}: {name}.{key}: unknown key "
+                                      f"(known: {', '.join(OVERRIDE)})")
+                fields[key] = _value(loader, source, vnode, f"{name}.{key}", spec)
+            missing = [k for k in REQUIRED_OVERRIDE_KEYS if k not in fields]
+            if missing:
+                raise ConfigError(f"{_where(source, item)}: {name}: missing "
+                                  + ", ".join(missing))
+            overrides.append(Override(**fields))
+    keys = {k: v for k, v in values.items() if k not in ("paths", "overrides")}
+    return Config(paths=paths, overrides=tuple(overrides), source=source, **keys)
+
+
+def load(path: str | None) -> Config:
+    """Load the config file at *path*; ``None`` means all defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(text, path)

@@ -1,0 +1,232 @@
+"""The migration plan: every legacy object, where it belongs or why it stays.
+
+:func:`make_plan` scans the legacy locations, resolves each object, settles
+conflicts (two legacy objects for one target: the newest wins, as volumemgr
+did), applies the converter's downgrade rule (a destination newer than the
+legacy object wins) and totals the bytes per destination against the free
+space there. It only reads; it never changes anything on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layout import Layout
+from .resolver import Resolution, Resolver
+from .scan import KINDS, LegacyObject, scan
+
+#: Destination locations, in report order.
+DESTINATIONS = ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified", "cas")
+
+
+@dataclass
+class PlanEntry:
+    obj: LegacyObject
+    target: str | None
+    reason: str | None
+    location: str | None
+    action: str          # "copy", "rename", "keep" (stays, see reason)
+
+    def as_json(self, layout: Layout) -> dict[str, Any]:
+        return {
+            "kind": self.obj.kind,
+            "legacy": layout.relpath(self.obj.path),
+            "target": layout.relpath(self.target) if self.target else None,
+            "reason": self.reason,
+            "bytes": self.obj.bytes,
+            "action": self.action,
+        }
+
+
+@dataclass
+class Destination:
+    location: str
+    path: str
+    objects: int = 0
+    bytes: int = 0        # allocated bytes of the objects headed here
+    copy_bytes: int = 0   # of those, bytes that need a copy (not a rename)
+    free: int = 0
+    device: int = -1
+    fits: bool = True
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    entries: list[PlanEntry]
+    destinations: dict[str, Destination]
+    checkpoint: str | None
+    config_hash: str
+    problems: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Any]:
+        by_kind = {k: {"objects": 0, "bytes": 0} for k in KINDS}
+        resolved = 0
+        for e in self.entries:
+            by_kind[e.obj.kind]["objects"] += 1
+            by_kind[e.obj.kind]["bytes"] += e.obj.bytes
+            resolved += e.action != "keep"
+        return {
+            "objects": len(self.entries),
+            "to_move": resolved,
+            "staying": len(self.entries) - resolved,
+            "bytes": sum(e.obj.bytes for e in self.entries),
+            "bytes_to_move": sum(d.bytes for d in self.destinations.values()),
+            "by_kind": by_kind,
+            "destinations": {
+                loc: {"path": self.layout.relpath(d.path), "objects": d.objects,
+                      "bytes": d.bytes, "copy_bytes": d.copy_bytes, "free": d.free,
+                      "fits": d.fits}
+                for loc, d in self.destinations.items()
+            },
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "root": self.layout.root,
+            "checkpoint": self.layout.relpath(self.checkpoint) if self.checkpoint else None,
+            "config_hash": self.config_hash,
+            "problems": self.problems,
+            "objects": [e.as_json(self.layout) for e in self.entries],
+            "totals": self.totals(),
+        }
+
+
+def _resolve(resolver: Resolver, obj: LegacyObject) -> Resolution:
+    if obj.reason is not None:
+        return Resolution(None, obj.reason)
+    if obj.kind == "vm-volume":
+        assert obj.volume is not None
+        return resolver.resolve_vm(obj.volume)
+    if obj.kind == "oci-volume":
+        assert obj.volume is not None
+        return resolver.resolve_container(obj.volume)
+    if obj.download is not None:
+        return resolver.resolve_download(*obj.download)
+    return resolver.resolve_containerd()
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _filesystem(path: str) -> tuple[int, int]:
+    """(device, free bytes for an unprivileged writer) of the filesystem *path* is on."""
+    where = _existing_ancestor(path)
+    st = os.stat(where)
+    vfs = os.statvfs(where)
+    return st.st_dev, vfs.f_bavail * vfs.f_frsize
+
+
+def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
+    """Where several objects resolve to one target, the newest keeps it."""
+    by_target: dict[str, list[PlanEntry]] = {}
+    for e in entries:
+        if e.target is not None:
+            by_target.setdefault(e.target, []).append(e)
+    for target, claimants in by_target.items():
+        if len(claimants) < 2:
+            continue
+        winner = max(claimants, key=lambda e: (e.obj.mtime_ns, e.obj.path))
+        for e in claimants:
+            if e is not winner:
+                e.reason = (f"{layout.relpath(winner.obj.path)} resolves to the same "
+                            f"{layout.relpath(target)} and is newer")
+                e.target, e.location, e.action = None, None, "keep"
+
+
+def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True) -> Plan:
+    """Scan and resolve everything under *layout*; reads only."""
+    resolver.refresh()
+    entries = []
+    for obj in scan(layout, include_prepared):
+        res = _resolve(resolver, obj)
+        action = "keep" if res.target is None else "copy"
+        entries.append(PlanEntry(obj, res.target, res.reason, res.location, action))
+    _settle_conflicts(entries, layout)
+
+    vault = layout.path("vault")
+    dests = {loc: Destination(loc, layout.path(loc)) for loc in DESTINATIONS}
+    for d in dests.values():
+        d.device, d.free = _filesystem(d.path)
+    source_devices: dict[str, int] = {}
+    for e in entries:
+        if e.target is None or e.location is None:
+            continue
+        try:
+            st = os.lstat(e.target)
+        except FileNotFoundError:
+            st = None
+        if st is not None and st.st_mtime_ns > e.obj.mtime_ns:
+            e.reason = ("destination exists and is newer (downgrade then upgrade): "
+                        "it is kept and the legacy copy is set aside")
+            e.action = "keep"
+            continue
+        d = dests[e.location]
+        parent = os.path.dirname(e.obj.path)
+        if parent not in source_devices:
+            source_devices[parent] = os.lstat(parent).st_dev
+        inside_vault = os.path.commonpath([vault, d.path]) == vault
+        same_fs = source_devices[parent] == d.device
+        e.action = "rename" if same_fs and not inside_vault else "copy"
+        d.objects += 1
+        d.bytes += e.obj.bytes
+        if e.action == "copy":
+            d.copy_bytes += e.obj.bytes
+    need_per_fs: dict[int, int] = {}
+    for d in dests.values():
+        need_per_fs[d.device] = need_per_fs.get(d.device, 0) + d.copy_bytes
+    for d in dests.values():
+        d.fits = need_per_fs[d.device] <= d.free
+    return Plan(layout, entries, dests, resolver.checkpoint_path,
+                resolver.config.config_hash, list(resolver.problems))
+
+
+# -- rendering ----------------------------------------------------------------
+
+def human(n: int) -> str:
+    """Bytes as a short human figure (binary units)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_text(plan: Plan) -> str:
+    """The plan as a person reads it: objects, then totals per destination."""
+    rel = plan.layout.relpath
+    lines = [f"compatfs plan for {plan.layout.root}",
+             f"checkpoint: {rel(plan.checkpoint) if plan.checkpoint else 'none'}"
+             + (f" (config hash {plan.config_hash})" if plan.config_hash else "")]
+    for p in plan.problems:
+        lines.append(f"problem: {p}")
+    lines.append("")
+    width = max([len(k) for k in KINDS])
+    for e in plan.entries:
+        lines.append(f"{e.obj.kind:<{width}}  {rel(e.obj.path)}  [{human(e.obj.bytes)}]")
+        if e.action != "keep":
+            lines.append(f"{'':<{width}}  -> {rel(e.target or '')} ({e.action})")
+        else:
+            lines.append(f"{'':<{width}}  stays: {e.reason}")
+    if not plan.entries:
+        lines.append("no legacy objects found")
+    t = plan.totals()
+    lines += ["",
+              f"{t['objects']} objects, {t['to_move']} to move ({human(t['bytes_to_move'])}), "
+              f"{t['staying']} staying", "",
+              f"{'destination':<26} {'objects':>7} {'to move':>11} {'to copy':>11} "
+              f"{'free':>11}  fits"]
+    for d in plan.destinations.values():
+        lines.append(f"{rel(d.path):<26} {d.objects:>7} {human(d.bytes):>11} "
+                     f"{human(d.copy_bytes):>11} {human(d.free):>11}  "
+                     f"{'yes' if d.fits else 'NO'}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,252 @@
+"""Resolving legacy names to their place in the new layout.
+
+:class:`VolumeMap` is the pure part: built once from a decoded checkpoint, the
+latch and the operator's overrides, it answers "where does this legacy volume
+belong?" with a dictionary lookup. :class:`Resolver` owns the device state
+behind it (which checkpoint file, which latch) and rebuilds the map when any
+of it changes, since the controller keeps sending configs while old agents
+run. The rules (``docs/resolution.md``):
+
+1. drive *i* of an app pairs with ``volumeRefList[i]``;
+2. the app's purge counter applies to its first drive only;
+3. a drive's sha is its image's ``sha256``, else the latch's entry for
+   (app, image, purge counter), else the sha of the content tree the
+   volume's origin names;
+4. ``clear_text`` on the volume means ``novault``;
+5. a legacy name matches by (app, sha), sha compared case-insensitively, and
+   its purge counter must be the one the drive was built with; anything else
+   stays where it is, with the reason;
+6. an operator override for (app, sha) wins over all of the above.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import checkpoint, latch
+from .checkpoint import EMPTY_CONFIG, CheckpointError, DeviceConfig, FileSignature
+from .config import Override
+from .layout import Layout
+from .names import CONTAINER_FORMAT, DownloadArea, LegacyVolumeName, ObjType, is_uuid
+
+
+@dataclass(frozen=True)
+class VolumeTarget:
+    """The volume a legacy name belongs to."""
+
+    volume_uuid: str
+    generation: int
+    clear_text: bool
+    origin: str          # "checkpoint" or "override"
+
+    def file_name(self, fmt: str) -> str:
+        return f"{self.volume_uuid}#{self.generation}.{fmt}"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where a legacy object belongs (``target``, absolute) or why it stays (``reason``)."""
+
+    target: str | None
+    reason: str | None = None
+    volume: VolumeTarget | None = None
+    location: str | None = None   # the Layout key of the target's directory
+
+    @property
+    def resolved(self) -> bool:
+        return self.target is not None
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """One drive of one app, as far as the config tells."""
+
+    index: int
+    sha: str | None       # lower case
+    purge: int            # the purge counter its legacy name carries
+    target: VolumeTarget | None
+    reason: str | None    # why it cannot be placed, when target is None
+
+
+def _short(sha: str) -> str:
+    return sha[:12] + "…" if len(sha) > 12 else sha
+
+
+class VolumeMap:
+    """(app UUID, sha) -> volume, built from one state of the device."""
+
+    def __init__(self, config: DeviceConfig, latch_: latch.Latch,
+                 overrides: tuple[Override, ...] = (), unusable: str | None = None) -> None:
+        self.unusable = unusable
+        self.problems: list[str] = []
+        self._apps: dict[str, tuple[_Binding, ...]] = {}
+        self._overrides = {
+            (o.app, o.sha): VolumeTarget(o.volume, o.generation, o.clear_text, "override")
+            for o in overrides
+        }
+        for app in config.apps:
+            if not is_uuid(app.uuid):
+                self.problems.append(f"app {app.uuid!r} ({app.name}) has no valid UUID; ignored")
+                continue
+            self._apps[app.uuid] = tuple(self._bind(config, latch_, app, i, d)
+                                          for i, d in enumerate(app.drives))
+
+    @staticmethod
+    def _bind(config: DeviceConfig, latch_: latch.Latch, app: checkpoint.AppSpec,
+              index: int, drive: checkpoint.DriveSpec) -> _Binding:
+        purge = app.purge if index == 0 else 0
+        ref = app.volume_refs[index] if index < len(app.volume_refs) else None
+        vol = config.volumes.get(ref.uuid) if ref is not None else None
+        sha = drive.sha or latch_.lookup(app.uuid, drive.image_uuid, purge)
+        if not sha and vol is not None and vol.content_tree:
+            tree = config.content_trees.get(vol.content_tree)
+            sha = tree.sha if tree is not None else None
+        sha = sha.lower() if sha else None
+        where = f"drive {index} of app {app.uuid}"
+        if ref is None:
+            return _Binding(index, sha, purge, None, f"{where} has no volumeRefList entry")
+        if not is_uuid(ref.uuid):
+            return _Binding(index, sha, purge, None,
+                            f"{where} refers to volume {ref.uuid!r}, not a UUID")
+        if vol is None:
+            return _Binding(index, sha, purge, None,
+                            f"{where} refers to volume {ref.uuid}, which the config does not define")
+        if ref.generation < 0:
+            return _Binding(index, sha, purge, None,
+                            f"{where}: negative generation counter {ref.generation}")
+        return _Binding(index, sha, purge,
+                        VolumeTarget(ref.uuid, ref.generation, vol.clear_text, "checkpoint"), None)
+
+    def volume_for(self, name: LegacyVolumeName) -> VolumeTarget | str:
+        """The volume *name* belongs to, or the reason it has none."""
+        app, sha = name.app_lower, name.sha_lower
+        override = self._overrides.get((app, sha))
+        if override is not None:
+            return override
+        if self.unusable is not None:
+            return self.unusable
+        bindings = self._apps.get(app)
+        if bindings is None:
+            return f"app {app} is not in the checkpointed config"
+        same_sha = [b for b in bindings if b.sha == sha]
+        if not same_sha:
+            known = ", ".join(f"drive {b.index}: {_short(b.sha) if b.sha else 'no sha'}"
+                              for b in bindings) or "no drives"
+            return f"sha {_short(sha)} matches no drive of app {app} ({known})"
+        for b in same_sha:
+            if b.purge == name.purge:
+                return b.target if b.target is not None else str(b.reason)
+        expected = ", ".join(str(b.purge) for b in same_sha)
+        return (f"purge counter {name.purge} is stale: drive {same_sha[0].index} of app {app} "
+                f"is at purge counter {expected}")
+
+
+_NO_CHECKPOINT = "no checkpointed config yet (first boot): nothing can be mapped"
+
+
+@dataclass(frozen=True)
+class _State:
+    checkpoint: FileSignature | None
+    latch_dir: tuple[int, int] | None
+
+
+class Resolver:
+    """Resolves legacy names under one :class:`Layout`, re-reading device state on change.
+
+    ``refresh()`` costs two ``stat`` calls when nothing changed; call it from a
+    background task or before a scan, never per request.
+    """
+
+    def __init__(self, layout: Layout, overrides: tuple[Override, ...] = ()) -> None:
+        self.layout = layout
+        self.overrides = overrides
+        self.checkpoint_path: str | None = None
+        self.config: DeviceConfig = EMPTY_CONFIG
+        self.problems: tuple[str, ...] = ()
+        self._state: _State | None = None
+        self.map = VolumeMap(EMPTY_CONFIG, latch.EMPTY_LATCH, overrides, _NO_CHECKPOINT)
+        self.refresh()
+
+    # -- device state ----------------------------------------------------
+    def _current_state(self) -> _State:
+        sig = None
+        for path in self.layout.checkpoint_candidates():
+            sig = checkpoint.signature(path)
+            if sig is not None:
+                break
+        try:
+            st = os.stat(self.layout.path("latch"))
+            latch_sig: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            latch_sig = None
+        return _State(sig, latch_sig)
+
+    def refresh(self) -> bool:
+        """Rebuild the map if the checkpoint or the latch changed; True if rebuilt."""
+        state = self._current_state()
+        if state == self._state:
+            return False
+        problems: list[str] = []
+        unusable = None
+        cfg = EMPTY_CONFIG
+        path = state.checkpoint.path if state.checkpoint else None
+        if path is None:
+            unusable = _NO_CHECKPOINT
+        else:
+            try:
+                cfg = checkpoint.read(path)
+            except FileNotFoundError:
+                unusable = _NO_CHECKPOINT
+            except CheckpointError as exc:
+                unusable = f"checkpoint unusable: {exc}"
+                problems.append(unusable)
+        latch_ = latch.load(self.layout.path("latch"))
+        problems.extend(latch_.problems)
+        vmap = VolumeMap(cfg, latch_, self.overrides, unusable)
+        problems.extend(vmap.problems)
+        self.checkpoint_path, self.config, self.map = path, cfg, vmap
+        self.problems = tuple(problems)
+        self._state = state
+        return True
+
+    # -- resolution ------------------------------------------------------
+    def _volume(self, name: LegacyVolumeName, fmt: str) -> Resolution:
+        found = self.map.volume_for(name)
+        if isinstance(found, str):
+            return Resolution(None, found)
+        location = "novault_volumes" if found.clear_text else "vault_volumes"
+        return Resolution(os.path.join(self.layout.path(location), found.file_name(fmt)),
+                          None, found, location)
+
+    def resolve_vm(self, name: LegacyVolumeName) -> Resolution:
+        """A parsed ``img/<sha>-<app>[#<purge>].<fmt>``."""
+        assert name.fmt is not None
+        return self._volume(name, name.fmt)
+
+    def resolve_container(self, name: LegacyVolumeName) -> Resolution:
+        """A parsed ``runx/pods/prepared/<sha>-<app>[#<purge>]``."""
+        return self._volume(name, CONTAINER_FORMAT)
+
+    def resolve_download(self, obj_type: ObjType, area: DownloadArea,
+                         directory: str, file_name: str) -> Resolution:
+        """A file ``downloads/<objType>/<area>/<directory>/<file_name>``.
+
+        *directory* and *file_name* must already be checked components (an
+        image ID, or a lower-case sha for the verified area). The object
+        type is not part of the new names; the index keeps it.
+        """
+        del obj_type  # kept by the caller's index, not in the new name
+        if area is DownloadArea.VERIFIED:
+            return Resolution(os.path.join(self.layout.path("verified"), directory.lower()),
+                              location="verified")
+        if area is DownloadArea.PENDING:
+            base = os.path.join(self.layout.path("downloader"), "pending")
+            location = "downloader"
+        else:
+            base, location = self.layout.path("verifier"), "verifier"
+        return Resolution(os.path.join(base, directory, file_name), location=location)
+
+    def resolve_containerd(self) -> Resolution:
+        """The legacy ``containerd`` tree moves whole into the CAS location."""
+        return Resolution(self.layout.path("cas"), location="cas")

@@ -1,0 +1,218 @@
+"""Finding the legacy objects on disk.
+
+Walks the legacy locations of a :class:`Layout` once, without following
+symbolic links, and yields one :class:`LegacyObject` per thing old EVE would
+have recognised (or per thing it would have ignored, with the reason). Name
+parsing is delegated to :mod:`compatfs.names`; nothing here resolves.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterator
+
+from .layout import Layout
+from .names import (
+    DownloadArea, LegacyVolumeName, NotAVolume, ObjType, check_component, is_sha256,
+    is_uuid, parse_container_volume, parse_obj_type, parse_verified_sha, parse_vm_volume,
+)
+
+KINDS = ("vm-volume", "oci-volume", "pending", "verifier", "verified", "other")
+
+_AREA_KIND = {
+    DownloadArea.PENDING: "pending",
+    DownloadArea.VERIFIER: "verifier",
+    DownloadArea.VERIFIED: "verified",
+}
+
+
+@dataclass(frozen=True)
+class LegacyObject:
+    """One thing found in a legacy location.
+
+    ``reason`` is set when it is not something compatfs can place (then
+    ``kind`` is ``other`` unless the kind is clear but the name is not).
+    ``download`` holds (objType, area, directory, file name) for downloads.
+    """
+
+    kind: str
+    path: str
+    bytes: int
+    mtime_ns: int
+    is_dir: bool
+    volume: LegacyVolumeName | None = None
+    download: tuple[ObjType, DownloadArea, str, str] | None = None
+    reason: str | None = None
+
+
+def _allocated(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
+def tree_bytes(path: str) -> int:
+    """Allocated bytes of a directory tree, not following symbolic links."""
+    total = 0
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            it = os.scandir(current)
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += _allocated(st)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+    return total
+
+
+def _entries(path: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
+    """The entries of *path* with their lstat, sorted; entries that vanish are skipped."""
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for entry in entries:
+        try:
+            out.append((entry, entry.stat(follow_symlinks=False)))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _other(entry: os.DirEntry[str], st: os.stat_result, reason: str) -> LegacyObject:
+    return LegacyObject("other", entry.path, _allocated(st), st.st_mtime_ns,
+                        stat.S_ISDIR(st.st_mode), reason=reason)
+
+
+def _kind_word(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "symbolic link (not followed)"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISREG(st.st_mode):
+        return "regular file"
+    return "special file"
+
+
+def scan_img(layout: Layout) -> Iterator[LegacyObject]:
+    """``img/``: one regular file per VM volume."""
+    for entry, st in _entries(layout.path("img")):
+        if not stat.S_ISREG(st.st_mode):
+            yield _other(entry, st, f"{_kind_word(st)} where VM volume files live")
+            continue
+        try:
+            name = parse_vm_volume(entry.name)
+        except NotAVolume as exc:
+            yield _other(entry, st, f"not a volume: {exc.reason}")
+            continue
+        yield LegacyObject("vm-volume", entry.path, _allocated(st), st.st_mtime_ns, False,
+                           volume=name)
+
+
+def scan_prepared(layout: Layout) -> Iterator[LegacyObject]:
+    """``runx/pods/prepared/``: one directory per container volume."""
+    for entry, st in _entries(layout.path("prepared")):
+        if not stat.S_ISDIR(st.st_mode):
+            yield _other(entry, st, f"{_kind_word(st)} where container volumes live")
+            continue
+        try:
+            name = parse_container_volume(entry.name)
+        except NotAVolume as exc:
+            yield _other(entry, st, f"not a volume: {exc.reason}")
+            continue
+        yield LegacyObject("oci-volume", entry.path, tree_bytes(entry.path) + _allocated(st),
+                           st.st_mtime_ns, True, volume=name)
+
+
+def _scan_area(obj_type: ObjType, area: DownloadArea, path: str) -> Iterator[LegacyObject]:
+    kind = _AREA_KIND[area]
+    for sub, sub_st in _entries(path):
+        if not stat.S_ISDIR(sub_st.st_mode):
+            yield _other(sub, sub_st, f"{_kind_word(sub_st)} where {area.value}/ keeps directories")
+            continue
+        try:
+            if area is DownloadArea.VERIFIED:
+                directory = parse_verified_sha(sub.name)
+            else:
+                check_component(sub.name)
+                if not (is_uuid(sub.name) or is_sha256(sub.name)):
+                    raise NotAVolume(sub.name, "not an image ID (UUID) nor a claimed sha256")
+                directory = sub.name
+        except NotAVolume as exc:
+            yield _other(sub, sub_st, f"not a download directory: {exc.reason}")
+            continue
+        files = _entries(sub.path)
+        regular = 0
+        for f, st in files:
+            if not stat.S_ISREG(st.st_mode):
+                yield _other(f, st, f"{_kind_word(st)} inside a download directory")
+                continue
+            regular += 1
+            if area is DownloadArea.VERIFIED and regular > 1:
+                yield LegacyObject(kind, f.path, _allocated(st), st.st_mtime_ns, False,
+                                   download=(obj_type, area, directory, f.name),
+                                   reason=f"verified/{sub.name} holds more than one file; "
+                                          f"only {files[0][0].name} is the verified object")
+                continue
+            try:
+                check_component(f.name)
+            except NotAVolume as exc:  # pragma: no cover - the kernel forbids these
+                yield _other(f, st, exc.reason)
+                continue
+            yield LegacyObject(kind, f.path, _allocated(st), st.st_mtime_ns, False,
+                               download=(obj_type, area, directory, f.name))
+
+
+def scan_downloads(layout: Layout) -> Iterator[LegacyObject]:
+    """``downloads/<objType>/{pending,verifier,verified}/<dir>/<file>``."""
+    areas = {a.value: a for a in DownloadArea}
+    for top, top_st in _entries(layout.path("downloads")):
+        try:
+            obj_type = parse_obj_type(top.name)
+        except NotAVolume as exc:
+            yield _other(top, top_st, f"not a download tree: {exc.reason}")
+            continue
+        if not stat.S_ISDIR(top_st.st_mode):
+            yield _other(top, top_st, f"{_kind_word(top_st)} where a download tree belongs")
+            continue
+        for area_entry, st in _entries(top.path):
+            area = areas.get(area_entry.name)
+            if area is None or not stat.S_ISDIR(st.st_mode):
+                yield _other(area_entry, st, "not one of pending, verifier, verified")
+                continue
+            yield from _scan_area(obj_type, area, area_entry.path)
+
+
+def scan_containerd(layout: Layout) -> Iterator[LegacyObject]:
+    """``containerd/``: moved as one tree into the CAS location."""
+    path = layout.path("containerd")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        yield LegacyObject("other", path, _allocated(st), st.st_mtime_ns, False,
+                           reason=f"{_kind_word(st)} where the containerd directory belongs")
+        return
+    if not _entries(path):
+        return
+    yield LegacyObject("other", path, tree_bytes(path) + _allocated(st), st.st_mtime_ns, True)
+
+
+def scan(layout: Layout, include_prepared: bool = True) -> Iterator[LegacyObject]:
+    """Every legacy object under *layout*, location by location, names sorted."""
+    yield from scan_img(layout)
+    if include_prepared:
+        yield from scan_prepared(layout)
+    yield from scan_downloads(layout)
+    yield from scan_containerd(layout)
