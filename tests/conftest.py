@@ -1,0 +1,58 @@
+"""Shared fixtures: device-like legacy trees and running the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compatfs import devicegen
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m compatfs ARGS`` the way a user would; output captured as text."""
+    env = dict(os.environ)
+    env.pop("COMPATFS_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "compatfs", *args], capture_output=True,
+                          text=True, env=env, timeout=120, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"compatfs {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple]:
+    """Everything observable about a tree: type, mode, size, mtime, inode, content hash."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            digest = None
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            snap[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                              st.st_ino, st.st_blocks, digest)
+    return snap
+
+
+@pytest.fixture
+def demo_root(tmp_path: Path) -> tuple[Path, list[devicegen.AppDef]]:
+    """The demo device under tmp_path/persist, with its app definitions."""
+    root = tmp_path / "persist"
+    root.mkdir()
+    apps = devicegen.make_demo(str(root))
+    return root, apps
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(1234)

@@ -1,0 +1,262 @@
+"""``compatfs plan``: every legacy object, where it belongs or why it stays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from compatfs import devicegen
+from compatfs.config import Override
+from compatfs.layout import Layout
+from compatfs.names import DownloadArea, ObjType
+from compatfs.plan import make_plan, render_text
+from compatfs.resolver import Resolver
+
+from .conftest import run_cli, tree_snapshot
+
+
+def plan_of(root: Path, overrides=()):
+    layout = Layout(str(root))
+    return make_plan(layout, Resolver(layout, tuple(overrides)))
+
+
+def by_legacy(plan) -> dict:
+    return {plan.layout.relpath(e.obj.path): e for e in plan.entries}
+
+
+def test_demo_plan_places_every_kind(demo_root):
+    root, (web, db, pod) = demo_root
+    entries = by_legacy(plan_of(root))
+    qcow = entries[f"img/{web.legacy_name(0)}"]
+    assert qcow.obj.kind == "vm-volume"
+    assert qcow.target == str(root / "vault/volumes" / f"{web.drives[0].volume_uuid}#0.qcow2")
+    assert qcow.action == "copy"
+    clear = entries[f"img/{web.legacy_name(1, sha_upper=True)}"]
+    assert clear.target == str(root / "novault/volumes" / f"{web.drives[1].volume_uuid}#0.raw")
+    assert clear.action == "rename"  # same filesystem, no encryption boundary
+    latched = entries[f"img/{db.legacy_name(0)}"]
+    assert latched.target.endswith(f"{db.drives[0].volume_uuid}#1.raw")
+    stale = entries[f"img/{db.legacy_name(0, purge=1)}"]
+    assert stale.target is None and "stale" in stale.reason
+    container = entries[f"runx/pods/prepared/{pod.legacy_name(0, container=True)}"]
+    assert container.obj.kind == "oci-volume"
+    assert container.target.endswith(f"{pod.drives[0].volume_uuid}#0.container")
+    assert entries["img/notes.txt"].obj.kind == "other"
+    assert "not a volume" in entries["img/notes.txt"].reason
+    assert entries["containerd"].target == str(root / "vault/containerd")
+    kinds = {e.obj.kind for e in entries.values()}
+    assert kinds == {"vm-volume", "oci-volume", "pending", "verifier", "verified", "other"}
+
+
+def test_downloads_map_into_the_agents_directories(demo_root):
+    root, _ = demo_root
+    for rel, e in by_legacy(plan_of(root)).items():
+        if e.obj.kind == "verified":
+            sha_dir = rel.split("/")[3]
+            assert e.target == str(root / "vault/verifier/verified" / sha_dir.lower())
+        elif e.obj.kind == "pending":
+            assert e.target == str(root / "vault/downloader/pending" / "/".join(rel.split("/")[3:]))
+        elif e.obj.kind == "verifier":
+            assert e.target == str(root / "vault/verifier/verifier" / "/".join(rel.split("/")[3:]))
+
+
+def test_bytes_are_allocated_not_apparent(demo_root):
+    root, (web, _, _) = demo_root
+    e = by_legacy(plan_of(root))[f"img/{web.legacy_name(1, sha_upper=True)}"]
+    assert os.stat(e.obj.path).st_size == 256 << 20
+    assert 2 << 20 <= e.obj.bytes < 3 << 20
+
+
+def test_plan_json_document_and_nothing_changes_on_disk(demo_root):
+    root, _ = demo_root
+    before = tree_snapshot(root)
+    proc = run_cli("plan", "--root", str(root), "--json", check=True)
+    assert tree_snapshot(root) == before
+    doc = json.loads(proc.stdout)
+    assert set(doc) >= {"objects", "totals"}
+    for obj in doc["objects"]:
+        assert set(obj) >= {"kind", "legacy", "target", "reason", "bytes"}
+        assert obj["kind"] in {"vm-volume", "oci-volume", "pending", "verifier", "verified", "other"}
+        assert (obj["target"] is None) == (obj["reason"] is not None)
+        assert not obj["legacy"].startswith("/")
+        assert obj["target"] is None or not obj["target"].startswith("/")
+    totals = doc["totals"]
+    assert totals["objects"] == len(doc["objects"])
+    assert totals["to_move"] == sum(o["target"] is not None for o in doc["objects"])
+    vault = totals["destinations"]["vault_volumes"]
+    assert vault["path"] == "vault/volumes" and vault["fits"] is True and vault["free"] > 0
+    assert totals["destinations"]["novault_volumes"]["copy_bytes"] == 0
+
+
+def test_plan_text_has_destination_totals(demo_root):
+    root, _ = demo_root
+    proc = run_cli("plan", "--root", str(root), check=True)
+    assert "vault/volumes" in proc.stdout and "fits" in proc.stdout
+    assert "stays: purge counter 1 is stale" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_same_target_twice_newest_wins(tmp_path):
+    rng = __import__("random").Random(5)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "a",
+                           [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng))])
+    devicegen.write_device_state(str(tmp_path), [app])
+    lower = tmp_path / "img" / app.legacy_name(0)
+    upper = tmp_path / "img" / app.legacy_name(0, sha_upper=True)
+    devicegen.sparse_file(str(lower), 4096, {0: b"old"}, mtime=1_000_000)
+    devicegen.sparse_file(str(upper), 4096, {0: b"new"}, mtime=2_000_000)
+    entries = by_legacy(plan_of(tmp_path))
+    assert entries[f"img/{upper.name}"].target is not None
+    assert entries[f"img/{lower.name}"].target is None
+    assert "is newer" in entries[f"img/{lower.name}"].reason
+
+
+@pytest.mark.parametrize("dest_newer", [True, False])
+def test_downgrade_rule_newer_destination_wins(tmp_path, dest_newer):
+    rng = __import__("random").Random(6)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "a",
+                           [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng))])
+    devicegen.write_device_state(str(tmp_path), [app])
+    legacy = tmp_path / "img" / app.legacy_name(0)
+    devicegen.sparse_file(str(legacy), 4096, {0: b"legacy"}, mtime=1_500_000)
+    dest = tmp_path / "vault/volumes" / f"{app.drives[0].volume_uuid}#0.qcow2"
+    devicegen.sparse_file(str(dest), 4096, {0: b"dest"},
+                          mtime=2_000_000 if dest_newer else 1_000_000)
+    e = by_legacy(plan_of(tmp_path))[f"img/{legacy.name}"]
+    if dest_newer:
+        assert e.action == "keep" and "newer" in e.reason
+    else:
+        assert e.action == "copy" and e.reason is None
+
+
+def test_corrupt_checkpoint_leaves_volumes_unresolved(demo_root):
+    root, _ = demo_root
+    (root / "checkpoint/lastconfig").write_bytes(b"\xff\x00garbage" * 7)
+    proc = run_cli("plan", "--root", str(root), "--json", check=True)
+    doc = json.loads(proc.stdout)
+    vols = [o for o in doc["objects"] if o["kind"] in ("vm-volume", "oci-volume")]
+    assert vols and all(o["target"] is None for o in vols)
+    assert all("checkpoint unusable" in o["reason"] for o in vols)
+    assert any("checkpoint unusable" in p for p in doc["problems"])
+    # downloads do not depend on the checkpoint
+    assert all(o["target"] for o in doc["objects"] if o["kind"] == "verified")
+    text = run_cli("plan", "--root", str(root))
+    assert text.returncode == 0 and "compatfs: warning: checkpoint unusable" in text.stderr
+    assert "Traceback" not in text.stderr
+
+
+def test_first_boot_without_checkpoint_is_not_an_error(demo_root):
+    root, _ = demo_root
+    os.unlink(root / "checkpoint/lastconfig")
+    proc = run_cli("plan", "--root", str(root), "--json", check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["checkpoint"] is None and doc["problems"] == []
+    vm = [o for o in doc["objects"] if o["kind"] == "vm-volume"]
+    assert all("first boot" in o["reason"] for o in vm)
+
+
+def test_bad_latch_file_is_reported_not_fatal(demo_root):
+    root, (_, db, _) = demo_root
+    latch = root / "status/zedmanager/AppAndImageToHash"
+    for f in latch.iterdir():
+        f.write_text("{not json")
+    doc = json.loads(run_cli("plan", "--root", str(root), "--json", check=True).stdout)
+    e = next(o for o in doc["objects"] if o["legacy"] == f"img/{db.legacy_name(0)}")
+    assert e["target"] is None and "matches no drive" in e["reason"]
+    assert any("bad JSON" in p for p in doc["problems"])
+
+
+def test_crafted_and_stray_names_stay(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    sha, app = "a" * 64, "12345678-1234-1234-1234-123456789abc"
+    crafted = [f"{sha}-{app}#0.raw", f"{sha}-{app}#01.raw", f"{sha}-{app}.RAW",
+               f"{sha[:-1]}-{app}.raw", f"{sha}-{app}#99999999999.raw", f"{sha}-..raw",
+               f"{sha}-{app}"]
+    for name in crafted:
+        (img / name).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret" * (1 << 18))
+    (img / f"{'b' * 64}-{app}.raw").symlink_to(outside)
+    (img / "subdir").mkdir()
+    entries = by_legacy(plan_of(tmp_path))
+    assert len(entries) == len(crafted) + 2
+    for rel, e in entries.items():
+        assert e.obj.kind == "other" and e.target is None and e.reason, rel
+    link = entries[f"img/{'b' * 64}-{app}.raw"]
+    assert "symbolic link" in link.reason and link.obj.bytes < 1 << 20  # the link, not its target
+
+
+def test_verified_dir_with_two_files_places_one(tmp_path):
+    data = b"verified object"
+    sha = devicegen.sha_of(data)
+    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "a.img", data)
+    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "b.img", data)
+    entries = plan_of(tmp_path).entries
+    assert [e.target is not None for e in entries] == [True, False]
+    assert "more than one file" in entries[1].reason
+
+
+def test_two_object_types_same_sha_claim_one_target(tmp_path):
+    data = b"same bytes"
+    sha = devicegen.sha_of(data)
+    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "a", data)
+    devicegen.download_file(str(tmp_path), ObjType.BASE_OS, DownloadArea.VERIFIED, sha, "b", data)
+    entries = plan_of(tmp_path).entries
+    assert sum(e.target is not None for e in entries) == 1
+
+
+def test_override_places_an_unknown_app(tmp_path):
+    sha, app, vol = "c" * 64, "12345678-1234-1234-1234-123456789abc", "87654321-4321-4321-4321-cba987654321"
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / f"{sha}-{app}.vhdx").write_bytes(b"x")
+    assert plan_of(tmp_path).entries[0].target is None
+    e = plan_of(tmp_path, [Override(app, sha, vol, 3, True)]).entries[0]
+    assert e.target == str(tmp_path / "novault/volumes" / f"{vol}#3.vhdx")
+
+
+@pytest.fixture
+def small_vault(tmp_path):
+    """tmp_path/persist with a 1 MiB tmpfs mounted at vault/ (needs root)."""
+    root = tmp_path / "persist"
+    (root / "vault").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root / "vault")], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root / "vault")], check=False)
+
+
+@pytest.mark.root
+def test_destination_too_small_does_not_fit(small_vault):
+    root = small_vault
+    rng = __import__("random").Random(8)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "big",
+                           [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw")])
+    devicegen.write_device_state(str(root), [app])
+    devicegen.sparse_file(str(root / "img" / app.legacy_name(0)), 8 << 20, {0: b"z" * (4 << 20)})
+    plan = plan_of(root)
+    dest = plan.destinations["vault_volumes"]
+    assert dest.copy_bytes >= 4 << 20 and dest.free <= 1 << 20
+    assert dest.fits is False
+    assert plan.destinations["novault_volumes"].fits is True
+    assert "NO" in render_text(plan)
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    proc = run_cli("plan", "--root", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("compatfs: error:") and "not a directory" in proc.stderr
+
+
+def test_demo_command_runs(tmp_path):
+    proc = run_cli("demo", "--dir", str(tmp_path / "d"), "--json", check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["totals"]["to_move"] >= 8
+    assert (tmp_path / "d" / "checkpoint/lastconfig").exists()
+    again = run_cli("demo", "--dir", str(tmp_path / "d"))
+    assert again.returncode == 2 and "not empty" in again.stderr
