@@ -5,6 +5,7 @@ Needs grpcio-tools (a test dependency). Run: ``python -m compatfs.proto.generate
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,21 @@ def generate(out_dir: Path) -> list[Path]:
     return [out_dir / p.replace(".proto", "_pb2.py") for p in PROTOS]
 
 
+_DESCRIPTOR_RE = re.compile(r"AddSerializedFile\((b'.*?')\)", re.S)
+
+
+def descriptor_of(module_text: str) -> str:
+    """The serialized descriptor a generated module embeds: what the check compares.
+
+    The rest of the text (protoc's version banner) changes with grpcio-tools
+    releases without changing what the messages are.
+    """
+    found = _DESCRIPTOR_RE.search(module_text)
+    if found is None:
+        raise ValueError("no serialized descriptor in generated module")
+    return found.group(1)
+
+
 def main() -> int:
     check = "--check" in sys.argv[1:]
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,7 +47,7 @@ def main() -> int:
             target = HERE / produced.name
             text = produced.read_text()
             if check:
-                if not target.exists() or target.read_text() != text:
+                if not target.exists() or descriptor_of(target.read_text()) != descriptor_of(text):
                     stale.append(target.name)
             else:
                 target.write_text(text)
