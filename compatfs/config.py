@@ -9,6 +9,7 @@ same table validates files, fills defaults and is rendered in
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -135,7 +136,21 @@ REQUIRED_OVERRIDE_KEYS = ("app", "sha", "volume")
 # -- loading ------------------------------------------------------------------
 
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which would turn
+    ``stage: off`` into ``False``; here they stay strings.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:bool",
+            re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")))
 
 
 def _where(source: str, node: yaml.Node) -> str:
@@ -151,6 +166,8 @@ def _mapping(source: str, node: yaml.Node, what: str) -> list[tuple[str, yaml.No
         if not isinstance(knode, yaml.ScalarNode) or knode.tag != "tag:yaml.org,2002:str":
             raise ConfigError(f"{_where(source, knode)}: {what}: keys must be plain names")
         key = knode.value
+        if not key.isprintable():
+            raise ConfigError(f"{_where(source, knode)}: {what}: key {key!r} is not printable")
         if key in seen:
             raise ConfigError(f"{_where(source, knode)}: {_join(what, key)}: duplicate key")
         seen.add(key)
@@ -176,17 +193,24 @@ def _value(loader: _Loader, source: str, node: yaml.Node, name: str, key: Key) -
 
 def parse(text: str, source: str = "<config>") -> Config:
     """Validate YAML *text*; raises :class:`ConfigError` with file and line."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)
         root_node = loader.get_single_node()
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{source}:{line}: not valid YAML: special character "
+                          f"{exc.character!r} is not allowed") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}{line}: not valid YAML: {problem}") from None
     finally:
-        loader.dispose()
-    if root_node is None:
+        if loader is not None:
+            loader.dispose()
+    if root_node is None or (isinstance(root_node, yaml.ScalarNode)
+                             and root_node.tag == "tag:yaml.org,2002:null"):
         return Config(source=source)
     values: dict[str, Any] = {}
     for key, knode, vnode in _mapping(source, root_node, "top level"):
