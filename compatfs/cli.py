@@ -58,6 +58,158 @@ def _print_plan(cfg: Config, root: str, as_json: bool) -> int:
     return 0
 
 
+def _run_dir(args: argparse.Namespace, root: str):
+    from .mounts import DEFAULT_RUN_DIR, RunDir
+
+    return RunDir(args.run_dir or os.environ.get("COMPATFS_RUN_DIR") or DEFAULT_RUN_DIR, root)
+
+
+def _setup_logging(level: str, log_file: str | None = None) -> None:
+    import logging
+
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s compatfs[%(process)d] %(levelname)s "
+                                           "%(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import Daemon, DaemonError, cleanup_stale
+
+    cfg, root = _config_and_root(args)
+    stage = args.stage or cfg.stage
+    run = _run_dir(args, root)
+    pid = run.live_pid()
+    if pid is not None:
+        raise CommandError(f"{os.path.abspath(root)} is already mounted by compatfs "
+                           f"(daemon pid {pid}); 'compatfs umount --root {root}' first")
+    for line in cleanup_stale(cfg, root, run):
+        print(f"compatfs: {line} (left by a daemon that died)", file=sys.stderr)
+    if not args.foreground:
+        return _spawn_daemon(args, root, run)
+
+    _setup_logging(args.log_level)
+    ready_fd = args.ready_fd
+
+    def report(line: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (line + "\n").encode())
+            except OSError:
+                pass
+
+    daemon = Daemon(cfg, root, stage, run, attr_timeout=args.attr_timeout)
+    try:
+        daemon.prepare()
+    except DaemonError as exc:
+        report(f"error: {exc}")
+        raise CommandError(str(exc)) from None
+
+    def ready() -> None:
+        report("ready")
+        if ready_fd is None:
+            print(f"compatfs: serving {', '.join(daemon.views)} at {daemon.layout.root} "
+                  f"(stage {stage})", file=sys.stderr)
+
+    import trio
+
+    try:
+        trio.run(daemon.serve, ready)
+    except Exception as exc:
+        report(f"error: {exc}")
+        raise
+    return 0
+
+
+def _spawn_daemon(args: argparse.Namespace, root: str, run) -> int:
+    """Start the daemon in the background and wait until its views answer."""
+    import subprocess
+    import time
+
+    run.make()
+    argv = [sys.executable, "-m", "compatfs", "mount", "--foreground", "--root", root,
+            "--log-level", args.log_level, "--attr-timeout", str(args.attr_timeout),
+            "--run-dir", os.path.dirname(run.dir)]
+    if args.config:
+        argv += ["--config", args.config]
+    if args.stage:
+        argv += ["--stage", args.stage]
+    r, w = os.pipe()
+    argv += ["--ready-fd", str(w)]
+    with open(run.log_file, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    deadline = time.monotonic() + args.timeout
+    line = b""
+    with os.fdopen(r, "rb") as pipe:
+        import select
+
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 0.2)
+            if ready:
+                chunk = pipe.readline()
+                line = chunk.strip()
+                break
+            if proc.poll() is not None:
+                break
+    if line == b"ready":
+        print(f"compatfs: mounted {root} (daemon pid {proc.pid}, log {run.log_file})",
+              file=sys.stderr)
+        return 0
+    if line.startswith(b"error: "):
+        proc.wait(timeout=10)
+        raise CommandError(line[7:].decode(errors="replace"))
+    if proc.poll() is None:
+        proc.terminate()
+        raise CommandError(f"the daemon did not report ready within {args.timeout:.0f} s; "
+                           f"see {run.log_file}")
+    raise CommandError(f"the daemon exited with status {proc.returncode}; see {run.log_file}")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from .daemon import cleanup_stale
+
+    cfg, root = _config_and_root(args)
+    run = _run_dir(args, root)
+    pid = run.live_pid()
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline and run.live_pid() == pid and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}") and run.live_pid() == pid:
+            raise CommandError(f"daemon pid {pid} did not stop within {args.timeout:.0f} s")
+    done = cleanup_stale(cfg, root, run)
+    for line in done:
+        print(f"compatfs: {line} (left by a daemon that died)", file=sys.stderr)
+    if pid is None and not done:
+        print(f"compatfs: {os.path.abspath(root)} was not mounted", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import as_json, collect, render_text
+
+    cfg, root = _config_and_root(args)
+    run = _run_dir(args, root)
+    info = run.info() if run.live_pid() is not None else None
+    stage = info["stage"] if info else cfg.stage
+    layout = cfg.layout(root)
+    plan, objects = collect(layout, Resolver(layout, cfg.overrides), cfg.mount_prepared or True)
+    doc = as_json(stage, info is not None, plan, objects)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_text(doc))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .devicegen import make_demo
 
@@ -94,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
             "Report every legacy object under the root: where it belongs, or why it stays. "
             "Changes nothing.")
     p.add_argument("--root", metavar="DIR", help="the /persist directory (default: from the config)")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    def add_mount_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--root", metavar="DIR", help="the /persist directory (default: from the config)")
+        p.add_argument("--run-dir", metavar="DIR",
+                       help="where daemons keep pid, log and private mountpoint "
+                            "(default $COMPATFS_RUN_DIR or /run/compatfs)")
+        p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="how long to wait for the daemon (default 30)")
+
+    p = add("mount", cmd_mount, "Mount the legacy views over DIR/img and DIR/downloads.")
+    add_mount_common(p)
+    p.add_argument("--stage", choices=("off", "observe", "redirect", "migrate", "rollback"),
+                   help="rollout stage (default: from the config)")
+    p.add_argument("--foreground", action="store_true", help="serve in this process, log to stderr")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--attr-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long the kernel may cache names and attributes (default 10)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    p = add("umount", cmd_umount, "Unmount the views of DIR and stop its daemon.")
+    add_mount_common(p)
+
+    p = add("status", cmd_status,
+            "Every legacy object: where its bytes are now and its state.")
+    add_mount_common(p)
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
 
     p = add("demo", cmd_demo, "Build a demo legacy device and show its plan.")

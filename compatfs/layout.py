@@ -39,6 +39,8 @@ LOCATIONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "latch": ("status/zedmanager/AppAndImageToHash", "zedmanager's (app, image, purge) -> sha latch"),
     # compatfs' own state
     "state": ("vault/compatfs", "compatfs' own durable state, inside the vault"),
+    "unresolved": ("vault/compatfs/unresolved",
+                   "objects created through a legacy name before the config maps them"),
 })
 
 

@@ -81,7 +81,7 @@ def test_plan_json_document_and_nothing_changes_on_disk(demo_root):
     for obj in doc["objects"]:
         assert set(obj) >= {"kind", "legacy", "target", "reason", "bytes"}
         assert obj["kind"] in {"vm-volume", "oci-volume", "pending", "verifier", "verified", "other"}
-        assert (obj["target"] is None) == (obj["reason"] is not None)
+        assert obj["target"] is not None or obj["reason"]  # placed, or why not
         assert not obj["legacy"].startswith("/")
         assert obj["target"] is None or not obj["target"].startswith("/")
     totals = doc["totals"]

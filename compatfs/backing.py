@@ -1,0 +1,275 @@
+"""The backing store: the only place compatfs makes syscalls on real files.
+
+Every location compatfs serves from (the legacy directories it mounts over,
+and the new-layout directories) is opened as a directory file descriptor
+*before* mounting, and every later access is relative to one of those fds.
+So the daemon never walks through its own mounts, and unmounting reveals the
+legacy directories exactly as they were.
+
+Paths below a location are resolved with ``openat2(2)`` and
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``: a symbolic link or ``..`` planted
+in a store can never lead an access outside it. The last component is always
+used with ``*at`` calls that do not follow symbolic links.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from contextlib import contextmanager
+from typing import Iterator
+
+from .fscrypt import is_encrypted
+from .layout import Layout
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: str, flags: int, mode: int = 0,
+            resolve: int = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) -> int:
+    """``openat2(2)``: open *path* below *dir_fd* without leaving it."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how),
+                       ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+class StoreMissing(OSError):
+    """A location that is not there (yet); requests on it get ENOENT."""
+
+
+class Store:
+    """One location, opened once; all access relative to its fd."""
+
+    __slots__ = ("key", "path", "fd", "encrypted")
+
+    def __init__(self, key: str, path: str, fd: int) -> None:
+        self.key = key
+        self.path = path
+        self.fd = fd
+        self.encrypted = is_encrypted(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- resolution ---------------------------------------------------------
+    @contextmanager
+    def parent(self, rel: str) -> Iterator[tuple[int, str]]:
+        """(fd of the directory holding *rel*, last component), safely resolved."""
+        head, _, name = rel.rpartition("/")
+        if not head:
+            yield self.fd, name
+            return
+        fd = openat2(self.fd, head, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def open_dir(self, rel: str) -> int:
+        """An fd for listing the directory *rel* ('' is the store itself)."""
+        return openat2(self.fd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+
+    # -- metadata -------------------------------------------------------------
+    def lstat(self, rel: str) -> os.stat_result:
+        if not rel:
+            return os.fstat(self.fd)
+        with self.parent(rel) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.lstat(rel)
+        except FileNotFoundError:
+            return False
+        except NotADirectoryError:
+            return False
+        return True
+
+    def listdir(self, rel: str) -> list[str]:
+        fd = self.open_dir(rel)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def chmod(self, rel: str, mode: int) -> None:
+        with self.parent(rel) as (fd, name):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return  # a symbolic link has no mode of its own on Linux
+            os.chmod(name, mode, dir_fd=fd)
+
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        with self.parent(rel) as (fd, name):
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+
+    def utime(self, rel: str, atime_ns: int | None, mtime_ns: int | None) -> None:
+        with self.parent(rel) as (fd, name):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            ns = (st.st_atime_ns if atime_ns is None else atime_ns,
+                  st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+
+    def truncate(self, rel: str, size: int) -> None:
+        fd = self.open(rel, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def readlink(self, rel: str) -> str:
+        with self.parent(rel) as (fd, name):
+            return os.readlink(name, dir_fd=fd)
+
+    # -- namespace ------------------------------------------------------------
+    def open(self, rel: str, flags: int, mode: int = 0o600) -> int:
+        """Open the file *rel*; never follows a symbolic link."""
+        with self.parent(rel) as (fd, name):
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+
+    def mkdir(self, rel: str, mode: int) -> None:
+        with self.parent(rel) as (fd, name):
+            os.mkdir(name, mode, dir_fd=fd)
+
+    def makedirs(self, rel: str, mode: int = 0o755) -> None:
+        """``mkdir -p`` of *rel* below the store, component by component."""
+        if not rel:
+            return
+        done = ""
+        for part in rel.split("/"):
+            done = f"{done}/{part}" if done else part
+            try:
+                self.mkdir(done, mode)
+            except FileExistsError:
+                if not stat.S_ISDIR(self.lstat(done).st_mode):
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), done)
+
+    def symlink(self, target: str, rel: str) -> None:
+        with self.parent(rel) as (fd, name):
+            os.symlink(target, name, dir_fd=fd)
+
+    def mknod(self, rel: str, mode: int, rdev: int) -> None:
+        with self.parent(rel) as (fd, name):
+            os.mknod(name, mode, rdev, dir_fd=fd)
+
+    def link(self, rel: str, other: "Store", other_rel: str) -> None:
+        with self.parent(rel) as (fd, name), other.parent(other_rel) as (ofd, oname):
+            os.link(name, oname, src_dir_fd=fd, dst_dir_fd=ofd, follow_symlinks=False)
+
+    def unlink(self, rel: str) -> None:
+        with self.parent(rel) as (fd, name):
+            os.unlink(name, dir_fd=fd)
+
+    def rmdir(self, rel: str) -> None:
+        with self.parent(rel) as (fd, name):
+            os.rmdir(name, dir_fd=fd)
+
+    def rename(self, rel: str, other: "Store", other_rel: str) -> None:
+        """``renameat(2)`` from *rel* here to *other_rel* in *other*.
+
+        Raises ``OSError(EXDEV)`` across filesystems or into an encrypted
+        directory tree, as the kernel does.
+        """
+        with self.parent(rel) as (fd, name), other.parent(other_rel) as (ofd, oname):
+            os.rename(name, oname, src_dir_fd=fd, dst_dir_fd=ofd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.fd)
+
+
+#: The legacy locations a view is mounted over, by view name.
+VIEW_STORES = {"img": "img", "downloads": "downloads", "prepared": "prepared"}
+
+#: Where new-layout data may be placed.
+NEW_STORES = ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified",
+              "unresolved", "cas")
+
+#: New-layout locations that must be encrypted (all but novault).
+VAULT_STORES = frozenset(NEW_STORES) - {"novault_volumes"}
+
+
+class VaultNotEncrypted(Exception):
+    """A vault-bound location is not encrypted and the config requires it."""
+
+
+class Backing:
+    """Every store compatfs serves from, opened before mounting."""
+
+    def __init__(self, stores: dict[str, Store]) -> None:
+        self.stores = stores
+
+    @classmethod
+    def open(cls, layout: Layout, views: tuple[str, ...], create_new: bool,
+             require_encrypted: bool) -> "Backing":
+        """Open the legacy locations of *views* and every new-layout location.
+
+        Legacy locations are created when missing (they become mountpoints).
+        New-layout locations are created only when *create_new* (a stage that
+        places data there); otherwise a missing one is simply absent. With
+        *require_encrypted*, a vault-bound location the kernel does not report
+        as encrypted raises :class:`VaultNotEncrypted` (only when *create_new*:
+        in observe nothing is placed there).
+        """
+        stores: dict[str, Store] = {}
+        try:
+            for view in views:
+                key = VIEW_STORES[view]
+                path = layout.path(key)
+                os.makedirs(path, exist_ok=True)
+                stores[view] = Store(key, path, _open_dir(path))
+            for key in NEW_STORES:
+                path = layout.path(key)
+                if create_new and key != "cas":
+                    os.makedirs(path, mode=0o700 if key in VAULT_STORES else 0o755, exist_ok=True)
+                try:
+                    store = Store(key, path, _open_dir(path))
+                except FileNotFoundError:
+                    continue
+                stores[key] = store
+                if create_new and require_encrypted and key in VAULT_STORES and not store.encrypted:
+                    raise VaultNotEncrypted(
+                        f"{path} is not encrypted (the kernel reports no fscrypt policy); "
+                        "refusing to place vault-bound data there. Unlock or create the "
+                        "vault, or set require_encrypted_vault: false")
+        except BaseException:
+            for s in stores.values():
+                s.close()
+            raise
+        return cls(stores)
+
+    def get(self, key: str) -> Store:
+        store = self.stores.get(key)
+        if store is None:
+            raise StoreMissing(errno.ENOENT, f"location {key} is not available")
+        return store
+
+    def has(self, key: str) -> bool:
+        return key in self.stores
+
+    def close(self) -> None:
+        for s in self.stores.values():
+            s.close()
+        self.stores.clear()
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)

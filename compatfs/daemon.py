@@ -1,0 +1,216 @@
+"""The compatfs daemon: set up, mount, serve, and tear down, in that order.
+
+One process serves every view: pyfuse3 runs one FUSE session per process,
+so the daemon mounts a single FUSE filesystem in a private directory (its run
+dir) whose top-level directories are the views, and bind-mounts each onto its
+legacy path (``<root>/img``, ``<root>/downloads``, and ``<root>/runx/pods/
+prepared`` when enabled). One process means one index, one inode table and
+one view of the config, with no cross-process locking; the bind mounts share
+the FUSE connection, so when the daemon dies every view fails with
+``ENOTCONN`` at once instead of exposing the legacy directories underneath.
+
+Order of set-up: open every backing directory (before anything covers it),
+recover the index, mount FUSE privately, bind the views, check each answers,
+report readiness. Tear-down runs in reverse on SIGTERM, SIGINT or when the
+FUSE session ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from . import fscrypt, mounts
+from .backing import Backing
+from .config import Config
+from .index import Index
+from .operations import Operations
+from .resolver import Resolver
+from .view import PLACING_STAGES, View
+
+log = logging.getLogger(__name__)
+
+#: How often the daemon checks whether the checkpoint or latch changed.
+CONFIG_POLL_SECONDS = 2.0
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; the message says why, in one line."""
+
+
+def views_for(cfg: Config) -> tuple[str, ...]:
+    return ("img", "downloads", "prepared") if cfg.mount_prepared else ("img", "downloads")
+
+
+@dataclass
+class Daemon:
+    cfg: Config
+    root: str
+    stage: str
+    run: mounts.RunDir
+    attr_timeout: float = 10.0
+    views: tuple[str, ...] = ()
+    bound: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layout = self.cfg.layout(self.root)
+        self.views = views_for(self.cfg)
+
+    # -- set-up ---------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Open everything the views need, before anything is mounted."""
+        if self.stage == "off":
+            raise DaemonError("stage is off: nothing to mount")
+        if self.stage not in ("observe", "redirect"):
+            raise DaemonError(f"stage {self.stage} needs the migration engine, which this "
+                              "compatfs does not have yet; use observe or redirect")
+        for view in self.views:
+            if mounts.mounted_at(self.layout.path(view)) is not None:
+                raise DaemonError(f"{self.layout.path(view)} is already a mount point")
+        placing = self.stage in PLACING_STAGES
+        require = self.cfg.require_encrypted_vault
+        try:
+            self.backing = Backing.open(self.layout, self.views, placing, require)
+        except Exception as exc:  # VaultNotEncrypted, OSError from makedirs/open
+            raise DaemonError(str(exc)) from None
+        self.index = self._open_index(placing, require)
+        self.resolver = Resolver(self.layout, self.cfg.overrides)
+        for problem in self.resolver.problems:
+            log.warning("%s", problem)
+        self.view = View(self.layout, self.backing, self.index, self.resolver, self.stage,
+                         self.views)
+        for line in self.view.recover():
+            log.info("recovery: %s", line)
+        self.ops = Operations(self.view, self.attr_timeout)
+
+    def _open_index(self, placing: bool, require: bool) -> Index:
+        state = self.layout.path("state")
+        if not placing and not os.path.isdir(state):
+            return Index(None)  # observe on a device that never placed anything
+        try:
+            if placing:
+                os.makedirs(state, mode=0o700, exist_ok=True)
+                if require and not fscrypt.path_is_encrypted(state):
+                    raise DaemonError(f"{state} is not encrypted; refusing to keep the index "
+                                      "there (require_encrypted_vault)")
+            return Index.open_in(state)
+        except DaemonError:
+            raise
+        except Exception as exc:
+            raise DaemonError(f"cannot open the index in {state}: {exc}") from None
+
+    # -- serving --------------------------------------------------------------------
+    async def serve(self, ready: Callable[[], None]) -> None:
+        """Mount, bind, report *ready*, serve until told to stop, tear down."""
+        self.run.make()
+        options = {"fsname=compatfs", "subtype=compatfs", "allow_other", "default_permissions"}
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            pyfuse3.init(self.ops, self.run.mountpoint, options)
+            try:
+                await self._serve(signals, ready)
+            finally:
+                try:
+                    self._unbind_views()
+                except Exception as exc:  # noqa: BLE001 - tear-down goes on
+                    log.warning("unbinding views: %s", exc)
+                pyfuse3.close(unmount=True)
+                self.ops.close_all()
+                self.index.close()
+                self.backing.close()
+                self.run.clear()
+
+    async def _serve(self, signals, ready: Callable[[], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._main, nursery)
+            await trio.to_thread.run_sync(self._bind_views)
+            await trio.to_thread.run_sync(self._check_views)
+            self.run.write_info({"root": self.layout.root, "stage": self.stage,
+                                 "views": list(self.views), "pid": os.getpid(),
+                                 "mountpoint": self.run.mountpoint,
+                                 "started": time.time()})
+            log.info("serving %s at %s (stage %s)", ", ".join(self.views),
+                     self.layout.root, self.stage)
+            ready()
+            nursery.start_soon(self._watch_config)
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                break
+            await trio.to_thread.run_sync(self._unbind_views)
+            pyfuse3.terminate()
+
+    async def _main(self, nursery: trio.Nursery) -> None:
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+    def _bind_views(self) -> None:
+        for view in self.views:
+            target = self.layout.path(view)
+            mounts.bind(os.path.join(self.run.mountpoint, view), target)
+            self.bound.append(target)
+
+    def _check_views(self) -> None:
+        dev = os.stat(self.run.mountpoint).st_dev
+        for target in self.bound:
+            if os.stat(target).st_dev != dev:
+                raise DaemonError(f"{target} does not show the view after binding")
+            os.listdir(target)
+
+    def _unbind_views(self) -> None:
+        while self.bound:
+            target = self.bound[-1]
+            mounts.unmount(target, lazy=True)
+            self.bound.pop()
+
+    async def _watch_config(self) -> None:
+        """Re-resolve when the controller's config changes; place what became placeable."""
+        while True:
+            await trio.sleep(CONFIG_POLL_SECONDS)
+            try:
+                if not self.resolver.refresh():
+                    continue
+                log.info("checkpoint or latch changed; re-resolving")
+                for problem in self.resolver.problems:
+                    log.warning("%s", problem)
+                for vpath, where in self.view.replace_unresolved():
+                    log.info("%s: placed at %s/%s", vpath, where.store, where.rel)
+                    self._invalidate(vpath)
+            except Exception:
+                log.exception("re-resolving after a config change failed; will retry")
+
+    def _invalidate(self, vpath: str) -> None:
+        """Tell the kernel the attributes of *vpath* changed (compatfs moved it)."""
+        node = None
+        parent = pyfuse3.ROOT_INODE
+        for part in vpath.split("/"):
+            node = self.ops.inodes.find(parent, part)
+            if node is None:
+                return
+            parent = node.ino
+        if node is not None:
+            try:
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            except OSError:
+                pass
+
+
+def cleanup_stale(cfg: Config, root: str, run: mounts.RunDir) -> list[str]:
+    """Unmount what a dead daemon left (its views answer ENOTCONN); returns what was done."""
+    layout = cfg.layout(root)
+    done = []
+    for view in ("prepared", "downloads", "img"):
+        path = layout.path(view)
+        if mounts.is_compatfs(path):
+            mounts.unmount(path, lazy=True)
+            done.append(f"unmounted {path}")
+    if mounts.mounted_at(run.mountpoint) is not None:
+        mounts.fuse_unmount(run.mountpoint, lazy=True)
+        done.append(f"unmounted {run.mountpoint}")
+    run.clear()
+    return done

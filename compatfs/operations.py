@@ -1,0 +1,433 @@
+"""The FUSE request handlers of the legacy views.
+
+Thin by design: each handler turns a request into calls on
+:class:`compatfs.view.View` (which decides where things are) and on open
+file descriptors (which carry the bytes). Every handler passes through one
+errno boundary, :func:`_boundary`: a backing ``OSError`` keeps its errno,
+anything unexpected is logged with its traceback and answered with ``EIO``,
+and the mount keeps serving.
+
+Nothing here parses configuration, reads the checkpoint or logs above debug
+level on success: every request is a hot path.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .inodes import ROOT, InodeTable
+from .view import View, join
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+#: Flags that must not reach the backing open: the kernel does the caching.
+_STRIP_FLAGS = os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+
+
+def _boundary(fn: F) -> F:
+    """The errno boundary: only FUSEError leaves a handler."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r: %s", fn.__name__, args[:2], exc)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except KeyError:
+            raise FUSEError(errno.ENOENT) from None
+        except Exception:
+            self.faults += 1
+            log.exception("unexpected error in %s%r; answered EIO", fn.__name__, args[:2])
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class Handle:
+    fd: int
+    ino: int
+    writable: bool
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations over a :class:`View`. The root lists the views."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, view: View, timeout: float = 10.0) -> None:
+        super().__init__()
+        self.view = view
+        self.inodes = InodeTable()
+        self.timeout = timeout
+        self.handles: dict[int, Handle] = {}
+        self.open_count: dict[int, int] = {}
+        self.dirs: dict[int, tuple[int, list[str]]] = {}
+        self._next_fh = 1
+        self.faults = 0
+        self._root_st = view.backing.get(view.views[0]).lstat("")
+
+    # -- helpers ------------------------------------------------------------------
+    def _attrs(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        a = self._attrs(ROOT, self._root_st)
+        a.st_mode = stat.S_IFDIR | 0o755
+        a.st_nlink = 2 + len(self.view.views)
+        return a
+
+    def _stat(self, ino: int) -> os.stat_result:
+        try:
+            return self.view.lstat(self.inodes.path(ino))
+        except FileNotFoundError:
+            for h in self.handles.values():  # unlinked but still open
+                if h.ino == ino:
+                    return os.fstat(h.fd)
+            raise
+
+    def _entry(self, parent: int, name: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        node = self.inodes.child(parent, name)
+        node.lookups += 1
+        return self._attrs(node.ino, st)
+
+    def _vpath(self, parent: int, name: bytes) -> tuple[str, str]:
+        n = os.fsdecode(name)
+        if parent == ROOT:
+            raise FUSEError(errno.EPERM)  # the root only holds the views
+        return join(self.inodes.path(parent), n), n
+
+    def _new_fh(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        self.open_count[handle.ino] = self.open_count.get(handle.ino, 0) + 1
+        return fh
+
+    @staticmethod
+    def _own(ctx: pyfuse3.RequestContext, chown: Callable[[int, int], None]) -> None:
+        """New objects belong to the caller, not to the daemon."""
+        if ctx.uid != os.geteuid() or ctx.gid != os.getegid():
+            chown(ctx.uid, ctx.gid)
+
+    # -- lookups and attributes ---------------------------------------------------
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        n = os.fsdecode(name)
+        if n == ".":
+            return await self.getattr(parent_inode, ctx)
+        if n == "..":
+            node = self.inodes.get(parent_inode)
+            return await self.getattr(node.parent or ROOT, ctx)
+        if parent_inode == ROOT:
+            if n not in self.view.views:
+                raise FUSEError(errno.ENOENT)
+            return self._entry(ROOT, n, self.view.lstat(n))
+        vpath = join(self.inodes.path(parent_inode), n)
+        return self._entry(parent_inode, n, self.view.lstat(vpath))
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._root_attrs()
+        return self._attrs(inode, self._stat(inode))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @_boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            raise FUSEError(errno.EPERM)
+        vpath = self.inodes.path(inode)
+        store, rel, _ = self.view.locate(vpath)
+        if fields.update_size:
+            handle = self.handles.get(fh) if fh is not None else None
+            if handle is not None:
+                os.ftruncate(handle.fd, attr.st_size)
+            else:
+                store.truncate(rel, attr.st_size)
+        if fields.update_mode:
+            store.chmod(rel, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            store.chown(rel, attr.st_uid if fields.update_uid else -1,
+                        attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            store.utime(rel, attr.st_atime_ns if fields.update_atime else None,
+                        attr.st_mtime_ns if fields.update_mtime else None)
+        return self._attrs(inode, store.lstat(rel))
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        store, rel, _ = self.view.locate(self.inodes.path(inode))
+        return os.fsencode(store.readlink(rel))
+
+    # -- namespace changes --------------------------------------------------------
+    @_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        vpath, n = self._vpath(parent_inode, name)
+        top, _, rest = vpath.partition("/")
+        store = self.view.backing.get(top)
+        store.mknod(rest, mode & ~ctx.umask, rdev)
+        self._own(ctx, lambda u, g: store.chown(rest, u, g))
+        return self._entry(parent_inode, n, store.lstat(rest))
+
+    @_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        vpath, n = self._vpath(parent_inode, name)
+        p = self.view.mkdir(vpath, (mode & ~ctx.umask) & 0o7777)
+        store = self.view.backing.get(p.store)
+        self._own(ctx, lambda u, g: store.chown(p.rel, u, g))
+        return self._entry(parent_inode, n, store.lstat(p.rel))
+
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        vpath, n = self._vpath(parent_inode, name)
+        top, _, rest = vpath.partition("/")
+        store = self.view.backing.get(top)
+        store.symlink(os.fsdecode(target), rest)
+        self._own(ctx, lambda u, g: store.chown(rest, u, g))
+        return self._entry(parent_inode, n, store.lstat(rest))
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        vpath, n = self._vpath(parent_inode, name)
+        self.view.unlink(vpath)
+        self.inodes.detach(parent_inode, n)
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        vpath, n = self._vpath(parent_inode, name)
+        self.view.rmdir(vpath)
+        self.inodes.detach(parent_inode, n)
+
+    @_boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FUSEError(errno.EINVAL)
+        old, n_old = self._vpath(parent_inode_old, name_old)
+        new, n_new = self._vpath(parent_inode_new, name_new)
+        self.view.rename(old, new, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+        self.inodes.move(parent_inode_old, n_old, parent_inode_new, n_new)
+
+    @_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        new, n = self._vpath(new_parent_inode, new_name)
+        self.view.link(self.inodes.path(inode), new)
+        node = self.inodes.get(inode)
+        node.lookups += 1
+        return self._attrs(inode, self.view.lstat(new))
+
+    # -- files --------------------------------------------------------------------
+    def _file_info(self, fd: int, ino: int, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        fi = pyfuse3.FileInfo(fh=self._new_fh(Handle(fd, ino, writable)))
+        if flags & os.O_DIRECT:
+            fi.direct_io = True
+        else:
+            st = os.fstat(fd)
+            sig = (st.st_mtime_ns, st.st_size)
+            node = self.inodes.nodes.get(ino)
+            if node is not None:
+                fi.keep_cache = node.cache_sig == sig
+                node.cache_sig = sig
+        return fi
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        store, rel, _ = self.view.locate(self.inodes.path(inode))
+        fd = store.open(rel, flags & ~_STRIP_FLAGS)
+        return self._file_info(fd, inode, flags)
+
+    @_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        vpath, n = self._vpath(parent_inode, name)
+        fd, _ = self.view.create(vpath, flags & ~_STRIP_FLAGS, (mode & ~ctx.umask) & 0o7777)
+        try:
+            self._own(ctx, lambda u, g: os.fchown(fd, u, g))
+            entry = self._entry(parent_inode, n, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._file_info(fd, entry.st_ino, flags), entry
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self.handles[fh].fd, size, off)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fd = self.handles[fh].fd
+        view = memoryview(buf)
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(fd, view[done:], off + done)
+        return done
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        left = self.open_count.get(handle.ino, 1) - 1
+        if left:
+            self.open_count[handle.ino] = left
+        else:
+            self.open_count.pop(handle.ino, None)
+        if handle.writable:
+            node = self.inodes.nodes.get(handle.ino)
+            if node is not None:
+                st = os.fstat(handle.fd)
+                node.cache_sig = (st.st_mtime_ns, st.st_size)
+        os.close(handle.fd)
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        (os.fdatasync if datasync else os.fsync)(self.handles[fh].fd)
+
+    # -- directories ----------------------------------------------------------------
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == ROOT:
+            names = list(self.view.views)
+        else:
+            names = self.view.listdir(self.inodes.path(inode))
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dirs[fh] = (inode, names)
+        return fh
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inode, names = self.dirs[fh]
+        base = self.inodes.path(inode)
+        for i in range(start_id, len(names)):
+            name = names[i]
+            try:
+                st = self.view.lstat(join(base, name))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone since opendir
+            node = self.inodes.child(inode, name)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node.ino, st), i + 1):
+                if node.lookups == 0:
+                    self.inodes.forget(node.ino, 0)
+                return
+            node.lookups += 1
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode, _ = self.dirs[fh]
+        if inode == ROOT:
+            return
+        store, rel, _ = self.view.locate(self.inodes.path(inode))
+        fd = store.open_dir(rel)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        vfs = self.view.backing.get(self.view.views[0]).statvfs()
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(vfs, field))
+        return out
+
+    # -- extended attributes (passed through for files and directories) -----------
+    def _xattr_fd(self, inode: int) -> int:
+        if inode == ROOT:
+            raise FUSEError(errno.ENOTSUP)
+        store, rel, _ = self.view.locate(self.inodes.path(inode))
+        st = store.lstat(rel)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise FUSEError(errno.ENOTSUP)
+        return store.open(rel, os.O_RDONLY | os.O_NONBLOCK)
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        fd = self._xattr_fd(inode)
+        try:
+            return os.getxattr(fd, os.fsdecode(name))
+        finally:
+            os.close(fd)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        fd = self._xattr_fd(inode)
+        try:
+            return [os.fsencode(n) for n in os.listxattr(fd)]
+        finally:
+            os.close(fd)
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        fd = self._xattr_fd(inode)
+        try:
+            os.setxattr(fd, os.fsdecode(name), value)
+        finally:
+            os.close(fd)
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        fd = self._xattr_fd(inode)
+        try:
+            os.removexattr(fd, os.fsdecode(name))
+        finally:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        """Close every open backing fd (at shutdown)."""
+        for h in self.handles.values():
+            try:
+                os.close(h.fd)
+            except OSError:
+                pass
+        self.handles.clear()

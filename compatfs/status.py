@@ -1,0 +1,134 @@
+"""``compatfs status``: every legacy object, where its bytes are now, its state.
+
+Built from the plan (which scans the legacy names; through the views when
+they are mounted, so placed objects are seen under their legacy names) and
+the index (which says which legacy names live in the new layout). Works the
+same with the daemon running or not: it only reads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .index import DB_NAME, Index, IndexError_
+from .layout import Layout
+from .plan import Plan, human, make_plan
+from .resolver import Resolver
+
+STATES = ("legacy", "new", "migrating", "failed", "unresolved")
+
+_VIEW_KEYS = ("img", "downloads", "prepared")
+
+
+@dataclass
+class ObjectStatus:
+    kind: str
+    legacy: str        # relative to the root
+    location: str      # relative to the root: where the bytes are now
+    target: str | None
+    state: str
+    reason: str | None
+    bytes: int
+
+
+def _view_path(layout: Layout, legacy_rel: str) -> str | None:
+    for key in _VIEW_KEYS:
+        base = layout.rel(key)
+        if legacy_rel == base or legacy_rel.startswith(base + "/"):
+            return key + legacy_rel[len(base):]
+    return None
+
+
+def _legacy_rel(layout: Layout, vpath: str) -> str:
+    top, _, rest = vpath.partition("/")
+    return os.path.join(layout.rel(top), rest) if rest else layout.rel(top)
+
+
+def read_index(layout: Layout) -> Index | None:
+    path = os.path.join(layout.path("state"), DB_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        return Index(path)
+    except IndexError_:
+        return None
+
+
+def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple[Plan, list[ObjectStatus]]:
+    plan = make_plan(layout, resolver, include_prepared)
+    index = read_index(layout)
+    records = dict(index.records) if index is not None else {}
+    if index is not None:
+        index.close()
+    out = []
+    seen = set()
+    for e in plan.entries:
+        legacy = layout.relpath(e.obj.path)
+        vpath = _view_path(layout, legacy)
+        rec = records.get(vpath) if vpath else None
+        target = layout.relpath(e.target) if e.target else None
+        if rec is not None:
+            seen.add(vpath)
+            location = os.path.relpath(os.path.join(layout.path(rec.store), rec.rel), layout.root)
+            state = rec.state if rec.state in STATES else "new"
+            reason = None if state == "new" else e.reason
+            out.append(ObjectStatus(e.obj.kind, legacy, location, target or location, state,
+                                    reason, e.obj.bytes))
+        else:
+            state = "legacy" if e.target is not None else "unresolved"
+            out.append(ObjectStatus(e.obj.kind, legacy, legacy, target, state, e.reason,
+                                    e.obj.bytes))
+    for vpath, rec in records.items():
+        if vpath in seen:
+            continue
+        location = os.path.join(layout.path(rec.store), rec.rel)
+        try:
+            st = os.lstat(location)
+            size = st.st_blocks * 512
+        except OSError:
+            size = 0
+        out.append(ObjectStatus(rec.kind, _legacy_rel(layout, vpath),
+                                os.path.relpath(location, layout.root),
+                                os.path.relpath(location, layout.root) if rec.state == "new" else None,
+                                rec.state if rec.state in STATES else "new", None, size))
+    out.sort(key=lambda o: o.legacy)
+    return plan, out
+
+
+def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus]) -> dict[str, Any]:
+    totals: dict[str, Any] = {s: {"objects": 0, "bytes": 0} for s in STATES}
+    for o in objects:
+        totals[o.state]["objects"] += 1
+        totals[o.state]["bytes"] += o.bytes
+    return {
+        "root": plan.layout.root,
+        "stage": stage,
+        "mounted": mounted,
+        "problems": plan.problems,
+        "objects": [o.__dict__ for o in objects],
+        "totals": {"objects": len(objects), "bytes": sum(o.bytes for o in objects),
+                   "by_state": totals},
+    }
+
+
+def render_text(doc: dict[str, Any]) -> str:
+    lines = [f"compatfs status for {doc['root']}: stage {doc['stage']}, "
+             f"{'mounted' if doc['mounted'] else 'not mounted'}"]
+    for p in doc["problems"]:
+        lines.append(f"problem: {p}")
+    lines.append("")
+    for o in doc["objects"]:
+        lines.append(f"{o['state']:<10} {o['kind']:<10} {o['legacy']}  [{human(o['bytes'])}]")
+        if o["location"] != o["legacy"]:
+            lines.append(f"{'':<21} at {o['location']}")
+        elif o["target"]:
+            lines.append(f"{'':<21} belongs at {o['target']}")
+        if o["reason"]:
+            lines.append(f"{'':<21} {o['reason']}")
+    lines.append("")
+    by_state = doc["totals"]["by_state"]
+    lines.append(", ".join(f"{s}: {v['objects']} ({human(v['bytes'])})"
+                           for s, v in by_state.items()))
+    return "\n".join(lines) + "\n"
