@@ -1,0 +1,99 @@
+"""Real mounts: the daemon as a subprocess, its views over a legacy tree."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from compatfs import devicegen, mounts
+
+from .conftest import run_cli, tree_snapshot
+from .devices import device_root
+from .mounting import assert_clean_exit, mounted
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def legacy_root(tmp_path):
+    root = tmp_path / "persist"
+    root.mkdir()
+    apps = devicegen.make_demo(str(root))
+    return root, apps
+
+
+def test_views_list_legacy_names_and_unmount_reveals_the_same_tree(legacy_root, tmp_path):
+    root, (web, _, _) = legacy_root
+    before = tree_snapshot(root)
+    with mounted(root, tmp_path / "run") as m:
+        assert mounts.is_compatfs(str(root / "img"))
+        assert web.legacy_name(0) in os.listdir(root / "img")
+        st_view = os.stat(root / "img" / web.legacy_name(0))
+        assert st_view.st_size == before[f"img/{web.legacy_name(0)}"][1]
+        with open(root / "img" / web.legacy_name(0), "rb") as f:
+            assert f.read(4) == b"QFI\xfb"
+        m.kill(signal.SIGTERM)
+        assert_clean_exit(m)
+    assert mounts.mounted_at(str(root / "img")) is None
+    after = tree_snapshot(root)
+    assert {k: v[:2] + v[3:] for k, v in after.items()} == \
+        {k: v[:2] + v[3:] for k, v in before.items()}  # atime aside, nothing changed
+
+
+def test_second_mount_of_the_same_root_is_a_clear_error(legacy_root, tmp_path):
+    root, _ = legacy_root
+    with mounted(root, tmp_path / "run"):
+        proc = run_cli("mount", "--root", str(root), "--run-dir", str(tmp_path / "run"))
+        assert proc.returncode == 1
+        assert "already mounted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_killed_daemon_leaves_dead_mounts_not_the_legacy_store(legacy_root, tmp_path):
+    root, (web, _, _) = legacy_root
+    with mounted(root, tmp_path / "run") as m:
+        m.kill(signal.SIGKILL)
+        with pytest.raises(OSError) as err:
+            os.listdir(root / "img")
+        assert err.value.errno == errno.ENOTCONN
+        # a new mount cleans up what the dead daemon left and serves again
+        with mounted(root, tmp_path / "run"):
+            assert web.legacy_name(0) in os.listdir(root / "img")
+
+
+def test_umount_command_stops_the_background_daemon(legacy_root, tmp_path):
+    root, _ = legacy_root
+    run = tmp_path / "run"
+    try:
+        proc = run_cli("mount", "--root", str(root), "--run-dir", str(run))
+        assert proc.returncode == 0, proc.stderr
+        assert mounts.is_compatfs(str(root / "img"))
+        assert mounts.is_compatfs(str(root / "downloads"))
+        proc = run_cli("umount", "--root", str(root), "--run-dir", str(run))
+        assert proc.returncode == 0, proc.stderr
+        assert mounts.mounted_at(str(root / "img")) is None
+        assert mounts.mounted_at(str(root / "downloads")) is None
+    finally:
+        from .mounting import teardown
+        teardown(root, run, ("img", "downloads"))
+
+
+def test_redirect_refuses_an_unencrypted_vault(legacy_root, tmp_path):
+    root, _ = legacy_root
+    proc = run_cli("mount", "--root", str(root), "--run-dir", str(tmp_path / "run"),
+                   "--stage", "redirect")
+    assert proc.returncode == 1
+    assert "not encrypted" in proc.stderr and "Traceback" not in proc.stderr
+    assert mounts.mounted_at(str(root / "img")) is None
+
+
+def test_migrate_stage_is_refused_for_now(legacy_root, tmp_path):
+    root, _ = legacy_root
+    proc = run_cli("mount", "--root", str(root), "--run-dir", str(tmp_path / "run"),
+                   "--stage", "migrate", "--foreground")
+    assert proc.returncode == 1 and "migration engine" in proc.stderr
