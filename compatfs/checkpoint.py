@@ -120,27 +120,44 @@ def _unwrap(data: bytes) -> tuple[eve_config_pb2.ConfigResponse | None, str]:
     return inner, ""
 
 
+def _score(msg: eve_config_pb2.ConfigResponse) -> int:
+    """How much of *msg* looks like a real config: objects with valid UUIDs."""
+    from .names import is_uuid
+
+    cfg = msg.config
+    return (sum(is_uuid(a.uuidandversion.uuid) for a in cfg.apps)
+            + sum(is_uuid(v.uuid) for v in cfg.volumes)
+            + sum(is_uuid(t.uuid) for t in cfg.contentInfo))
+
+
 def decode(data: bytes) -> DeviceConfig:
     """Decode checkpoint bytes; raises :class:`CheckpointError` with the reason.
 
     ``ConfigResponse`` is tried first, then ``AuthContainer``. Field 1 of both
     is a sub-message, so an ``AuthContainer`` also parses as a
-    ``ConfigResponse`` holding nothing compatfs knows: a direct parse wins
-    only when it carries apps, volumes, content trees or a config hash;
-    otherwise the wrapped reading is preferred, and a bare but empty
-    ``ConfigResponse`` is the last resort. Bytes that are neither are an
-    error: a real checkpoint always carries a config.
+    ``ConfigResponse``, and (rarely) unknown fields of a wrapped one look
+    like known ones. So: when only one reading carries apps, volumes,
+    content trees or a config hash, it wins; when both do, the one with
+    more objects that have valid UUIDs wins, a tie going to the bare
+    reading. Bytes that give neither a config are an error: a real
+    checkpoint always carries one.
     """
     if not data:
         raise CheckpointError("checkpoint is empty")
     direct, direct_why = _parse_response(data)
-    if direct is not None and _has_known_content(direct):
-        return _convert(direct, "ConfigResponse")
     inner, inner_why = _unwrap(data)
+    direct_ok = direct is not None and _has_known_content(direct)
+    inner_ok = inner is not None and _has_known_content(inner)
+    if direct_ok and inner_ok:
+        assert direct is not None and inner is not None
+        if _score(inner) > _score(direct):
+            return _convert(inner, "AuthContainer")
+        return _convert(direct, "ConfigResponse")
+    if direct_ok:
+        assert direct is not None
+        return _convert(direct, "ConfigResponse")
     if inner is not None:
         return _convert(inner, "AuthContainer")
-    if direct is not None and _has_content(direct):
-        return _convert(direct, "ConfigResponse")
     raise CheckpointError(
         f"neither a ConfigResponse ({direct_why or 'no config in it'}) "
         f"nor an AuthContainer ({inner_why})")

@@ -38,7 +38,7 @@ EMPTY_LATCH = Latch({}, ())
 def _parse_entry(data: bytes) -> tuple[LatchKey, str]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"bad JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")

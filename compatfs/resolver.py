@@ -82,7 +82,8 @@ class VolumeMap:
         self.problems: list[str] = []
         self._apps: dict[str, tuple[_Binding, ...]] = {}
         self._overrides = {
-            (o.app, o.sha): VolumeTarget(o.volume, o.generation, o.clear_text, "override")
+            (o.app.lower(), o.sha.lower()): VolumeTarget(o.volume.lower(), o.generation,
+                                                         o.clear_text, "override")
             for o in overrides
         }
         for app in config.apps:
