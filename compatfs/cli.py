@@ -211,9 +211,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import can_mount, tour
     from .devicegen import make_demo
 
     cfg = load(args.config)
+    if not args.dir and not args.plan_only and not args.json:
+        if can_mount():
+            return tour()
+        print("compatfs: not root or no /dev/fuse: showing the plan only "
+              "(run as root to see the mounted views)", file=sys.stderr)
     if args.dir:
         if os.path.exists(args.dir) and os.listdir(args.dir):
             raise CommandError(f"{args.dir}: exists and is not empty", EXIT_USAGE)
@@ -275,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
 
     p = add("demo", cmd_demo, "Build a demo legacy device and show its plan.")
-    p.add_argument("--dir", metavar="DIR", help="build it here and keep it (must be empty)")
+    p.add_argument("--dir", metavar="DIR",
+                   help="build a plain tree here, keep it, and show its plan (must be empty)")
+    p.add_argument("--plan-only", action="store_true", help="show the plan, mount nothing")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 

@@ -261,7 +261,9 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
                                      in_latch=True, generation=1)], purge=2)
     pod = AppDef(u(), "pod", [DriveDef(u(), random_sha(rng), "container", sha_in_image=False,
                                        content_tree=True)])
-    apps = [web, db, pod]
+    # an app whose volume volumemgr has yet to create (the demo tour creates it)
+    fresh = AppDef(u(), "fresh", [DriveDef(u(), random_sha(rng), "raw")])
+    apps = [web, db, pod, fresh]
     write_device_state(root, apps, wrap=True, rng=rng)
 
     img = os.path.join(root, "img")

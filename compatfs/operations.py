@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 #: Flags that must not reach the backing open: the kernel does the caching.
-_STRIP_FLAGS = os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+#: O_TRUNC stays: libfuse enables atomic_o_trunc, so the kernel passes it in
+#: open and sends no separate truncate; dropping it kept the old bytes.
+_STRIP_FLAGS = os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 
 
 def _boundary(fn: F) -> F:

@@ -29,7 +29,7 @@ def legacy_root(tmp_path):
 
 
 def test_views_list_legacy_names_and_unmount_reveals_the_same_tree(legacy_root, tmp_path):
-    root, (web, _, _) = legacy_root
+    root, (web, *_) = legacy_root
     before = tree_snapshot(root)
     with mounted(root, tmp_path / "run") as m:
         assert mounts.is_compatfs(str(root / "img"))
@@ -55,7 +55,7 @@ def test_second_mount_of_the_same_root_is_a_clear_error(legacy_root, tmp_path):
 
 
 def test_killed_daemon_leaves_dead_mounts_not_the_legacy_store(legacy_root, tmp_path):
-    root, (web, _, _) = legacy_root
+    root, (web, *_) = legacy_root
     with mounted(root, tmp_path / "run") as m:
         m.kill(signal.SIGKILL)
         with pytest.raises(OSError) as err:

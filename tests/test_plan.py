@@ -29,7 +29,7 @@ def by_legacy(plan) -> dict:
 
 
 def test_demo_plan_places_every_kind(demo_root):
-    root, (web, db, pod) = demo_root
+    root, (web, db, pod, _) = demo_root
     entries = by_legacy(plan_of(root))
     qcow = entries[f"img/{web.legacy_name(0)}"]
     assert qcow.obj.kind == "vm-volume"
@@ -65,7 +65,7 @@ def test_downloads_map_into_the_agents_directories(demo_root):
 
 
 def test_bytes_are_allocated_not_apparent(demo_root):
-    root, (web, _, _) = demo_root
+    root, (web, *_) = demo_root
     e = by_legacy(plan_of(root))[f"img/{web.legacy_name(1, sha_upper=True)}"]
     assert os.stat(e.obj.path).st_size == 256 << 20
     assert 2 << 20 <= e.obj.bytes < 3 << 20
@@ -160,7 +160,7 @@ def test_first_boot_without_checkpoint_is_not_an_error(demo_root):
 
 
 def test_bad_latch_file_is_reported_not_fatal(demo_root):
-    root, (_, db, _) = demo_root
+    root, (_, db, *_) = demo_root
     latch = root / "status/zedmanager/AppAndImageToHash"
     for f in latch.iterdir():
         f.write_text("{not json")
