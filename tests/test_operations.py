@@ -1,0 +1,123 @@
+"""The FUSE handlers without a kernel: the errno boundary, lookups, readdir."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import pyfuse3
+import pytest
+
+from compatfs.backing import Backing
+from compatfs.index import Index
+from compatfs.layout import Layout
+from compatfs.operations import Operations
+from compatfs.resolver import Resolver
+from compatfs.view import View
+
+
+class Ctx:
+    """What the kernel tells a handler about the caller."""
+
+    uid = os.geteuid()
+    gid = os.getegid()
+    pid = os.getpid()
+    umask = 0o022
+
+
+@pytest.fixture
+def ops(tmp_path):
+    layout = Layout(str(tmp_path))
+    backing = Backing.open(layout, ("img", "downloads"), create_new=False, require_encrypted=False)
+    (tmp_path / "img" / "a.txt").write_bytes(b"hello")
+    view = View(layout, backing, Index(None), Resolver(layout), "observe", ("img", "downloads"))
+    o = Operations(view)
+    yield o
+    o.close_all()
+    backing.close()
+
+
+async def lookup_img(ops: Operations) -> int:
+    return (await ops.lookup(pyfuse3.ROOT_INODE, b"img", Ctx())).st_ino
+
+
+async def test_backing_errno_is_kept(ops):
+    img = await lookup_img(ops)
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.lookup(img, b"missing", Ctx())
+    assert err.value.errno == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.mkdir(img, b"a.txt", 0o755, Ctx())
+    assert err.value.errno == errno.EEXIST
+    assert ops.faults == 0
+
+
+async def test_unexpected_error_is_eio_logged_and_the_mount_keeps_serving(ops, monkeypatch, caplog):
+    img = await lookup_img(ops)
+
+    def broken(vpath):
+        raise RuntimeError("injected fault")
+
+    with monkeypatch.context() as m:
+        m.setattr(ops.view, "lstat", broken)
+        with caplog.at_level(logging.ERROR, logger="compatfs.operations"):
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                await ops.lookup(img, b"a.txt", Ctx())
+    assert err.value.errno == errno.EIO
+    assert ops.faults == 1
+    assert "injected fault" in caplog.text and "Traceback" in caplog.text
+    attrs = await ops.lookup(img, b"a.txt", Ctx())  # still serving
+    assert attrs.st_size == 5
+
+
+async def test_only_fuse_error_leaves_any_handler(ops, monkeypatch):
+    img = await lookup_img(ops)
+    monkeypatch.setattr(ops.view, "locate", lambda *a: (_ for _ in ()).throw(ValueError("x")))
+    monkeypatch.setattr(ops.view, "lstat", lambda *a: (_ for _ in ()).throw(ValueError("x")))
+    monkeypatch.setattr(ops.view, "listdir", lambda *a: (_ for _ in ()).throw(ValueError("x")))
+    calls = [
+        ops.getattr(img, Ctx()),
+        ops.open(img, os.O_RDONLY, Ctx()),
+        ops.opendir(img, Ctx()),
+        ops.readlink(img, Ctx()),
+        ops.read(12345, 0, 10),
+        ops.unlink(img, b"a.txt", Ctx()),
+        ops.rename(img, b"a.txt", img, b"b.txt", 0, Ctx()),
+    ]
+    for call in calls:
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await call
+        assert err.value.errno in (errno.EIO, errno.ENOENT)
+
+
+async def test_root_lists_only_the_views_and_refuses_changes(ops):
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.lookup(pyfuse3.ROOT_INODE, b"etc", Ctx())
+    assert err.value.errno == errno.ENOENT
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        await ops.mkdir(pyfuse3.ROOT_INODE, b"x", 0o755, Ctx())
+    assert err.value.errno == errno.EPERM
+
+
+async def test_lookup_counts_follow_forget(ops):
+    img = await lookup_img(ops)
+    a1 = await ops.lookup(img, b"a.txt", Ctx())
+    a2 = await ops.lookup(img, b"a.txt", Ctx())
+    assert a1.st_ino == a2.st_ino
+    node = ops.inodes.get(a1.st_ino)
+    assert node.lookups == 2
+    await ops.forget([(a1.st_ino, 2)])
+    assert a1.st_ino not in ops.inodes.nodes
+    a3 = await ops.lookup(img, b"a.txt", Ctx())
+    assert a3.st_ino != a1.st_ino  # a forgotten inode number is not served again for it
+
+
+async def test_create_write_read_release(ops):
+    img = await lookup_img(ops)
+    fi, attrs = await ops.create(img, b"new.bin", 0o640, os.O_RDWR, Ctx())
+    assert await ops.write(fi.fh, 0, b"abc") == 3
+    assert await ops.read(fi.fh, 0, 10) == b"abc"
+    await ops.release(fi.fh)
+    assert (ops.view.backing.get("img").lstat("new.bin").st_mode & 0o777) == 0o640 & ~0o022
+    assert not ops.handles
