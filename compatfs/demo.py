@@ -76,27 +76,27 @@ def tour(out: TextIO = sys.stdout) -> int:
         _run(cli + ["mount", *common, "--stage", "redirect"], out)
         try:
             for view in ("img", "downloads"):
-                entry = mounts.mounted_at(os.path.join(root, view))
+                entry = mounts.mounted_at(layout.path(view))
                 out.write(f"   {view}: {entry.fstype if entry else 'NOT MOUNTED'}\n")
 
             _show(out, "an old agent lists img/ through the view")
-            for name in sorted(os.listdir(os.path.join(root, "img"))):
-                st = os.stat(os.path.join(root, "img", name))
+            for name in sorted(os.listdir(layout.path("img"))):
+                st = os.stat(os.path.join(layout.path("img"), name))
                 out.write(f"   {st.st_size:>12}  {name}\n")
 
             _show(out, "volumemgr creates a new volume through its legacy name")
-            legacy = os.path.join(root, "img", fresh.legacy_name(0))
+            legacy = os.path.join(layout.path("img"), fresh.legacy_name(0))
             with open(legacy, "wb") as f:
                 f.truncate(32 << 20)
                 f.write(b"fresh volume\n")
             out.write(f"   wrote img/{fresh.legacy_name(0)}\n   its bytes are at:\n"
-                      f"{_where(root, 'vault/volumes')}\n")
+                      f"{_where(root, layout.rel('vault_volumes'))}\n")
 
             _show(out, "the downloader, then the verifier, through legacy names")
             blob = os.urandom(256 << 10)
             sha = hashlib.sha256(blob).hexdigest()
             image_id = devicegen.random_uuid(__import__("random").Random(3))
-            dl = os.path.join(root, "downloads", "appImg.obj")
+            dl = os.path.join(layout.path("downloads"), "appImg.obj")
             pending = os.path.join(dl, "pending", image_id)
             os.makedirs(pending, exist_ok=True)
             with open(os.path.join(pending, "ubuntu.qcow2"), "wb") as f:
@@ -104,13 +104,13 @@ def tour(out: TextIO = sys.stdout) -> int:
             with open(os.path.join(pending, "ubuntu.qcow2"), "ab") as f:  # resumed download
                 f.write(blob[100_000:])
             out.write(f"   downloaded pending/{image_id}/ubuntu.qcow2 -> bytes at:\n"
-                      f"{_where(root, 'vault/downloader')}\n")
+                      f"{_where(root, layout.rel('downloader'))}\n")
             verifier = os.path.join(dl, "verifier", image_id)
             os.makedirs(verifier, exist_ok=True)
             os.rename(os.path.join(pending, "ubuntu.qcow2"), os.path.join(verifier, "ubuntu.qcow2"))
             os.chmod(os.path.join(verifier, "ubuntu.qcow2"), 0o400)
             out.write(f"   renamed into verifier/{image_id}/ -> bytes at:\n"
-                      f"{_where(root, 'vault/verifier/verifier')}\n")
+                      f"{_where(root, layout.rel('verifier'))}\n")
             verified = os.path.join(dl, "verified", sha.upper())
             os.makedirs(verified, exist_ok=True)
             os.rename(os.path.join(verifier, "ubuntu.qcow2"), os.path.join(verified, "ubuntu.qcow2"))
@@ -120,7 +120,7 @@ def tour(out: TextIO = sys.stdout) -> int:
                 same = hashlib.sha256(f.read()).hexdigest() == sha
             out.write(f"   renamed into verified/{sha.upper()[:16]}…/ (sha256 "
                       f"{'matches' if same else 'DIFFERS'}) -> bytes at:\n"
-                      f"{_where(root, 'vault/verifier/verified')}\n")
+                      f"{_where(root, layout.rel('verified'))}\n")
 
             _show(out, "compatfs status")
             _run(cli + ["status", *common], out)
@@ -128,7 +128,7 @@ def tour(out: TextIO = sys.stdout) -> int:
             _show(out, "compatfs umount")
             _run(cli + ["umount", *common], out)
         out.write(f"   img/ is the plain legacy directory again: "
-                  f"{mounts.mounted_at(os.path.join(root, 'img')) is None}\n")
+                  f"{mounts.mounted_at(layout.path('img')) is None}\n")
         out.write(f"   {web.legacy_name(0)[:20]}… still there: "
-                  f"{os.path.exists(os.path.join(root, 'img', web.legacy_name(0)))}\n")
+                  f"{os.path.exists(os.path.join(layout.path('img'), web.legacy_name(0)))}\n")
     return 0
