@@ -203,8 +203,8 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
-        top, _, rest = vpath.partition("/")
-        store = self.view.backing.get(top)
+        p = self.view.plain_place(vpath)
+        store, rest = self.view.backing.get(p.store), p.rel
         store.mknod(rest, mode & ~ctx.umask, rdev)
         self._own(ctx, lambda u, g: store.chown(rest, u, g))
         return self._entry(parent_inode, n, store.lstat(rest))
@@ -222,8 +222,8 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
-        top, _, rest = vpath.partition("/")
-        store = self.view.backing.get(top)
+        p = self.view.plain_place(vpath)
+        store, rest = self.view.backing.get(p.store), p.rel
         store.symlink(os.fsdecode(target), rest)
         self._own(ctx, lambda u, g: store.chown(rest, u, g))
         return self._entry(parent_inode, n, store.lstat(rest))

@@ -53,11 +53,12 @@ class Placement:
     store: str
     rel: str
     kind: str = "other"
-    state: str = "legacy"   # legacy, new, unresolved
+    state: str = "legacy"   # legacy, new, unresolved; inside: within a placed directory
 
     @property
     def is_legacy(self) -> bool:
-        return self.state == "legacy"
+        """No index record: the legacy store, or inside a placed directory."""
+        return self.state in ("legacy", "inside")
 
 
 def split(vpath: str) -> tuple[str, str]:
@@ -110,8 +111,27 @@ class View:
         return sorted(names)
 
     # -- where new things go ---------------------------------------------------
+    def _inside(self, vpath: str) -> Placement | None:
+        """A name inside a placed directory (a container volume) lives there too."""
+        top, rest = split(vpath)
+        if top != "prepared" or "/" not in rest:
+            return None
+        head, _, tail = rest.partition("/")
+        rec = self.index.records.get(f"prepared/{head}")
+        if rec is None:
+            return None
+        return Placement(rec.store, f"{rec.rel}/{tail}", "other", "inside")
+
+    def plain_place(self, vpath: str) -> Placement:
+        """Where a symbolic link or special file named *vpath* is made: never placed."""
+        top, rest = split(vpath)
+        return self._inside(vpath) or Placement(top, rest)
+
     def placement(self, vpath: str, is_dir: bool) -> Placement:
         """Where a new object named *vpath* belongs in the current stage."""
+        inside = self._inside(vpath)
+        if inside is not None:
+            return inside
         top, rest = split(vpath)
         legacy = Placement(top, rest)
         if self.stage not in PLACING_STAGES:
@@ -269,16 +289,16 @@ class View:
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
         if dst_exists and is_dir and new in self.index.children:
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new)
-        if src_rec is None and not (split(old)[0] == "prepared" and self._in_placed_dir(old)):
-            self._rename_legacy(old, new, is_dir, dst_exists)
-        else:
-            if src_rec is None:
-                raise OSError(errno.EXDEV, "rename inside a placed container volume", old)
+        if src_rec is not None:
             self._rename_placed(src_rec, new, is_dir, dst_exists)
-
-    def _in_placed_dir(self, vpath: str) -> bool:
-        top, rest = split(vpath)
-        return "/" in rest and f"prepared/{rest.partition('/')[0]}" in self.index.records
+            return
+        src_in, dst_in = self._inside(old), self._inside(new)
+        if src_in is None and dst_in is None:
+            self._rename_legacy(old, new, is_dir, dst_exists)
+            return
+        # within placed directories (container volumes): rename(2) there, or EXDEV
+        dst = dst_in or self.plain_place(new)
+        src_store.rename(src_rel, self.backing.get(dst.store), dst.rel)
 
     def _exists(self, vpath: str) -> bool:
         try:
