@@ -230,18 +230,22 @@ class Backing:
         in observe nothing is placed there).
         """
         stores: dict[str, Store] = {}
+        # Every location is reached from the root like any other path: beneath
+        # it and through no symbolic link, so a link planted at, say,
+        # vault/verifier cannot send data (or mkdir) outside the root.
+        root = Store("root", layout.root,
+                     os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         try:
             for view in views:
                 key = VIEW_STORES[view]
-                path = layout.path(key)
-                os.makedirs(path, exist_ok=True)
-                stores[view] = Store(key, path, _open_dir(path))
+                root.makedirs(layout.rel(key), 0o755)
+                stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
             for key in NEW_STORES:
                 path = layout.path(key)
                 if create_new and key != "cas":
-                    os.makedirs(path, mode=0o700 if key in VAULT_STORES else 0o755, exist_ok=True)
+                    root.makedirs(layout.rel(key), 0o700 if key in VAULT_STORES else 0o755)
                 try:
-                    store = Store(key, path, _open_dir(path))
+                    store = Store(key, path, root.open_dir(layout.rel(key)))
                 except FileNotFoundError:
                     continue
                 stores[key] = store
@@ -254,6 +258,8 @@ class Backing:
             for s in stores.values():
                 s.close()
             raise
+        finally:
+            root.close()
         return cls(stores)
 
     def get(self, key: str) -> Store:
@@ -269,7 +275,3 @@ class Backing:
         for s in self.stores.values():
             s.close()
         self.stores.clear()
-
-
-def _open_dir(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)

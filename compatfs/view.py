@@ -104,11 +104,15 @@ class View:
         return store.lstat(rel)
 
     def listdir(self, vdir: str) -> list[str]:
-        """Names in the view directory *vdir*: the legacy store's plus the index's."""
+        """Names in the view directory *vdir*: the legacy store's plus the index's.
+
+        In the backing store's order (the caller snapshots it; no sort needed)."""
         store, rel, rec = self.locate(vdir)
-        names = set(store.listdir(rel))
-        names.update(self.index.children.get(vdir, ()))
-        return sorted(names)
+        names = store.listdir(rel)
+        placed = self.index.children.get(vdir)
+        if placed:
+            names.extend(placed.difference(names))
+        return names
 
     # -- where new things go ---------------------------------------------------
     def _inside(self, vpath: str) -> Placement | None:
@@ -332,8 +336,14 @@ class View:
 
     def _rename_placed(self, rec: Record, new: str, is_dir: bool, dst_exists: bool) -> None:
         """A placed object: follow the new name to its place when rename(2) can."""
-        if dst_exists:
+        if dst_exists and new in self.index.records:
             self._remove_target(new, is_dir)
+        elif dst_exists:
+            # a legacy-store object under the new name is replaced, as by
+            # rename(2); left underneath, it would reappear when the name moves on
+            top, rest = split(new)
+            legacy = self.backing.get(top)
+            (legacy.rmdir if is_dir else legacy.unlink)(rest)
         want = self.placement(new, is_dir)
         cur_store = self.backing.get(rec.store)
         if want.is_legacy or (want.store, want.rel) == (rec.store, rec.rel) \
@@ -372,33 +382,42 @@ class View:
 
         Returns what was done, one line per object, for the log.
         """
-        done = []
+        done: list[str] = []
         for rec in list(self.index.records.values()):
-            if not self.backing.has(rec.store):
-                continue  # a location not available now (locked vault): leave it be
-            store = self.backing.get(rec.store)
-            if rec.prev_store is not None and rec.prev_rel is not None:
-                if not store.exists(rec.rel) and self.backing.has(rec.prev_store) \
-                        and self.backing.get(rec.prev_store).exists(rec.prev_rel):
-                    try:
-                        self.backing.get(rec.prev_store).rename(rec.prev_rel, self._prepare(
-                            Placement(rec.store, rec.rel, rec.kind, rec.state)), rec.rel)
-                        done.append(f"{rec.view}: finished an interrupted move")
-                    except OSError:
-                        self.index.put(Record(rec.view, rec.prev_store, rec.prev_rel,
-                                              rec.kind, rec.state))
-                        done.append(f"{rec.view}: rolled back an interrupted move")
-                        continue
-                self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state))
-            if not store.exists(rec.rel):
-                self.index.delete(rec.view)
-                done.append(f"{rec.view}: its bytes are gone; record dropped")
-                continue
-            top, rest = split(rec.view)
-            parent = rest.rpartition("/")[0]
-            if top in self.views and parent:
-                self.backing.get(top).makedirs(parent)
+            try:
+                self._recover_one(rec, done)
+            except OSError as exc:  # one bad record never stops the others
+                done.append(f"{rec.view}: not recovered: {exc}")
         return done
+
+    def _recover_one(self, rec: Record, done: list[str]) -> None:
+        if not self.backing.has(rec.store):
+            return  # a location not available now (locked vault): leave it be
+        store = self.backing.get(rec.store)
+        if rec.prev_store is not None and rec.prev_rel is not None:
+            if not store.exists(rec.rel) and self.backing.has(rec.prev_store) \
+                    and self.backing.get(rec.prev_store).exists(rec.prev_rel):
+                try:
+                    self.backing.get(rec.prev_store).rename(rec.prev_rel, self._prepare(
+                        Placement(rec.store, rec.rel, rec.kind, rec.state)), rec.rel)
+                    done.append(f"{rec.view}: finished an interrupted move")
+                except OSError:
+                    # back in the unresolved area it is unresolved again, so a
+                    # later config change can still place it
+                    state = "unresolved" if rec.prev_store == "unresolved" else rec.state
+                    self.index.put(Record(rec.view, rec.prev_store, rec.prev_rel,
+                                          rec.kind, state))
+                    done.append(f"{rec.view}: rolled back an interrupted move")
+                    return
+            self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state))
+        if not store.exists(rec.rel):
+            self.index.delete(rec.view)
+            done.append(f"{rec.view}: its bytes are gone; record dropped")
+            return
+        top, rest = split(rec.view)
+        parent = rest.rpartition("/")[0]
+        if top in self.views and parent:
+            self.backing.get(top).makedirs(parent)
 
     def replace_unresolved(self) -> list[tuple[str, Placement]]:
         """Move objects parked in the unresolved area to their final names,
