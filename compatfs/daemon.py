@@ -88,7 +88,8 @@ class Daemon:
                          self.views)
         for line in self.view.recover():
             log.info("recovery: %s", line)
-        self.ops = Operations(self.view, self.attr_timeout)
+        self.ops = Operations(self.view, self.attr_timeout,
+                              writeback=os.environ.get("COMPATFS_WRITEBACK") == "1")
 
     def _open_index(self, placing: bool, require: bool) -> Index:
         state = self.layout.path("state")
@@ -160,7 +161,6 @@ class Daemon:
         for target in self.bound:
             if os.stat(target).st_dev != dev:
                 raise DaemonError(f"{target} does not show the view after binding")
-            os.listdir(target)
 
     def _unbind_views(self) -> None:
         while self.bound:
@@ -186,18 +186,15 @@ class Daemon:
 
     def _invalidate(self, vpath: str) -> None:
         """Tell the kernel the attributes of *vpath* changed (compatfs moved it)."""
-        node = None
-        parent = pyfuse3.ROOT_INODE
+        ino: int | None = pyfuse3.ROOT_INODE
         for part in vpath.split("/"):
-            node = self.ops.inodes.find(parent, part)
-            if node is None:
+            ino = self.ops.inodes.find(ino, part)  # type: ignore[arg-type]
+            if ino is None:
                 return
-            parent = node.ino
-        if node is not None:
-            try:
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
-            except OSError:
-                pass
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError:
+            pass
 
 
 def cleanup_stale(cfg: Config, root: str, run: mounts.RunDir) -> list[str]:

@@ -1,102 +1,149 @@
 """Inode numbers of the views and the kernel's lookup counts.
 
 The views serve names from several filesystems (the legacy store, the vault,
-novault), whose inode numbers may collide, so compatfs gives out its own. A
-node is known by (parent inode, name); its view path is rebuilt by walking up
-the parents (the views are a few levels deep). A node stays while the kernel
-holds a reference (lookup count above zero), even after its name is gone,
-and is dropped on the last ``forget``.
+novault), whose inode numbers may collide, so compatfs gives out its own. An
+inode is known by (parent inode, name); its view path is rebuilt by walking
+up the parents (the views are a few levels deep). An inode stays while the
+kernel holds a reference (lookup count above zero), even after its name is
+gone, and its number is reused after the last ``forget``.
+
+The table is kept in flat arrays indexed by inode number plus one small dict
+of names per directory: a device lists 100,000 legacy names, and the kernel
+may hold all of them, so a Python object per inode would cost several times
+the memory.
 """
 
 from __future__ import annotations
 
-import os
+from array import array
 
 import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
-
-
-class Node:
-    __slots__ = ("ino", "parent", "name", "lookups", "cache_sig")
-
-    def __init__(self, ino: int, parent: int, name: str) -> None:
-        self.ino = ino
-        self.parent = parent
-        self.name = name
-        self.lookups = 0
-        self.cache_sig: tuple[int, int] | None = None  # (mtime_ns, size) last served
+_GONE = 0  # parent of an inode whose name was removed
 
 
 class InodeTable:
     def __init__(self) -> None:
-        root = Node(ROOT, ROOT, "")
-        root.lookups = 1
-        self.nodes: dict[int, Node] = {ROOT: root}
-        self.by_name: dict[tuple[int, str], int] = {}
-        self._next = ROOT + 1
+        self._parent = array("Q", [0, ROOT])
+        self._lookups = array("q", [0, 1])
+        self._names: list[str | None] = [None, ""]
+        self._children: dict[int, dict[str, int]] = {}
+        self._free: list[int] = []
+        #: (mtime_ns, size) last served per open file, to keep its page cache
+        self.cache_sig: dict[int, tuple[int, int]] = {}
 
-    def get(self, ino: int) -> Node:
-        node = self.nodes.get(ino)
-        if node is None:
-            raise KeyError(ino)
-        return node
+    def __len__(self) -> int:
+        return len(self._names) - len(self._free) - 1
+
+    def known(self, ino: int) -> bool:
+        return 0 < ino < len(self._names) and self._names[ino] is not None
 
     def path(self, ino: int) -> str:
-        """The view path of *ino* ('' for the root)."""
+        """The view path of *ino* ('' for the root); KeyError when unknown."""
+        if not self.known(ino):
+            raise KeyError(ino)
         parts = []
-        node = self.nodes[ino]
-        while node.ino != ROOT:
-            if node.parent == 0:
+        while ino != ROOT:
+            parent = self._parent[ino]
+            if parent == _GONE:
                 raise FileNotFoundError(2, "no longer in the view")
-            parts.append(node.name)
-            node = self.nodes[node.parent]
-        return "/".join(reversed(parts))
+            parts.append(self._names[ino])
+            ino = parent
+        return "/".join(reversed(parts))  # type: ignore[arg-type]
 
-    def child(self, parent: int, name: str) -> Node:
-        """The node named *name* in *parent*, made when new."""
-        key = (parent, name)
-        ino = self.by_name.get(key)
+    def parent_of(self, ino: int) -> int:
+        return self._parent[ino] or ROOT
+
+    def find(self, parent: int, name: str) -> int | None:
+        names = self._children.get(parent)
+        return None if names is None else names.get(name)
+
+    def ensure(self, parent: int, name: str) -> int:
+        """The inode named *name* in *parent*, made (with no references) when new."""
+        names = self._children.get(parent)
+        if names is None:
+            names = self._children[parent] = {}
+        ino = names.get(name)
         if ino is not None:
-            return self.nodes[ino]
-        node = Node(self._next, parent, name)
-        self._next += 1
-        self.nodes[node.ino] = node
-        self.by_name[key] = node.ino
-        return node
+            return ino
+        if self._free:
+            ino = self._free.pop()
+            self._parent[ino] = parent
+            self._lookups[ino] = 0
+            self._names[ino] = name
+        else:
+            ino = len(self._names)
+            self._parent.append(parent)
+            self._lookups.append(0)
+            self._names.append(name)
+        names[name] = ino
+        return ino
 
-    def find(self, parent: int, name: str) -> Node | None:
-        ino = self.by_name.get((parent, name))
-        return None if ino is None else self.nodes[ino]
+    def references(self, ino: int) -> int:
+        """The kernel's lookup count of *ino*."""
+        return self._lookups[ino] if self.known(ino) else 0
+
+    def ref(self, ino: int, count: int = 1) -> None:
+        self._lookups[ino] += count
+
+    def lookup(self, parent: int, name: str) -> int:
+        """:meth:`ensure` plus one kernel reference (lookup, create, mkdir)."""
+        ino = self.ensure(parent, name)
+        self._lookups[ino] += 1
+        return ino
+
+    def _unlink_name(self, ino: int) -> None:
+        parent = self._parent[ino]
+        names = self._children.get(parent)
+        if names is not None:
+            names.pop(self._names[ino], None)  # type: ignore[arg-type]
+            if not names:
+                del self._children[parent]
+
+    def _release(self, ino: int) -> None:
+        self._names[ino] = None
+        self._parent[ino] = _GONE
+        self._lookups[ino] = 0
+        self.cache_sig.pop(ino, None)
+        self._free.append(ino)
+
+    def drop_unreferenced(self, ino: int) -> None:
+        """Forget *ino* if the kernel holds no reference (a readdir entry not sent)."""
+        if ino != ROOT and self.known(ino) and self._lookups[ino] <= 0 \
+                and ino not in self._children:
+            self._unlink_name(ino)
+            self._release(ino)
 
     def detach(self, parent: int, name: str) -> None:
-        """The name is gone (unlink, rmdir, replaced by rename)."""
-        ino = self.by_name.pop((parent, name), None)
+        """The name is gone (unlink, rmdir, replaced by a rename)."""
+        names = self._children.get(parent)
+        ino = names.pop(name, None) if names is not None else None
         if ino is None:
             return
-        node = self.nodes[ino]
-        node.parent = 0
-        if node.lookups <= 0:
-            del self.nodes[ino]
+        if not names:
+            self._children.pop(parent, None)
+        self._parent[ino] = _GONE
+        if self._lookups[ino] <= 0:
+            self._release(ino)
 
     def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         self.detach(new_parent, new_name)
-        ino = self.by_name.pop((parent, name), None)
+        names = self._children.get(parent)
+        ino = names.pop(name, None) if names is not None else None
         if ino is None:
             return
-        node = self.nodes[ino]
-        node.parent, node.name = new_parent, new_name
-        self.by_name[(new_parent, new_name)] = ino
+        if not names:
+            self._children.pop(parent, None)
+        self._parent[ino] = new_parent
+        self._names[ino] = new_name
+        self._children.setdefault(new_parent, {})[new_name] = ino
 
     def forget(self, ino: int, count: int) -> None:
-        node = self.nodes.get(ino)
-        if node is None or ino == ROOT:
+        if ino == ROOT or not self.known(ino):
             return
-        node.lookups -= count
-        if node.lookups <= 0:
-            self.by_name.pop((node.parent, node.name), None)
-            del self.nodes[ino]
-
-
-def fsname(name: bytes) -> str:
-    return os.fsdecode(name)
+        self._lookups[ino] -= count
+        if self._lookups[ino] <= 0:
+            if self._parent[ino] != _GONE:
+                self._unlink_name(ino)
+            self._release(ino)

@@ -73,8 +73,14 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, view: View, timeout: float = 10.0) -> None:
+    def __init__(self, view: View, timeout: float = 10.0, writeback: bool = False) -> None:
         super().__init__()
+        # With the kernel's writeback cache, writes return once in the page
+        # cache and reach the daemon in large batches; the kernel then also
+        # reads pages of files opened write-only and keeps O_APPEND offsets
+        # itself, so backing files are opened read-write and without O_APPEND.
+        self.enable_writeback_cache = writeback
+        self._backing_flags_off = _STRIP_FLAGS | (os.O_APPEND if writeback else 0)
         self.view = view
         self.inodes = InodeTable()
         self.timeout = timeout
@@ -121,9 +127,7 @@ class Operations(pyfuse3.Operations):
             raise
 
     def _entry(self, parent: int, name: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        node = self.inodes.child(parent, name)
-        node.lookups += 1
-        return self._attrs(node.ino, st)
+        return self._attrs(self.inodes.lookup(parent, name), st)
 
     def _vpath(self, parent: int, name: bytes) -> tuple[str, str]:
         n = os.fsdecode(name)
@@ -151,8 +155,7 @@ class Operations(pyfuse3.Operations):
         if n == ".":
             return await self.getattr(parent_inode, ctx)
         if n == "..":
-            node = self.inodes.get(parent_inode)
-            return await self.getattr(node.parent or ROOT, ctx)
+            return await self.getattr(self.inodes.parent_of(parent_inode), ctx)
         if parent_inode == ROOT:
             if n not in self.view.views:
                 raise FUSEError(errno.ENOENT)
@@ -255,8 +258,7 @@ class Operations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         new, n = self._vpath(new_parent_inode, new_name)
         self.view.link(self.inodes.path(inode), new)
-        node = self.inodes.get(inode)
-        node.lookups += 1
+        self.inodes.ref(inode)
         return self._attrs(inode, self.view.lstat(new))
 
     # -- files --------------------------------------------------------------------
@@ -268,23 +270,27 @@ class Operations(pyfuse3.Operations):
         else:
             st = os.fstat(fd)
             sig = (st.st_mtime_ns, st.st_size)
-            node = self.inodes.nodes.get(ino)
-            if node is not None:
-                fi.keep_cache = node.cache_sig == sig
-                node.cache_sig = sig
+            fi.keep_cache = self.inodes.cache_sig.get(ino) == sig
+            self.inodes.cache_sig[ino] = sig
         return fi
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         store, rel, _ = self.view.locate(self.inodes.path(inode))
-        fd = store.open(rel, flags & ~_STRIP_FLAGS)
+        fd = store.open(rel, self._backing_flags(flags))
         return self._file_info(fd, inode, flags)
+
+    def _backing_flags(self, flags: int) -> int:
+        out = flags & ~self._backing_flags_off
+        if self.enable_writeback_cache and (out & os.O_ACCMODE) == os.O_WRONLY:
+            out = (out & ~os.O_ACCMODE) | os.O_RDWR
+        return out
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         vpath, n = self._vpath(parent_inode, name)
-        fd, _ = self.view.create(vpath, flags & ~_STRIP_FLAGS, (mode & ~ctx.umask) & 0o7777)
+        fd, _ = self.view.create(vpath, self._backing_flags(flags), (mode & ~ctx.umask) & 0o7777)
         try:
             self._own(ctx, lambda u, g: os.fchown(fd, u, g))
             entry = self._entry(parent_inode, n, os.fstat(fd))
@@ -318,11 +324,9 @@ class Operations(pyfuse3.Operations):
             self.open_count[handle.ino] = left
         else:
             self.open_count.pop(handle.ino, None)
-        if handle.writable:
-            node = self.inodes.nodes.get(handle.ino)
-            if node is not None:
-                st = os.fstat(handle.fd)
-                node.cache_sig = (st.st_mtime_ns, st.st_size)
+        if handle.writable and self.inodes.known(handle.ino):
+            st = os.fstat(handle.fd)
+            self.inodes.cache_sig[handle.ino] = (st.st_mtime_ns, st.st_size)
         os.close(handle.fd)
 
     @_boundary
@@ -351,12 +355,11 @@ class Operations(pyfuse3.Operations):
                 st = self.view.lstat(join(base, name))
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone since opendir
-            node = self.inodes.child(inode, name)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node.ino, st), i + 1):
-                if node.lookups == 0:
-                    self.inodes.forget(node.ino, 0)
+            ino = self.inodes.ensure(inode, name)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino, st), i + 1):
+                self.inodes.drop_unreferenced(ino)
                 return
-            node.lookups += 1
+            self.inodes.ref(ino)
 
     @_boundary
     async def releasedir(self, fh: int) -> None:

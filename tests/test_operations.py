@@ -105,12 +105,38 @@ async def test_lookup_counts_follow_forget(ops):
     a1 = await ops.lookup(img, b"a.txt", Ctx())
     a2 = await ops.lookup(img, b"a.txt", Ctx())
     assert a1.st_ino == a2.st_ino
-    node = ops.inodes.get(a1.st_ino)
-    assert node.lookups == 2
-    await ops.forget([(a1.st_ino, 2)])
-    assert a1.st_ino not in ops.inodes.nodes
+    assert ops.inodes.references(a1.st_ino) == 2
+    await ops.forget([(a1.st_ino, 1)])
+    assert ops.inodes.known(a1.st_ino)
+    await ops.forget([(a1.st_ino, 1)])
+    assert not ops.inodes.known(a1.st_ino)
     a3 = await ops.lookup(img, b"a.txt", Ctx())
-    assert a3.st_ino != a1.st_ino  # a forgotten inode number is not served again for it
+    assert ops.inodes.references(a3.st_ino) == 1
+
+
+async def test_readdir_entries_hold_references_only_when_sent(ops):
+    img = await lookup_img(ops)
+    for i in range(50):
+        os.close(ops.view.backing.get("img").open(f"f{i:02}", os.O_CREAT | os.O_WRONLY))
+    fh = await ops.opendir(img, Ctx())
+    sent = []
+
+    def reply(token, name, attrs, next_id):
+        if len(sent) == 10:
+            return False
+        sent.append((name, attrs.st_ino))
+        return True
+
+    import compatfs.operations as mod
+    real = mod.pyfuse3.readdir_reply
+    mod.pyfuse3.readdir_reply = reply
+    try:
+        await ops.readdir(fh, 0, None)
+    finally:
+        mod.pyfuse3.readdir_reply = real
+    assert len(sent) == 10
+    assert all(ops.inodes.references(ino) == 1 for _, ino in sent)
+    assert len(ops.inodes) == 2 + 10  # root, img and the ten sent; the eleventh was dropped
 
 
 async def test_create_write_read_release(ops):
