@@ -74,6 +74,8 @@ class Daemon:
         for view in self.views:
             if mounts.mounted_at(self.layout.path(view)) is not None:
                 raise DaemonError(f"{self.layout.path(view)} is already a mount point")
+        # the kernel applied the caller's umask already; ours must not apply twice
+        os.umask(0)
         placing = self.stage in PLACING_STAGES
         require = self.cfg.require_encrypted_vault
         try:
@@ -88,8 +90,7 @@ class Daemon:
                          self.views)
         for line in self.view.recover():
             log.info("recovery: %s", line)
-        self.ops = Operations(self.view, self.attr_timeout,
-                              writeback=os.environ.get("COMPATFS_WRITEBACK") == "1")
+        self.ops = Operations(self.view, self.attr_timeout)
 
     def _open_index(self, placing: bool, require: bool) -> Index:
         state = self.layout.path("state")

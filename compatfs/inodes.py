@@ -5,7 +5,9 @@ novault), whose inode numbers may collide, so compatfs gives out its own. An
 inode is known by (parent inode, name); its view path is rebuilt by walking
 up the parents (the views are a few levels deep). An inode stays while the
 kernel holds a reference (lookup count above zero), even after its name is
-gone, and its number is reused after the last ``forget``.
+gone, and its number is reused after the last ``forget``. A file with
+several hard links is one inode with several names: the first is kept in the
+arrays, the others in :attr:`InodeTable.aliases`.
 
 The table is kept in flat arrays indexed by inode number plus one small dict
 of names per directory: a device lists 100,000 legacy names, and the kernel
@@ -32,6 +34,10 @@ class InodeTable:
         self._free: list[int] = []
         #: (mtime_ns, size) last served per open file, to keep its page cache
         self.cache_sig: dict[int, tuple[int, int]] = {}
+        #: further (parent, name) of inodes with several hard links
+        self.aliases: dict[int, list[tuple[int, str]]] = {}
+        #: backing (st_dev, st_ino) -> inode, for files with several hard links
+        self.by_backing: dict[tuple[int, int], int] = {}
 
     def __len__(self) -> int:
         return len(self._names) - len(self._free) - 1
@@ -58,6 +64,32 @@ class InodeTable:
     def find(self, parent: int, name: str) -> int | None:
         names = self._children.get(parent)
         return None if names is None else names.get(name)
+
+    def add_name(self, ino: int, parent: int, name: str) -> None:
+        """Give *ino* one more name (a hard link)."""
+        if self.find(parent, name) == ino:
+            return
+        self.detach(parent, name)
+        self._children.setdefault(parent, {})[name] = ino
+        if self._parent[ino] == _GONE:
+            self._parent[ino] = parent
+            self._names[ino] = name
+        else:
+            self.aliases.setdefault(ino, []).append((parent, name))
+
+    def ensure_linked(self, parent: int, name: str, backing: tuple[int, int]) -> int:
+        """:meth:`ensure` for a file with several hard links: one inode for all its names."""
+        ino = self.find(parent, name)
+        if ino is not None:
+            self.by_backing[backing] = ino
+            return ino
+        ino = self.by_backing.get(backing)
+        if ino is not None and self.known(ino):
+            self.add_name(ino, parent, name)
+            return ino
+        ino = self.ensure(parent, name)
+        self.by_backing[backing] = ino
+        return ino
 
     def ensure(self, parent: int, name: str) -> int:
         """The inode named *name* in *parent*, made (with no references) when new."""
@@ -102,6 +134,12 @@ class InodeTable:
                 del self._children[parent]
 
     def _release(self, ino: int) -> None:
+        for parent, name in self.aliases.pop(ino, ()):
+            names = self._children.get(parent)
+            if names is not None and names.get(name) == ino:
+                del names[name]
+                if not names:
+                    del self._children[parent]
         self._names[ino] = None
         self._parent[ino] = _GONE
         self._lookups[ino] = 0
@@ -115,6 +153,22 @@ class InodeTable:
             self._unlink_name(ino)
             self._release(ino)
 
+    def _drop_alias(self, ino: int, parent: int, name: str) -> bool:
+        """Remove (parent, name) from the names of *ino*; True if it had others."""
+        others = self.aliases.get(ino)
+        if not others:
+            return False
+        if (self._parent[ino], self._names[ino]) == (parent, name):
+            self._parent[ino], self._names[ino] = others.pop()
+        else:
+            try:
+                others.remove((parent, name))
+            except ValueError:
+                pass
+        if not others:
+            del self.aliases[ino]
+        return True
+
     def detach(self, parent: int, name: str) -> None:
         """The name is gone (unlink, rmdir, replaced by a rename)."""
         names = self._children.get(parent)
@@ -123,6 +177,8 @@ class InodeTable:
             return
         if not names:
             self._children.pop(parent, None)
+        if self._drop_alias(ino, parent, name):
+            return
         self._parent[ino] = _GONE
         if self._lookups[ino] <= 0:
             self._release(ino)
@@ -135,8 +191,11 @@ class InodeTable:
             return
         if not names:
             self._children.pop(parent, None)
-        self._parent[ino] = new_parent
-        self._names[ino] = new_name
+        if self._drop_alias(ino, parent, name):
+            self.aliases.setdefault(ino, []).append((new_parent, new_name))
+        else:
+            self._parent[ino] = new_parent
+            self._names[ino] = new_name
         self._children.setdefault(new_parent, {})[new_name] = ino
 
     def forget(self, ino: int, count: int) -> None:

@@ -125,14 +125,17 @@ class RunDir:
             return None
         return pid if b"compatfs" in cmdline else None
 
+    @staticmethod
+    def _write(path: str, text: str) -> None:
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
     def write_info(self, info: dict) -> None:
-        tmp = self.info_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, self.info_file)
-        with open(self.pid_file + ".tmp", "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(self.pid_file + ".tmp", self.pid_file)
+        self._write(self.info_file, json.dumps(info))
+        self._write(self.pid_file, f"{os.getpid()}\n")
 
     def info(self) -> dict | None:
         try:

@@ -73,14 +73,8 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, view: View, timeout: float = 10.0, writeback: bool = False) -> None:
+    def __init__(self, view: View, timeout: float = 10.0) -> None:
         super().__init__()
-        # With the kernel's writeback cache, writes return once in the page
-        # cache and reach the daemon in large batches; the kernel then also
-        # reads pages of files opened write-only and keeps O_APPEND offsets
-        # itself, so backing files are opened read-write and without O_APPEND.
-        self.enable_writeback_cache = writeback
-        self._backing_flags_off = _STRIP_FLAGS | (os.O_APPEND if writeback else 0)
         self.view = view
         self.inodes = InodeTable()
         self.timeout = timeout
@@ -121,13 +115,28 @@ class Operations(pyfuse3.Operations):
         try:
             return self.view.lstat(self.inodes.path(ino))
         except FileNotFoundError:
-            for h in self.handles.values():  # unlinked but still open
-                if h.ino == ino:
-                    return os.fstat(h.fd)
-            raise
+            fd = self._open_fd_of(ino)  # unlinked but still open
+            if fd is None:
+                raise
+            return os.fstat(fd)
+
+    def _ino_for(self, parent: int, name: str, st: os.stat_result) -> int:
+        """The inode for a name; every name of a hard-linked file gets the same one."""
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            return self.inodes.ensure_linked(parent, name, (st.st_dev, st.st_ino))
+        return self.inodes.ensure(parent, name)
 
     def _entry(self, parent: int, name: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        return self._attrs(self.inodes.lookup(parent, name), st)
+        ino = self._ino_for(parent, name, st)
+        self.inodes.ref(ino)
+        return self._attrs(ino, st)
+
+    def _open_fd_of(self, ino: int) -> int | None:
+        """An open backing fd of *ino*, for a file whose last name is gone."""
+        for h in self.handles.values():
+            if h.ino == ino:
+                return h.fd
+        return None
 
     def _vpath(self, parent: int, name: bytes) -> tuple[str, str]:
         n = os.fsdecode(name)
@@ -142,11 +151,16 @@ class Operations(pyfuse3.Operations):
         self.open_count[handle.ino] = self.open_count.get(handle.ino, 0) + 1
         return fh
 
-    @staticmethod
-    def _own(ctx: pyfuse3.RequestContext, chown: Callable[[int, int], None]) -> None:
-        """New objects belong to the caller, not to the daemon."""
-        if ctx.uid != os.geteuid() or ctx.gid != os.getegid():
-            chown(ctx.uid, ctx.gid)
+    def _own(self, parent_vpath: str, ctx: pyfuse3.RequestContext,
+             chown: Callable[[int, int], None]) -> None:
+        """New objects belong to the caller, not to the daemon; the group comes
+        from a set-group-ID parent directory instead, as the kernel does."""
+        if ctx.uid == os.geteuid() and ctx.gid == os.getegid():
+            return
+        gid = ctx.gid
+        if gid != os.getegid() and self.view.lstat(parent_vpath).st_mode & stat.S_ISGID:
+            gid = -1
+        chown(ctx.uid, gid)
 
     # -- lookups and attributes ---------------------------------------------------
     @_boundary
@@ -178,10 +192,16 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             raise FUSEError(errno.EPERM)
-        vpath = self.inodes.path(inode)
-        store, rel, _ = self.view.locate(vpath)
+        handle = self.handles.get(fh) if fh is not None else None
+        try:
+            store, rel, _ = self.view.locate(self.inodes.path(inode))
+        except FileNotFoundError:
+            fd = handle.fd if handle is not None else self._open_fd_of(inode)
+            if fd is None:
+                raise
+            self._setattr_fd(fd, attr, fields)  # unlinked but still open
+            return self._attrs(inode, os.fstat(fd))
         if fields.update_size:
-            handle = self.handles.get(fh) if fh is not None else None
             if handle is not None:
                 os.ftruncate(handle.fd, attr.st_size)
             else:
@@ -196,6 +216,20 @@ class Operations(pyfuse3.Operations):
                         attr.st_mtime_ns if fields.update_mtime else None)
         return self._attrs(inode, store.lstat(rel))
 
+    @staticmethod
+    def _setattr_fd(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        if fields.update_size:
+            os.ftruncate(fd, attr.st_size)
+        if fields.update_mode:
+            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, attr.st_uid if fields.update_uid else -1,
+                      attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                             attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         store, rel, _ = self.view.locate(self.inodes.path(inode))
@@ -209,7 +243,7 @@ class Operations(pyfuse3.Operations):
         p = self.view.plain_place(vpath)
         store, rest = self.view.backing.get(p.store), p.rel
         store.mknod(rest, mode & ~ctx.umask, rdev)
-        self._own(ctx, lambda u, g: store.chown(rest, u, g))
+        self._own(vpath.rpartition('/')[0], ctx, lambda u, g: store.chown(rest, u, g))
         return self._entry(parent_inode, n, store.lstat(rest))
 
     @_boundary
@@ -218,7 +252,7 @@ class Operations(pyfuse3.Operations):
         vpath, n = self._vpath(parent_inode, name)
         p = self.view.mkdir(vpath, (mode & ~ctx.umask) & 0o7777)
         store = self.view.backing.get(p.store)
-        self._own(ctx, lambda u, g: store.chown(p.rel, u, g))
+        self._own(vpath.rpartition('/')[0], ctx, lambda u, g: store.chown(p.rel, u, g))
         return self._entry(parent_inode, n, store.lstat(p.rel))
 
     @_boundary
@@ -228,7 +262,7 @@ class Operations(pyfuse3.Operations):
         p = self.view.plain_place(vpath)
         store, rest = self.view.backing.get(p.store), p.rel
         store.symlink(os.fsdecode(target), rest)
-        self._own(ctx, lambda u, g: store.chown(rest, u, g))
+        self._own(vpath.rpartition('/')[0], ctx, lambda u, g: store.chown(rest, u, g))
         return self._entry(parent_inode, n, store.lstat(rest))
 
     @_boundary
@@ -258,8 +292,11 @@ class Operations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         new, n = self._vpath(new_parent_inode, new_name)
         self.view.link(self.inodes.path(inode), new)
+        st = self.view.lstat(new)
+        self.inodes.add_name(inode, new_parent_inode, n)
+        self.inodes.by_backing[(st.st_dev, st.st_ino)] = inode
         self.inodes.ref(inode)
-        return self._attrs(inode, self.view.lstat(new))
+        return self._attrs(inode, st)
 
     # -- files --------------------------------------------------------------------
     def _file_info(self, fd: int, ino: int, flags: int) -> pyfuse3.FileInfo:
@@ -276,15 +313,20 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        store, rel, _ = self.view.locate(self.inodes.path(inode))
+        try:
+            store, rel, _ = self.view.locate(self.inodes.path(inode))
+        except FileNotFoundError:
+            old = self._open_fd_of(inode)  # reopened through /proc/self/fd while unlinked
+            if old is None:
+                raise
+            fd = os.open(f"/proc/self/fd/{old}", self._backing_flags(flags) | os.O_CLOEXEC)
+            return self._file_info(fd, inode, flags)
         fd = store.open(rel, self._backing_flags(flags))
         return self._file_info(fd, inode, flags)
 
-    def _backing_flags(self, flags: int) -> int:
-        out = flags & ~self._backing_flags_off
-        if self.enable_writeback_cache and (out & os.O_ACCMODE) == os.O_WRONLY:
-            out = (out & ~os.O_ACCMODE) | os.O_RDWR
-        return out
+    @staticmethod
+    def _backing_flags(flags: int) -> int:
+        return flags & ~_STRIP_FLAGS
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -292,7 +334,7 @@ class Operations(pyfuse3.Operations):
         vpath, n = self._vpath(parent_inode, name)
         fd, _ = self.view.create(vpath, self._backing_flags(flags), (mode & ~ctx.umask) & 0o7777)
         try:
-            self._own(ctx, lambda u, g: os.fchown(fd, u, g))
+            self._own(vpath.rpartition('/')[0], ctx, lambda u, g: os.fchown(fd, u, g))
             entry = self._entry(parent_inode, n, os.fstat(fd))
         except BaseException:
             os.close(fd)
@@ -355,7 +397,7 @@ class Operations(pyfuse3.Operations):
                 st = self.view.lstat(join(base, name))
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone since opendir
-            ino = self.inodes.ensure(inode, name)
+            ino = self._ino_for(inode, name, st)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino, st), i + 1):
                 self.inodes.drop_unreferenced(ino)
                 return
@@ -387,18 +429,20 @@ class Operations(pyfuse3.Operations):
         return out
 
     # -- extended attributes (passed through for files and directories) -----------
-    def _xattr_fd(self, inode: int) -> int:
+    def _xattr_fd(self, inode: int, absent: int) -> int:
+        """An fd to read or change the xattrs of *inode*; user attributes exist
+        only on regular files and directories, elsewhere FUSEError(*absent*)."""
         if inode == ROOT:
-            raise FUSEError(errno.ENOTSUP)
+            raise FUSEError(absent)
         store, rel, _ = self.view.locate(self.inodes.path(inode))
         st = store.lstat(rel)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            raise FUSEError(errno.ENOTSUP)
+            raise FUSEError(absent)
         return store.open(rel, os.O_RDONLY | os.O_NONBLOCK)
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        fd = self._xattr_fd(inode)
+        fd = self._xattr_fd(inode, errno.ENODATA)
         try:
             return os.getxattr(fd, os.fsdecode(name))
         finally:
@@ -406,7 +450,10 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        fd = self._xattr_fd(inode)
+        try:
+            fd = self._xattr_fd(inode, errno.ENODATA)
+        except FUSEError:
+            return []
         try:
             return [os.fsencode(n) for n in os.listxattr(fd)]
         finally:
@@ -414,7 +461,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        fd = self._xattr_fd(inode)
+        fd = self._xattr_fd(inode, errno.EPERM)
         try:
             os.setxattr(fd, os.fsdecode(name), value)
         finally:
@@ -422,7 +469,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        fd = self._xattr_fd(inode)
+        fd = self._xattr_fd(inode, errno.EPERM)
         try:
             os.removexattr(fd, os.fsdecode(name))
         finally:

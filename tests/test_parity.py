@@ -491,9 +491,6 @@ def test_default_permissions_for_another_uid(pair):
     parity(pair, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: operations.Operations._own chowns every new file/dir/symlink/node to "
-    "(ctx.uid, ctx.gid), overriding the group a setgid directory gives new entries"))
 def test_setgid_directory_group_inheritance_for_another_uid(pair):
     need_other_user()
 
@@ -508,10 +505,6 @@ def test_setgid_directory_group_inheritance_for_another_uid(pair):
     parity(pair, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the daemon keeps its inherited umask (022 here); backing.Store.open/mkdir apply "
-    "it again on top of the caller's already-applied ctx.umask, so a caller with umask 0 "
-    "gets 0644/0755 instead of 0666/0777"))
 def test_umask_of_the_caller_alone_decides_new_modes(pair):
     def scenario(d: Path, r: Rec) -> None:
         old = os.umask(0)
@@ -749,10 +742,6 @@ def test_hard_links(pair):
     parity(pair, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: operations.Operations.link answers with the old name's inode but never records "
-    "the new name in the InodeTable; once the old name is unlinked the node is detached "
-    "(parent 0) and every request on the new name's cached dentry fails with ENOENT"))
 def test_hard_link_survives_unlink_of_the_original(pair):
     def scenario(d: Path, r: Rec) -> None:
         write_file(d / "a", b"payload")
@@ -766,11 +755,6 @@ def test_hard_link_survives_unlink_of_the_original(pair):
     parity(pair, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: inodes.InodeTable keys nodes by (parent, name), so two names of one backing "
-    "file become two FUSE inodes as soon as the kernel looks a name up again (here forced "
-    "by O_CREAT|O_EXCL, which always revalidates); samefile() is then False and attributes "
-    "cached for one name (nlink, size, mtime) go stale when the file changes via the other"))
 def test_hard_link_names_share_one_inode(pair):
     def scenario(d: Path, r: Rec) -> None:
         write_file(d / "a", b"one")
@@ -865,9 +849,6 @@ def test_user_xattrs(pair):
     parity(pair, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: operations.Operations._xattr_fd answers ENOTSUP for anything but a regular file "
-    "or directory, so listxattr of a symlink (or fifo) fails where the kernel returns []"))
 def test_listxattr_of_a_symlink_and_a_fifo(pair):
     def scenario(d: Path, r: Rec) -> None:
         os.symlink("nowhere", d / "link")
@@ -947,11 +928,6 @@ def test_unlinked_open_file_still_reads(pair):
     parity(pair, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: operations.Operations.setattr and .open resolve the inode to a path first "
-    "(InodeTable.path raises FileNotFoundError for an unlinked node) instead of using the "
-    "open handle, so ftruncate/fchmod/futimens/re-open via /proc/self/fd of an unlinked "
-    "open file fail with ENOENT"))
 def test_unlinked_open_file_metadata_changes(pair):
     def scenario(d: Path, r: Rec) -> None:
         write_file(d / "f", b"x" * 100)
