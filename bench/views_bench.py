@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import pathlib
 import platform
 import random
 import shutil
@@ -265,7 +266,7 @@ def build_device(root: str, rng: random.Random, big_size: int) -> Device:
     img = os.path.join(root, "img")
     os.makedirs(img)
     os.makedirs(os.path.join(root, "downloads"))
-    os.makedirs(os.path.join(root, "vault"))
+    os.makedirs(os.path.join(root, "vault"), exist_ok=True)
     block = rng.randbytes(1024)
     for i in range(SMALL_FILES):
         with open(os.path.join(img, f"small-{i:05d}.dat"), "wb") as f:
@@ -434,6 +435,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="one run, 256 MiB big file, 128 MiB writes")
+    ap.add_argument("--plain", action="store_true",
+                    help="a plain directory tree on the work dir's filesystem instead of a "
+                         "device image whose vault/ is encrypted with fscrypt (the default, "
+                         "as on a device)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("views_bench: needs root (mounts, drop_caches)", file=sys.stderr)
@@ -462,7 +467,16 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             rng = random.Random(20261126)
             data = pattern(rng)
-            root = os.path.join(bench, "root")
+            if args.plain:
+                root = os.path.join(bench, "root")
+            else:
+                from compatfs import devicefs
+
+                image_dir = os.path.join(bench, "device")
+                os.mkdir(image_dir)
+                root = str(stack.enter_context(devicefs.device_root(
+                    pathlib.Path(image_dir), size_mb=6144)))
+                log(f"device image with an fscrypt vault mounted at {root}")
             t0 = time.perf_counter()
             dev = build_device(root, rng, big)
             config = os.path.join(bench, "compatfs.yaml")
@@ -477,10 +491,13 @@ def main() -> int:
             if os.path.exists(os.path.join(native_img, dev.app.legacy_name(0))):
                 raise RuntimeError("the big file landed in the legacy store")
             vol_dir = os.path.dirname(dev.big_native)
-            stack.enter_context(overlay_mounted(vol_dir, os.path.join(bench, "ovl_vol")))
-            stack.enter_context(overlay_mounted(native_img, os.path.join(bench, "ovl_img")))
-            ovl_vol = os.path.join(bench, "ovl_vol", "mnt")
-            ovl_img = os.path.join(bench, "ovl_img", "mnt")
+            # the overlay's upper dirs sit where its writes would land natively:
+            # on the device (in the vault) unless the tree is plain
+            ovl_base = bench if args.plain else os.path.join(root, "vault")
+            stack.enter_context(overlay_mounted(vol_dir, os.path.join(ovl_base, "ovl_vol")))
+            stack.enter_context(overlay_mounted(native_img, os.path.join(ovl_base, "ovl_img")))
+            ovl_vol = os.path.join(ovl_base, "ovl_vol", "mnt")
+            ovl_img = os.path.join(ovl_base, "ovl_img", "mnt")
             log(f"device built, big file written through the view, all mounted "
                 f"({time.perf_counter() - t0:.1f} s)")
 

@@ -169,14 +169,19 @@ class InodeTable:
             del self.aliases[ino]
         return True
 
-    def detach(self, parent: int, name: str) -> None:
-        """The name is gone (unlink, rmdir, replaced by a rename)."""
+    def _pop_name(self, parent: int, name: str) -> int | None:
+        """Take (parent, name) out of the directory; the inode it named, if any."""
         names = self._children.get(parent)
         ino = names.pop(name, None) if names is not None else None
+        if ino is not None and not names:
+            del self._children[parent]
+        return ino
+
+    def detach(self, parent: int, name: str) -> None:
+        """The name is gone (unlink, rmdir, replaced by a rename)."""
+        ino = self._pop_name(parent, name)
         if ino is None:
             return
-        if not names:
-            self._children.pop(parent, None)
         if self._drop_alias(ino, parent, name):
             return
         self._parent[ino] = _GONE
@@ -185,12 +190,9 @@ class InodeTable:
 
     def move(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         self.detach(new_parent, new_name)
-        names = self._children.get(parent)
-        ino = names.pop(name, None) if names is not None else None
+        ino = self._pop_name(parent, name)
         if ino is None:
             return
-        if not names:
-            self._children.pop(parent, None)
         if self._drop_alias(ino, parent, name):
             self.aliases.setdefault(ino, []).append((new_parent, new_name))
         else:
