@@ -428,52 +428,39 @@ class Operations(pyfuse3.Operations):
             setattr(out, field, getattr(vfs, field))
         return out
 
-    # -- extended attributes (passed through for files and directories) -----------
-    def _xattr_fd(self, inode: int, absent: int) -> int:
-        """An fd to read or change the xattrs of *inode*; user attributes exist
-        only on regular files and directories, elsewhere FUSEError(*absent*)."""
+    # -- extended attributes (passed through, never following a symbolic link) -------
+    # The kernel asks for security.capability before every write, so getxattr
+    # is a hot path: one l*xattr call on the name inside its (already open)
+    # parent directory, without opening the file itself.
+    def _xattr_path(self, inode: int) -> tuple[Any, str]:
         if inode == ROOT:
-            raise FUSEError(absent)
+            raise FUSEError(errno.ENODATA)
         store, rel, _ = self.view.locate(self.inodes.path(inode))
-        st = store.lstat(rel)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            raise FUSEError(absent)
-        return store.open(rel, os.O_RDONLY | os.O_NONBLOCK)
+        return store.parent(rel), rel
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        fd = self._xattr_fd(inode, errno.ENODATA)
-        try:
-            return os.getxattr(fd, os.fsdecode(name))
-        finally:
-            os.close(fd)
+        parent, rel = self._xattr_path(inode)
+        with parent as (fd, leaf):
+            return _xattr(os.getxattr, fd, leaf, name)
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        try:
-            fd = self._xattr_fd(inode, errno.ENODATA)
-        except FUSEError:
-            return []
-        try:
-            return [os.fsencode(n) for n in os.listxattr(fd)]
-        finally:
-            os.close(fd)
+        parent, rel = self._xattr_path(inode)
+        with parent as (fd, leaf):
+            return [os.fsencode(n) for n in _xattr(os.listxattr, fd, leaf)]
 
     @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        fd = self._xattr_fd(inode, errno.EPERM)
-        try:
-            os.setxattr(fd, os.fsdecode(name), value)
-        finally:
-            os.close(fd)
+        parent, rel = self._xattr_path(inode)
+        with parent as (fd, leaf):
+            _xattr(os.setxattr, fd, leaf, name, value)
 
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        fd = self._xattr_fd(inode, errno.EPERM)
-        try:
-            os.removexattr(fd, os.fsdecode(name))
-        finally:
-            os.close(fd)
+        parent, rel = self._xattr_path(inode)
+        with parent as (fd, leaf):
+            _xattr(os.removexattr, fd, leaf, name)
 
     def close_all(self) -> None:
         """Close every open backing fd (at shutdown)."""
@@ -483,3 +470,13 @@ class Operations(pyfuse3.Operations):
             except OSError:
                 pass
         self.handles.clear()
+
+
+def _xattr(call: Callable[..., Any], dir_fd: int, name: str, *args: Any) -> Any:
+    """An os.*xattr *call* on *name* inside the open directory *dir_fd*, not
+    following a symbolic link; on the directory itself when *name* is empty.
+    The l*xattr calls take no directory fd, so the name is reached through
+    /proc/self/fd, which does not look the directory up again."""
+    if not name:
+        return call(dir_fd, *args)
+    return call(f"/proc/self/fd/{dir_fd}/{name}", *args, follow_symlinks=False)
