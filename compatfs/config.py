@@ -37,6 +37,19 @@ class Override:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """How the background migration runs (the ``migration:`` mapping)."""
+
+    throttle_mib_per_s: float = 64.0
+    concurrency: int = 2
+    reserve_percent: float = 5.0
+    retries: int = 3
+    retry_backoff_s: float = 10.0
+    verify: bool = True
+    rescan_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     root: str = DEFAULT_ROOT
     stage: str = "observe"
@@ -44,6 +57,7 @@ class Config:
     paths: dict[str, str] = field(default_factory=dict)
     overrides: tuple[Override, ...] = ()
     mount_prepared: bool = False
+    migration: Migration = field(default_factory=Migration)
     source: str = "<defaults>"
 
     def layout(self, root: str | None = None) -> Layout:
@@ -96,6 +110,24 @@ def _sha(v: Any) -> str:
     return v.lower()
 
 
+def _number(low: float, high: float | None = None) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low \
+                or (high is not None and v > high):
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise _Bad(f"must be a number {bound}, not {v!r}")
+        return float(v)
+    return check
+
+
+def _whole(low: int, high: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise _Bad(f"must be a whole number from {low} to {high}, not {v!r}")
+        return v
+    return check
+
+
 def _generation(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= INT64_MAX:
         raise _Bad(f"must be a whole number from 0, not {v!r}")
@@ -119,6 +151,7 @@ TOP: dict[str, Key] = {
     "mount_prepared": Key(_bool, False,
                           "Also mount a legacy view over runx/pods/prepared (container volumes)."),
     "paths": Key(dict, {}, "Location overrides, each relative to root (see the table below)."),
+    "migration": Key(dict, {}, "How the background migration runs (see the table below)."),
     "overrides": Key(list, [], "Operator mappings of (app, sha) to a volume; they win over the checkpoint."),
 }
 
@@ -131,6 +164,18 @@ OVERRIDE: dict[str, Key] = {
 }
 
 REQUIRED_OVERRIDE_KEYS = ("app", "sha", "volume")
+
+MIGRATION: dict[str, Key] = {
+    "throttle_mib_per_s": Key(_number(0), 64.0,
+                              "Copy rate limit over all copies, MiB/s; 0 means unlimited."),
+    "concurrency": Key(_whole(1, 16), 2, "How many objects are copied at once."),
+    "reserve_percent": Key(_number(0, 50), 5.0,
+                           "Free space a copy must leave on the destination, % of its size."),
+    "retries": Key(_whole(1, 100), 3, "Attempts before an object is marked failed."),
+    "retry_backoff_s": Key(_number(0), 10.0, "Wait before the first retry; doubles each time."),
+    "verify": Key(_bool, True, "Check each copy against its source before switching to it."),
+    "rescan_s": Key(_number(1), 30.0, "How often the legacy locations are scanned for work."),
+}
 
 
 # -- loading ------------------------------------------------------------------
@@ -247,8 +292,17 @@ def parse(text: str, source: str = "<config>") -> Config:
                 raise ConfigError(f"{_where(source, item)}: {name}: missing "
                                   + ", ".join(missing))
             overrides.append(Override(**fields))
-    keys = {k: v for k, v in values.items() if k not in ("paths", "overrides")}
-    return Config(paths=paths, overrides=tuple(overrides), source=source, **keys)
+    migration = {}
+    if "migration" in values:
+        for key, knode, vnode in _mapping(source, values["migration"], "migration"):
+            spec = MIGRATION.get(key)
+            if spec is None:
+                raise ConfigError(f"{_where(source, knode)}: migration.{key}: unknown key "
+                                  f"(known: {', '.join(MIGRATION)})")
+            migration[key] = _value(loader, source, vnode, f"migration.{key}", spec)
+    keys = {k: v for k, v in values.items() if k not in ("paths", "overrides", "migration")}
+    return Config(paths=paths, overrides=tuple(overrides), migration=Migration(**migration),
+                  source=source, **keys)
 
 
 def load(path: str | None) -> Config:

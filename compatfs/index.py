@@ -24,7 +24,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "index.db"
 
 _SCHEMA = """
@@ -36,10 +36,27 @@ CREATE TABLE IF NOT EXISTS objects (
     state      TEXT NOT NULL,     -- new, unresolved (and the migrator's states)
     prev_store TEXT,              -- set while a move of the backing is in flight
     prev_rel   TEXT,
-    updated_ns INTEGER NOT NULL
+    updated_ns INTEGER NOT NULL,
+    target_store TEXT,            -- migration: where the bytes are going
+    target_rel   TEXT,
+    sig        TEXT,              -- migration: dev:ino:size:mtime_ns of the source copied
+    reason     TEXT,              -- why it failed, was set aside or quarantined
+    attempts   INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+#: Columns added by each schema version, for upgrading an older index in place.
+_UPGRADES = {
+    2: ["ALTER TABLE objects ADD COLUMN target_store TEXT",
+        "ALTER TABLE objects ADD COLUMN target_rel TEXT",
+        "ALTER TABLE objects ADD COLUMN sig TEXT",
+        "ALTER TABLE objects ADD COLUMN reason TEXT",
+        "ALTER TABLE objects ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"],
+}
+
+_COLUMNS = ("view, store, rel, kind, state, prev_store, prev_rel, target_store, target_rel, "
+            "sig, reason, attempts")
 
 
 class IndexError_(Exception):
@@ -55,6 +72,11 @@ class Record:
     state: str
     prev_store: str | None = None
     prev_rel: str | None = None
+    target_store: str | None = None
+    target_rel: str | None = None
+    sig: str | None = None
+    reason: str | None = None
+    attempts: int = 0
 
 
 def _parent(view: str) -> tuple[str, str]:
@@ -77,16 +99,30 @@ class Index:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] != str(SCHEMA_VERSION):
-                raise IndexError_(f"{path}: schema {row[0]}, this compatfs reads {SCHEMA_VERSION}")
-            rows = self.db.execute(
-                "SELECT view, store, rel, kind, state, prev_store, prev_rel FROM objects").fetchall()
+            else:
+                self._upgrade(path, row[0])
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM objects").fetchall()
         except sqlite3.DatabaseError as exc:
             raise IndexError_(f"{path}: {exc}") from None
         self.records: dict[str, Record] = {}
         self.children: dict[str, set[str]] = {}
         for r in rows:
             self._remember(Record(*r))
+
+    def _upgrade(self, path: str | None, found: str) -> None:
+        """Bring an index written by an older compatfs up to this schema."""
+        try:
+            version = int(found)
+        except ValueError:
+            raise IndexError_(f"{path}: schema {found!r} is not one compatfs wrote") from None
+        if version > SCHEMA_VERSION:
+            raise IndexError_(f"{path}: schema {version} is newer than this compatfs "
+                              f"({SCHEMA_VERSION}); refusing to touch it")
+        with self.db:
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _UPGRADES[v]:
+                    self.db.execute(statement)
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
 
     @classmethod
     def open_in(cls, state_dir: str) -> "Index":
@@ -121,13 +157,18 @@ class Index:
         return any(v.startswith(prefix) for v in self.records)
 
     # -- changes (each one transaction) ---------------------------------------
+    def _write(self, rec: Record) -> None:
+        self.db.execute(
+            f"INSERT OR REPLACE INTO objects ({_COLUMNS}, updated_ns) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (rec.view, rec.store, rec.rel, rec.kind, rec.state, rec.prev_store, rec.prev_rel,
+             rec.target_store, rec.target_rel, rec.sig, rec.reason, rec.attempts,
+             time.time_ns()))
+
     def put(self, rec: Record) -> None:
         """Insert or replace the record for ``rec.view``."""
         with self.db:
-            self.db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?)",
-                (rec.view, rec.store, rec.rel, rec.kind, rec.state, rec.prev_store,
-                 rec.prev_rel, time.time_ns()))
+            self._write(rec)
         self._forget(rec.view)
         self._remember(rec)
 
@@ -140,10 +181,7 @@ class Index:
         """Replace the record of *old_view* by *rec* (a rename), atomically."""
         with self.db:
             self.db.execute("DELETE FROM objects WHERE view=?", (old_view,))
-            self.db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?,?,?,?,?,?,?,?)",
-                (rec.view, rec.store, rec.rel, rec.kind, rec.state, rec.prev_store,
-                 rec.prev_rel, time.time_ns()))
+            self._write(rec)
         self._forget(old_view)
         self._forget(rec.view)
         self._remember(rec)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .layout import Layout
 from .resolver import Resolution, Resolver
-from .scan import KINDS, LegacyObject, scan
+from .scan import KINDS, Bases, LegacyObject, scan
 
 #: Destination locations, in report order.
 DESTINATIONS = ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified", "cas")
@@ -142,11 +142,16 @@ def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
                 e.target, e.location, e.action = None, None, "keep"
 
 
-def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True) -> Plan:
-    """Scan and resolve everything under *layout*; reads only."""
+def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
+              bases: Bases | None = None) -> Plan:
+    """Scan and resolve everything under *layout*; reads only.
+
+    *bases* reads legacy locations from elsewhere than their layout paths
+    (the daemon passes its directory fds, as the views cover the paths).
+    """
     resolver.refresh()
     entries = []
-    for obj in scan(layout, include_prepared):
+    for obj in scan(layout, include_prepared, bases):
         res = _resolve(resolver, obj)
         action = "keep" if res.target is None else "copy"
         entries.append(PlanEntry(obj, res.target, res.reason, res.location, action))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from .layout import Layout
 from .names import (
@@ -104,9 +104,18 @@ def _kind_word(st: os.stat_result) -> str:
     return "special file"
 
 
-def scan_img(layout: Layout) -> Iterator[LegacyObject]:
+#: Where each legacy location is read from, when not at its layout path (the
+#: daemon reads the legacy directories its mounts cover through its dir fds).
+Bases = Mapping[str, str]
+
+
+def _base(layout: Layout, key: str, bases: Bases | None) -> str:
+    return bases[key] if bases and key in bases else layout.path(key)
+
+
+def scan_img(layout: Layout, bases: Bases | None = None) -> Iterator[LegacyObject]:
     """``img/``: one regular file per VM volume."""
-    for entry, st in _entries(layout.path("img")):
+    for entry, st in _entries(_base(layout, "img", bases)):
         if not stat.S_ISREG(st.st_mode):
             yield _other(entry, st, f"{_kind_word(st)} where VM volume files live")
             continue
@@ -119,9 +128,9 @@ def scan_img(layout: Layout) -> Iterator[LegacyObject]:
                            volume=name)
 
 
-def scan_prepared(layout: Layout) -> Iterator[LegacyObject]:
+def scan_prepared(layout: Layout, bases: Bases | None = None) -> Iterator[LegacyObject]:
     """``runx/pods/prepared/``: one directory per container volume."""
-    for entry, st in _entries(layout.path("prepared")):
+    for entry, st in _entries(_base(layout, "prepared", bases)):
         if not stat.S_ISDIR(st.st_mode):
             yield _other(entry, st, f"{_kind_word(st)} where container volumes live")
             continue
@@ -173,10 +182,10 @@ def _scan_area(obj_type: ObjType, area: DownloadArea, path: str) -> Iterator[Leg
                                download=(obj_type, area, directory, f.name))
 
 
-def scan_downloads(layout: Layout) -> Iterator[LegacyObject]:
+def scan_downloads(layout: Layout, bases: Bases | None = None) -> Iterator[LegacyObject]:
     """``downloads/<objType>/{pending,verifier,verified}/<dir>/<file>``."""
     areas = {a.value: a for a in DownloadArea}
-    for top, top_st in _entries(layout.path("downloads")):
+    for top, top_st in _entries(_base(layout, "downloads", bases)):
         try:
             obj_type = parse_obj_type(top.name)
         except NotAVolume as exc:
@@ -193,9 +202,9 @@ def scan_downloads(layout: Layout) -> Iterator[LegacyObject]:
             yield from _scan_area(obj_type, area, area_entry.path)
 
 
-def scan_containerd(layout: Layout) -> Iterator[LegacyObject]:
+def scan_containerd(layout: Layout, bases: Bases | None = None) -> Iterator[LegacyObject]:
     """``containerd/``: moved as one tree into the CAS location."""
-    path = layout.path("containerd")
+    path = _base(layout, "containerd", bases)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -209,10 +218,11 @@ def scan_containerd(layout: Layout) -> Iterator[LegacyObject]:
     yield LegacyObject("other", path, tree_bytes(path) + _allocated(st), st.st_mtime_ns, True)
 
 
-def scan(layout: Layout, include_prepared: bool = True) -> Iterator[LegacyObject]:
+def scan(layout: Layout, include_prepared: bool = True,
+         bases: Bases | None = None) -> Iterator[LegacyObject]:
     """Every legacy object under *layout*, location by location, names sorted."""
-    yield from scan_img(layout)
+    yield from scan_img(layout, bases)
     if include_prepared:
-        yield from scan_prepared(layout)
-    yield from scan_downloads(layout)
-    yield from scan_containerd(layout)
+        yield from scan_prepared(layout, bases)
+    yield from scan_downloads(layout, bases)
+    yield from scan_containerd(layout, bases)

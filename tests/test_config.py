@@ -91,6 +91,9 @@ def test_defaults_come_from_the_schema() -> None:
         value = getattr(cfg, key)
         if key == "overrides":
             assert value == tuple(spec.default)
+        elif key == "migration":
+            for mkey, mspec in config.MIGRATION.items():
+                assert getattr(value, mkey) == mspec.default, mkey
         else:
             assert value == spec.default, key
 
@@ -154,6 +157,12 @@ ERRORS = [
     pytest.param("mount_prepared: 0\n", 1, "mount_prepared", id="mp-int"),
     pytest.param("mount_prepared: 'true'\n", 1, "mount_prepared", id="mp-quoted"),
     pytest.param("paths: vault\n", 1, "paths", id="paths-str"),
+    pytest.param("migration: fast\n", 1, "migration", id="migration-str"),
+    pytest.param("migration:\n  concurrency: 0\n", 2, "migration.concurrency", id="migration-range"),
+    pytest.param("migration:\n  verify: 'yes'\n", 2, "migration.verify", id="migration-bool"),
+    pytest.param("migration:\n  throttle_mib_per_s: -1\n", 2, "migration.throttle_mib_per_s",
+                 id="migration-negative"),
+    pytest.param("migration:\n  speed: 1\n", 2, "migration.speed", id="migration-unknown"),
     pytest.param("paths:\n  - img\n", 2, "paths", id="paths-list"),
     pytest.param("paths:\n  img: [a]\n", 2, "paths.img", id="paths-value-list"),
     pytest.param("paths:\n  img: 2024\n", 2, "paths.img", id="paths-value-int"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from compatfs.config import OVERRIDE, TOP
+from compatfs.config import MIGRATION, OVERRIDE, TOP
 from compatfs.layout import LOCATIONS
 
 from .conftest import REPO
@@ -14,7 +14,7 @@ def test_configuration_doc_lists_every_key_with_its_default():
     doc = (REPO / "docs/configuration.md").read_text()
     for key in TOP:
         assert re.search(rf"^\| `{key}` \|", doc, re.M), key
-    for key in OVERRIDE:
+    for key in (*OVERRIDE, *MIGRATION):
         assert re.search(rf"^\| `{key}` \|", doc, re.M), key
     for key, (default, _) in LOCATIONS.items():
         assert re.search(rf"^\| `{key}` \| `{re.escape(default)}` \|", doc, re.M), key
