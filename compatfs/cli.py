@@ -201,13 +201,110 @@ def cmd_status(args: argparse.Namespace) -> int:
     stage = info["stage"] if info else cfg.stage
     layout = cfg.layout(root)
     plan, objects = collect(layout, Resolver(layout, cfg.overrides), cfg.mount_prepared or True)
-    doc = as_json(stage, info is not None, plan, objects)
+    doc = as_json(stage, info is not None, plan, objects, run.progress() if info else None)
     if args.json:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render_text(doc))
     return 0
+
+
+def _offline(args: argparse.Namespace, stage: str):
+    """The engine of a device whose views are not mounted (migrate --now, rollback)."""
+    from .daemon import Daemon, DaemonError
+
+    cfg, root = _config_and_root(args)
+    run = _run_dir(args, root)
+    pid = run.live_pid()
+    if pid is not None:
+        raise CommandError(f"a daemon (pid {pid}) serves {os.path.abspath(root)}; "
+                           f"'compatfs umount --root {root}' first, or mount it with "
+                           "--stage migrate to migrate in the background")
+    daemon = Daemon(cfg, root, stage, run, views=("img", "downloads", "prepared"))
+    try:
+        daemon.prepare()
+    except DaemonError as exc:
+        raise CommandError(str(exc)) from None
+    return daemon
+
+
+def _progress_line(p, width: int = 30) -> str:
+    from .plan import human
+
+    frac = p.bytes_done / p.bytes_total if p.bytes_total else (
+        p.objects_done / p.objects_total if p.objects_total else 1.0)
+    bar = "#" * int(frac * width)
+    eta = p.eta()
+    left = f"{eta:.0f} s left" if eta is not None and p.bytes_done < p.bytes_total else ""
+    return (f"[{bar:<{width}}] {p.objects_done}/{p.objects_total} objects, "
+            f"{human(p.bytes_done)}/{human(p.bytes_total)}, {human(int(p.rate()))}/s {left}")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import time
+
+    import trio
+
+    if not args.now:
+        raise CommandError("'compatfs migrate' needs --now (in the background, the daemon "
+                           "migrates in stage migrate)", EXIT_USAGE)
+    _setup_logging(args.log_level)
+    daemon = _offline(args, "migrate")
+    migrator = daemon.migrator
+    tty = sys.stderr.isatty()
+
+    async def report(done: trio.Event) -> None:
+        last = 0.0
+        while not done.is_set():
+            with trio.move_on_after(0.5 if tty else 5.0):
+                await done.wait()
+            line = _progress_line(migrator.progress)
+            if tty:
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+            elif time.monotonic() - last >= 5.0 or done.is_set():
+                print(line, file=sys.stderr, flush=True)
+                last = time.monotonic()
+
+    async def main() -> None:
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report, done)
+            await migrator.run_once()
+            done.set()
+
+    try:
+        trio.run(main)
+    finally:
+        if tty:
+            print(file=sys.stderr)
+        failed = [r for r in daemon.index.records.values() if r.state in ("failed", "quarantined")]
+        daemon.close()
+    p = migrator.progress
+    print(f"compatfs: migrated {p.objects_done - p.failed - len(p.waiting)} of "
+          f"{p.objects_total} objects", file=sys.stderr)
+    for vpath, why in p.waiting.items():
+        print(f"compatfs: waiting: {vpath}: {why}", file=sys.stderr)
+    for r in failed:
+        print(f"compatfs: {r.state}: {r.view}: {r.reason}", file=sys.stderr)
+    return 1 if failed or p.waiting else 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    import trio
+
+    from .migrator import Rollback
+
+    _setup_logging(args.log_level)
+    daemon = _offline(args, "migrate")
+    try:
+        moved, problems = trio.run(Rollback(daemon.migrator).run)
+    finally:
+        daemon.close()
+    print(f"compatfs: moved {moved} objects back to their legacy names", file=sys.stderr)
+    for p in problems:
+        print(f"compatfs: not rolled back: {p}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -264,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("mount", cmd_mount, "Mount the legacy views over DIR/img and DIR/downloads.")
     add_mount_common(p)
-    p.add_argument("--stage", choices=("off", "observe", "redirect", "migrate", "rollback"),
+    p.add_argument("--stage", choices=("off", "observe", "redirect", "migrate"),
                    help="rollout stage (default: from the config)")
     p.add_argument("--foreground", action="store_true", help="serve in this process, log to stderr")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -279,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
             "Every legacy object: where its bytes are now and its state.")
     add_mount_common(p)
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    p = add("migrate", cmd_migrate,
+            "Move every legacy object into the new layout now, in the foreground.")
+    add_mount_common(p)
+    p.add_argument("--now", action="store_true", help="run to completion in this process")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    p = add("rollback", cmd_rollback,
+            "Move everything back into the legacy layout, so an older EVE can boot.")
+    add_mount_common(p)
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
     p = add("demo", cmd_demo, "Build a demo legacy device and show its plan.")
     p.add_argument("--dir", metavar="DIR",

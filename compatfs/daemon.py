@@ -31,6 +31,7 @@ from . import fscrypt, mounts
 from .backing import Backing
 from .config import Config
 from .index import Index
+from .migrator import Migrator
 from .operations import Operations
 from .resolver import Resolver
 from .view import PLACING_STAGES, View
@@ -61,16 +62,16 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.layout = self.cfg.layout(self.root)
-        self.views = views_for(self.cfg)
+        self.views = self.views or views_for(self.cfg)
 
     # -- set-up ---------------------------------------------------------------------
     def prepare(self) -> None:
         """Open everything the views need, before anything is mounted."""
         if self.stage == "off":
             raise DaemonError("stage is off: nothing to mount")
-        if self.stage not in ("observe", "redirect"):
-            raise DaemonError(f"stage {self.stage} needs the migration engine, which this "
-                              "compatfs does not have yet; use observe or redirect")
+        if self.stage not in ("observe", "redirect", "migrate"):
+            raise DaemonError(f"stage {self.stage} is not served by the daemon; "
+                              "use 'compatfs rollback' to move a device back")
         for view in self.views:
             if mounts.mounted_at(self.layout.path(view)) is not None:
                 raise DaemonError(f"{self.layout.path(view)} is already a mount point")
@@ -88,9 +89,15 @@ class Daemon:
             log.warning("%s", problem)
         self.view = View(self.layout, self.backing, self.index, self.resolver, self.stage,
                          self.views)
-        for line in self.view.recover():
-            log.info("recovery: %s", line)
         self.ops = Operations(self.view, self.attr_timeout)
+        bases = {view: f"/proc/self/fd/{self.backing.get(view).fd}" for view in self.views}
+        self.migrator = Migrator(self.view, self.cfg.migration, self.ops, bases,
+                                 on_switch=self._invalidate)
+        for line in self.migrator.recover() + self.view.recover():
+            log.info("recovery: %s", line)
+        if self.stage == "migrate":
+            self.ops.dirty = self.migrator.dirty
+            self.ops.on_open = self.migrator.prioritize
 
     def _open_index(self, placing: bool, require: bool) -> Index:
         state = self.layout.path("state")
@@ -107,6 +114,11 @@ class Daemon:
             raise
         except Exception as exc:
             raise DaemonError(f"cannot open the index in {state}: {exc}") from None
+
+    def close(self) -> None:
+        """Close what :meth:`prepare` opened (for work without mounting)."""
+        self.index.close()
+        self.backing.close()
 
     # -- serving --------------------------------------------------------------------
     async def serve(self, ready: Callable[[], None]) -> None:
@@ -141,11 +153,24 @@ class Daemon:
                      self.layout.root, self.stage)
             ready()
             nursery.start_soon(self._watch_config)
+            if self.stage == "migrate":
+                await nursery.start(self.migrator.run)
+                nursery.start_soon(self._write_progress)
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 break
+            self.migrator.stop.set()  # a copy in a worker thread stops at its next chunk
             await trio.to_thread.run_sync(self._unbind_views)
             pyfuse3.terminate()
+
+    async def _write_progress(self) -> None:
+        """Keep <run dir>/progress.json current for 'compatfs status'."""
+        while True:
+            try:
+                self.run.write_progress(self.migrator.progress.as_json())
+            except OSError as exc:
+                log.debug("progress file: %s", exc)
+            await trio.sleep(1.0)
 
     async def _main(self, nursery: trio.Nursery) -> None:
         await pyfuse3.main()
@@ -182,6 +207,7 @@ class Daemon:
                 for vpath, where in self.view.replace_unresolved():
                     log.info("%s: placed at %s/%s", vpath, where.store, where.rel)
                     self._invalidate(vpath)
+                self.migrator.wake()
             except Exception:
                 log.exception("re-resolving after a config change failed; will retry")
 

@@ -107,6 +107,7 @@ class RunDir:
         self.info_file = os.path.join(self.dir, "info.json")
         self.mountpoint = os.path.join(self.dir, "mnt")
         self.log_file = os.path.join(self.dir, "daemon.log")
+        self.progress_file = os.path.join(self.dir, "progress.json")
 
     def make(self) -> None:
         os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
@@ -137,6 +138,16 @@ class RunDir:
         self._write(self.info_file, json.dumps(info))
         self._write(self.pid_file, f"{os.getpid()}\n")
 
+    def write_progress(self, progress: dict) -> None:
+        self._write(self.progress_file, json.dumps(progress))
+
+    def progress(self) -> dict | None:
+        try:
+            with open(self.progress_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
     def info(self) -> dict | None:
         try:
             with open(self.info_file) as f:
@@ -145,7 +156,7 @@ class RunDir:
             return None
 
     def clear(self) -> None:
-        for p in (self.pid_file, self.info_file):
+        for p in (self.pid_file, self.info_file, self.progress_file):
             try:
                 os.unlink(p)
             except FileNotFoundError:

@@ -65,6 +65,9 @@ class Handle:
     fd: int
     ino: int
     writable: bool
+    flags: int = 0                        # as the agent opened it (for re-opening)
+    vpath: str = ""                       # the legacy name it was opened by
+    backing: tuple[int, int] = (0, 0)     # (st_dev, st_ino) of the file behind it
 
 
 class Operations(pyfuse3.Operations):
@@ -83,6 +86,12 @@ class Operations(pyfuse3.Operations):
         self.dirs: dict[int, tuple[int, list[str]]] = {}
         self._next_fh = 1
         self.faults = 0
+        #: dirty-range logs of files being migrated, by backing (st_dev, st_ino);
+        #: the migrator's, shared (empty when nothing migrates)
+        self.dirty: dict[tuple[int, int], Any] = {}
+        #: called with the legacy name of every file an agent opens (the migrator
+        #: moves it to the front of its queue)
+        self.on_open: Callable[[str], None] | None = None
         self._root_st = view.backing.get(view.views[0]).lstat("")
 
     # -- helpers ------------------------------------------------------------------
@@ -206,6 +215,11 @@ class Operations(pyfuse3.Operations):
                 os.ftruncate(handle.fd, attr.st_size)
             else:
                 store.truncate(rel, attr.st_size)
+            if self.dirty:
+                st = store.lstat(rel)
+                log = self.dirty.get((st.st_dev, st.st_ino))
+                if log is not None:
+                    log.add(attr.st_size, 0)
         if fields.update_mode:
             store.chmod(rel, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -299,13 +313,16 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode, st)
 
     # -- files --------------------------------------------------------------------
-    def _file_info(self, fd: int, ino: int, flags: int) -> pyfuse3.FileInfo:
+    def _file_info(self, fd: int, ino: int, flags: int, vpath: str) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        fi = pyfuse3.FileInfo(fh=self._new_fh(Handle(fd, ino, writable)))
+        st = os.fstat(fd)
+        fi = pyfuse3.FileInfo(fh=self._new_fh(Handle(fd, ino, writable, flags, vpath,
+                                                     (st.st_dev, st.st_ino))))
+        if self.on_open is not None:
+            self.on_open(vpath)
         if flags & os.O_DIRECT:
             fi.direct_io = True
         else:
-            st = os.fstat(fd)
             sig = (st.st_mtime_ns, st.st_size)
             fi.keep_cache = self.inodes.cache_sig.get(ino) == sig
             self.inodes.cache_sig[ino] = sig
@@ -314,15 +331,16 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
-            store, rel, _ = self.view.locate(self.inodes.path(inode))
+            vpath = self.inodes.path(inode)
+            store, rel, _ = self.view.locate(vpath)
         except FileNotFoundError:
             old = self._open_fd_of(inode)  # reopened through /proc/self/fd while unlinked
             if old is None:
                 raise
             fd = os.open(f"/proc/self/fd/{old}", self._backing_flags(flags) | os.O_CLOEXEC)
-            return self._file_info(fd, inode, flags)
+            return self._file_info(fd, inode, flags, "")
         fd = store.open(rel, self._backing_flags(flags))
-        return self._file_info(fd, inode, flags)
+        return self._file_info(fd, inode, flags, vpath)
 
     @staticmethod
     def _backing_flags(flags: int) -> int:
@@ -339,7 +357,7 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        return self._file_info(fd, entry.st_ino, flags), entry
+        return self._file_info(fd, entry.st_ino, flags, vpath), entry
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -347,11 +365,16 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        fd = self.handles[fh].fd
+        handle = self.handles[fh]
+        fd = handle.fd
         view = memoryview(buf)
         done = 0
         while done < len(buf):
             done += os.pwrite(fd, view[done:], off + done)
+        if self.dirty:
+            log = self.dirty.get(handle.backing)
+            if log is not None:
+                log.write(buf, off)
         return done
 
     @_boundary
@@ -461,6 +484,22 @@ class Operations(pyfuse3.Operations):
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.removexattr, fd, leaf, name)
+
+    def switch_backing(self, backing: tuple[int, int], store: Any, rel: str) -> int:
+        """Re-open every handle on the file *backing* on *store*/*rel* (its new copy),
+        with the flags it was opened with; returns how many. Synchronous: no other
+        request runs in between, so no write is lost or reordered."""
+        switched = 0
+        for h in self.handles.values():
+            if h.backing != backing:
+                continue
+            fd = store.open(rel, self._backing_flags(h.flags) & ~os.O_TRUNC)
+            os.close(h.fd)
+            h.fd = fd
+            st = os.fstat(fd)
+            h.backing = (st.st_dev, st.st_ino)
+            switched += 1
+        return switched
 
     def close_all(self) -> None:
         """Close every open backing fd (at shutdown)."""

@@ -19,6 +19,12 @@ from .resolver import Resolver
 
 STATES = ("legacy", "new", "migrating", "failed", "unresolved")
 
+#: index state -> the state status reports
+_REPORTED = {"new": "new", "switched": "new", "unresolved": "unresolved",
+             "renaming": "migrating", "copying": "migrating", "copied": "migrating",
+             "rolling-back": "migrating",
+             "failed": "failed", "quarantined": "failed"}
+
 _VIEW_KEYS = ("img", "downloads", "prepared")
 
 
@@ -72,8 +78,11 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple
         if rec is not None:
             seen.add(vpath)
             location = os.path.relpath(os.path.join(layout.path(rec.store), rec.rel), layout.root)
-            state = rec.state if rec.state in STATES else "new"
-            reason = None if state == "new" else e.reason
+            state = _REPORTED.get(rec.state, "new")
+            reason = rec.reason if rec.reason else (None if state == "new" else e.reason)
+            if rec.state in ("copying", "copied", "renaming") and rec.target_store:
+                target = os.path.relpath(os.path.join(layout.path(rec.target_store),
+                                                      rec.target_rel or ""), layout.root)
             out.append(ObjectStatus(e.obj.kind, legacy, location, target or location, state,
                                     reason, e.obj.bytes))
         else:
@@ -89,15 +98,17 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple
             size = st.st_blocks * 512
         except OSError:
             size = 0
+        state = _REPORTED.get(rec.state, "new")
         out.append(ObjectStatus(rec.kind, _legacy_rel(layout, vpath),
                                 os.path.relpath(location, layout.root),
-                                os.path.relpath(location, layout.root) if rec.state == "new" else None,
-                                rec.state if rec.state in STATES else "new", None, size))
+                                os.path.relpath(location, layout.root) if state == "new" else None,
+                                state, rec.reason, size))
     out.sort(key=lambda o: o.legacy)
     return plan, out
 
 
-def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus]) -> dict[str, Any]:
+def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
+            progress: dict | None = None) -> dict[str, Any]:
     totals: dict[str, Any] = {s: {"objects": 0, "bytes": 0} for s in STATES}
     for o in objects:
         totals[o.state]["objects"] += 1
@@ -107,7 +118,9 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus]) 
         "stage": stage,
         "mounted": mounted,
         "problems": plan.problems,
-        "objects": [o.__dict__ for o in objects],
+        "objects": [dict(o.__dict__, progress=(progress or {}).get("current", {}).get(
+            _view_path(plan.layout, o.legacy) or "")) for o in objects],
+        "migration": progress,
         "totals": {"objects": len(objects), "bytes": sum(o.bytes for o in objects),
                    "by_state": totals},
     }
@@ -120,7 +133,9 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"problem: {p}")
     lines.append("")
     for o in doc["objects"]:
-        lines.append(f"{o['state']:<10} {o['kind']:<10} {o['legacy']}  [{human(o['bytes'])}]")
+        prog = o.get("progress")
+        pct = f" {100 * prog['done'] / prog['total']:.0f} %" if prog and prog["total"] else ""
+        lines.append(f"{o['state']:<10} {o['kind']:<10} {o['legacy']}  [{human(o['bytes'])}]{pct}")
         if o["location"] != o["legacy"]:
             lines.append(f"{'':<21} at {o['location']}")
         elif o["target"]:
@@ -128,6 +143,11 @@ def render_text(doc: dict[str, Any]) -> str:
         if o["reason"]:
             lines.append(f"{'':<21} {o['reason']}")
     lines.append("")
+    mig = doc.get("migration")
+    if mig:
+        lines.append(f"migrating: {mig['objects_done']}/{mig['objects_total']} objects, "
+                     f"{human(mig['bytes_done'])}/{human(mig['bytes_total'])}, "
+                     f"{human(int(mig['rate']))}/s")
     by_state = doc["totals"]["by_state"]
     lines.append(", ".join(f"{s}: {v['objects']} ({human(v['bytes'])})"
                            for s, v in by_state.items()))

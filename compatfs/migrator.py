@@ -1,0 +1,836 @@
+"""The migration engine: moves every legacy object into the new layout while
+old agents keep using it.
+
+One object at a time goes through these states, each committed to the index
+before the next step starts, so ``kill -9`` or a power cut at any instant
+leaves something :meth:`Migrator.recover` can finish or undo:
+
+``renaming``
+    a same-filesystem move by ``rename(2)`` is under way (novault, no
+    encryption boundary); recovery looks at which name exists.
+``copying``
+    the bytes are being copied to ``<target>.compatfs-tmp``; the legacy
+    object is served and untouched. Recovery deletes the temporary file.
+``copied``
+    the copy is complete under its final name and ``sig`` records the
+    source as it was (device, inode, size, mtime). Recovery switches if
+    the source is unchanged, else deletes the copy.
+``switched``
+    the view serves the new copy; the legacy original is still there.
+    Recovery removes it if it is still the file that was copied (else sets
+    it aside).
+``new``
+    done: only the new copy exists.
+``failed`` / ``quarantined``
+    bounded retries ran out, or a verified download did not match its
+    sha256; the legacy object is still served, and the reason is kept.
+
+A file open for writing through a view keeps being written while it is
+copied: every write the daemon serves for that file marks a dirty range
+(:class:`DirtyLog`), dirty ranges are copied again until few are left, and
+the last ones are copied, the copy renamed into place and every open handle
+re-opened on it in one synchronous step of the event loop, so no FUSE
+request sees the file half-switched. Bytes are moved by
+:mod:`compatfs.copy`; this module decides what, when, and in what order.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import shutil
+import signal
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import trio
+
+from . import copy as copier
+from .backing import Store
+from .config import Migration
+from .index import Record
+from .names import is_sha256
+from .plan import make_plan
+from .view import View, split
+
+if TYPE_CHECKING:
+    from .operations import Operations
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".compatfs-tmp"
+SET_ASIDE_DIR = ".compatfs-set-aside"
+MIB = 1 << 20
+
+#: Dirty bytes left below which the copy stops chasing writes in a worker thread.
+FINAL_PASS_BYTES = 8 * MIB
+#: Passes in a worker thread before writes are mirrored instead.
+MAX_PASSES = 4
+#: Dirty bytes copied per step inside the event loop once writes are mirrored.
+SLICE_BYTES = 4 * MIB
+
+MIGRATING_STATES = frozenset({"renaming", "copying", "copied"})
+
+
+def signature(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+#: Granularity of dirty tracking: small writes close together are copied as one.
+DIRTY_BLOCK = 64 << 10
+
+
+class DirtyLog:
+    """Blocks written to a file while it is being copied (filled by the FUSE thread).
+
+    Once :attr:`mirror` is set (an fd of the copy), the FUSE thread writes
+    every later write to the copy as well, so the set of dirty blocks only
+    shrinks; a write the copy refuses (a full disk) is recorded in
+    :attr:`mirror_error` and ends this attempt, never the guest's write.
+    """
+
+    __slots__ = ("blocks", "touched", "mirror", "mirror_error")
+
+    def __init__(self) -> None:
+        self.blocks: set[int] = set()
+        self.touched = False   # written or resized at all since the copy began
+        self.mirror = -1
+        self.mirror_error: OSError | None = None
+
+    def write(self, buf: bytes | memoryview, offset: int) -> None:
+        """The FUSE thread wrote *buf* at *offset* of the source."""
+        self.touched = True
+        if self.mirror < 0:
+            self.add(offset, len(buf))
+            return
+        if self.mirror_error is not None:
+            return
+        try:
+            view = memoryview(buf)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.mirror, view[done:], offset + done)
+        except OSError as exc:
+            self.mirror_error = exc
+
+    def add(self, offset: int, length: int) -> None:
+        self.touched = True
+        if length > 0:
+            self.blocks.update(range(offset // DIRTY_BLOCK, (offset + length - 1) // DIRTY_BLOCK + 1))
+
+    @property
+    def bytes(self) -> int:
+        return len(self.blocks) * DIRTY_BLOCK
+
+    def take(self) -> list[tuple[int, int]]:
+        """The dirty blocks so far as merged (offset, length) ranges; the log starts again."""
+        blocks, self.blocks = sorted(self.blocks), set()
+        ranges: list[tuple[int, int]] = []
+        for b in blocks:
+            off = b * DIRTY_BLOCK
+            if ranges and ranges[-1][0] + ranges[-1][1] == off:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + DIRTY_BLOCK)
+            else:
+                ranges.append((off, DIRTY_BLOCK))
+        return ranges
+
+
+@dataclass
+class Item:
+    """One object to move."""
+
+    vpath: str
+    kind: str
+    is_dir: bool
+    src_store: str
+    src_rel: str
+    dst_store: str
+    dst_rel: str
+    bytes: int
+    action: str                  # copy, rename, set-aside
+    expect_sha: str | None = None
+
+
+@dataclass
+class Progress:
+    objects_total: int = 0
+    objects_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    current: dict[str, tuple[int, int]] = field(default_factory=dict)  # vpath -> (done, total)
+    failed: int = 0
+    waiting: dict[str, str] = field(default_factory=dict)              # vpath -> why
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.bytes_done / elapsed if elapsed > 0 else 0.0
+
+    def eta(self) -> float | None:
+        rate = self.rate()
+        left = self.bytes_total - self.bytes_done
+        return left / rate if rate > 0 else None
+
+    def as_json(self) -> dict:
+        return {"objects_total": self.objects_total, "objects_done": self.objects_done,
+                "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
+                "rate": self.rate(), "eta_s": self.eta(), "failed": self.failed,
+                "current": {k: {"done": d, "total": t} for k, (d, t) in self.current.items()},
+                "waiting": dict(self.waiting)}
+
+
+class NoSpace(Exception):
+    """The destination has not enough room (before or during a copy)."""
+
+
+class Converging(Exception):
+    """Writes outpaced the copy; try again later."""
+
+
+class Migrator:
+    """Moves legacy objects of one :class:`View` into the new layout.
+
+    With *ops* (the daemon), writes through the views are tracked and open
+    handles are switched; without (``compatfs migrate --now``, nothing else
+    writes), neither is needed.
+    """
+
+    def __init__(self, view: View, settings: Migration, ops: "Operations | None" = None,
+                 bases: dict[str, str] | None = None,
+                 on_switch: Callable[[str], None] | None = None) -> None:
+        self.view = view
+        self.backing = view.backing
+        self.index = view.index
+        self.settings = settings
+        self.ops = ops
+        self.bases = bases or {}
+        self.on_switch = on_switch
+        rate = settings.throttle_mib_per_s * MIB
+        self.throttle = copier.Throttle(rate or None)
+        self.progress = Progress()
+        self.stop = threading.Event()
+        self.paused = False
+        self.urgent: set[str] = set()
+        self.pending: set[str] = set()
+        self.retry_at: dict[str, float] = {}
+        self.dirty: dict[tuple[int, int], DirtyLog] = {}
+        self._wake = trio.Event()
+        self._fault_at = os.environ.get("COMPATFS_FAULT") or None
+        self._fault_count = int(os.environ.get("COMPATFS_FAULT_SKIP", "0"))
+
+    # -- test hook: die at a named point --------------------------------------------
+    def _fault(self, point: str) -> None:
+        """Crash tests set COMPATFS_FAULT=<point> to SIGKILL the process here."""
+        if self._fault_at == point:
+            if self._fault_count > 0:
+                self._fault_count -= 1
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- what there is to do ----------------------------------------------------------
+    def _vpath_of(self, path: str) -> str | None:
+        for view, base in self.bases.items():
+            if path == base or path.startswith(base + "/"):
+                return view + path[len(base):]
+        layout = self.view.layout
+        for view in self.view.views:
+            base = layout.path(view)
+            if path.startswith(base + "/"):
+                return view + path[len(base):]
+        return None
+
+    def work(self) -> list[Item]:
+        """Every object that should move now, as the plan decides."""
+        layout = self.view.layout
+        plan = make_plan(layout, self.view.resolver, "prepared" in self.view.views,
+                         self.bases or None)
+        items = []
+        for e in plan.entries:
+            vpath = self._vpath_of(e.obj.path)
+            if vpath is None or e.target is None or e.location is None:
+                continue
+            rec = self.index.get(vpath)
+            if rec is not None and rec.state in ("failed", "quarantined") \
+                    and rec.attempts >= self.settings.retries:
+                continue
+            if rec is not None and rec.state not in ("failed",):
+                continue  # placed, or already under way
+            dst_rel = os.path.relpath(e.target, layout.path(e.location))
+            top, rest = split(vpath)
+            action = {"rename": "rename", "copy": "copy"}.get(e.action, "set-aside")
+            if action == "set-aside" and (e.reason is None or "newer" not in e.reason):
+                continue
+            expect = dst_rel if e.location == "verified" and is_sha256(dst_rel) else None
+            items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, e.location, dst_rel,
+                              e.obj.bytes, action, expect))
+        for rec in list(self.index.records.values()):
+            if rec.state != "unresolved":
+                continue
+            want = self.view.placement(rec.view, rec.kind == "oci-volume")
+            if want.state == "new" and not self.backing.get(want.store).exists(want.rel):
+                items.append(Item(rec.view, rec.kind, rec.kind == "oci-volume", rec.store,
+                                  rec.rel, want.store, want.rel, 0, "copy"))
+        return items
+
+    def _order(self, items: list[Item]) -> list[Item]:
+        """Objects an agent has open first, then small before large."""
+        open_paths = self._open_paths()
+        return sorted(items, key=lambda i: (i.vpath not in self.urgent,
+                                            i.vpath not in open_paths, i.bytes, i.vpath))
+
+    def _open_paths(self) -> set[str]:
+        if self.ops is None:
+            return set()
+        return {h.vpath for h in self.ops.handles.values()}
+
+    def wake(self) -> None:
+        """Look for work now (the config changed, a command asked)."""
+        self._wake.set()
+
+    def prioritize(self, vpath: str) -> None:
+        """An agent opened *vpath*: move it to the front of the queue."""
+        if vpath in self.pending and vpath not in self.urgent:
+            self.urgent.add(vpath)
+            self._wake.set()
+
+    # -- running ----------------------------------------------------------------------
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Migrate forever: work the queue, then rescan every ``rescan_s``."""
+        task_status.started()
+        while True:
+            if not self.paused:
+                await self.run_once()
+            with trio.move_on_after(self.settings.rescan_s):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def run_once(self) -> Progress:
+        """One pass over everything there is to do now; returns its progress."""
+        self.view.resolver.refresh()
+        now = time.monotonic()
+        work = await trio.to_thread.run_sync(self.work)
+        items = [i for i in work if self.retry_at.get(i.vpath, 0) <= now]
+        self.pending = {i.vpath for i in items}
+        self.progress = Progress(objects_total=len(items), bytes_total=sum(i.bytes for i in items))
+        queue = self._order(items)
+        limiter = trio.Semaphore(self.settings.concurrency)
+        async with trio.open_nursery() as nursery:
+            while queue and not self.paused:
+                await limiter.acquire()
+                queue = self._order(queue)
+                item = queue.pop(0)
+                nursery.start_soon(self._one, item, limiter)
+        self.urgent.clear()
+        return self.progress
+
+    async def _one(self, item: Item, limiter: trio.Semaphore) -> None:
+        try:
+            await self.migrate(item)
+        finally:
+            limiter.release()
+            self.progress.objects_done += 1
+            self.progress.current.pop(item.vpath, None)
+
+    async def migrate(self, item: Item) -> None:
+        """Move one object, with retries bounded by the settings."""
+        rec = self.index.get(item.vpath)
+        attempts = rec.attempts if rec is not None else 0
+        try:
+            if item.action == "set-aside":
+                self._set_aside(item)
+            elif item.action == "rename" and await self._rename(item):
+                pass
+            elif item.is_dir:
+                await self._copy_tree(item)
+            else:
+                await self._copy_file(item)
+            self.retry_at.pop(item.vpath, None)
+            log.info("migrated %s to %s/%s", item.vpath, item.dst_store, item.dst_rel)
+        except NoSpace as exc:
+            self._undo_copy(item)
+            self.progress.waiting[item.vpath] = str(exc)
+            self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+            log.info("%s: %s; will retry", item.vpath, exc)
+        except Converging as exc:
+            self._undo_copy(item)
+            self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+            log.info("%s: %s; will retry", item.vpath, exc)
+        except copier.CopyAborted:
+            self._undo_copy(item)
+        except Quarantined as exc:
+            self._undo_copy(item)
+            self._keep_legacy(item, "quarantined", str(exc), self.settings.retries)
+            self.progress.failed += 1
+            log.warning("%s: %s; quarantined, left where it is", item.vpath, exc)
+        except Exception as exc:  # noqa: BLE001 - one failure never stops the others
+            self._undo_copy(item)
+            attempts += 1
+            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) \
+                else f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
+            self._keep_legacy(item, "failed", reason, attempts)
+            delay = self.settings.retry_backoff_s * (2 ** (attempts - 1))
+            self.retry_at[item.vpath] = time.monotonic() + delay
+            if attempts >= self.settings.retries:
+                self.progress.failed += 1
+                log.warning("%s: migration failed %d times, giving up: %s", item.vpath,
+                            attempts, reason)
+            else:
+                log.info("%s: migration failed (%s); retry %d in %.0f s", item.vpath, reason,
+                         attempts, delay)
+
+    def _keep_legacy(self, item: Item, state: str, reason: str, attempts: int) -> None:
+        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, state,
+                              reason=reason, attempts=attempts))
+
+    # -- space --------------------------------------------------------------------------
+    def _check_space(self, dst: Store, need: int) -> None:
+        vfs = dst.statvfs()
+        free = vfs.f_bavail * vfs.f_frsize
+        reserve = vfs.f_blocks * vfs.f_frsize * self.settings.reserve_percent / 100
+        if free - need < reserve:
+            raise NoSpace(f"needs {need} bytes and {self.settings.reserve_percent:g} % in "
+                          f"reserve on {dst.path}; {free} bytes free")
+
+    # -- rename -------------------------------------------------------------------------
+    async def _rename(self, item: Item) -> bool:
+        """rename(2) when the kernel allows it; False when it does not (copy instead)."""
+        src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
+        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "renaming",
+                              target_store=item.dst_store, target_rel=item.dst_rel))
+        self._fault("renaming")
+        head = item.dst_rel.rpartition("/")[0]
+        if head:
+            dst.makedirs(head, 0o700)
+        try:
+            src.rename(item.src_rel, dst, item.dst_rel)
+        except OSError as exc:
+            self.index.delete(item.vpath)
+            if exc.errno == errno.EXDEV:
+                return False
+            raise
+        self._fsync_parent(dst, item.dst_rel)
+        self._fault("renamed")
+        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new"))
+        self._switched(item.vpath)
+        return True
+
+    # -- copy of a file -------------------------------------------------------------------
+    async def _copy_file(self, item: Item) -> None:
+        src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
+        src_fd = src.open(item.src_rel, os.O_RDONLY)
+        tmp_rel = item.dst_rel + TMP_SUFFIX
+        tmp_fd = -1
+        key = None
+        try:
+            st0 = os.fstat(src_fd)
+            self._check_space(dst, st0.st_blocks * 512)
+            self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
+                                  "copying", target_store=item.dst_store,
+                                  target_rel=item.dst_rel))
+            self._fault("copying")
+            head = item.dst_rel.rpartition("/")[0]
+            if head:
+                dst.makedirs(head, 0o700)
+            try:
+                dst.unlink(tmp_rel)
+            except FileNotFoundError:
+                pass
+            tmp_fd = dst.open(tmp_rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            key = (st0.st_dev, st0.st_ino)
+            if self.ops is not None:
+                self.dirty[key] = DirtyLog()
+            self.progress.current[item.vpath] = (0, st0.st_size)
+            want_hash = item.expect_sha is not None or self.settings.verify
+            result = await self._in_thread(copier.copy_extents, src_fd, tmp_fd,
+                                           hash=want_hash, item=item)
+            log.debug("%s: bulk copy done, %d data bytes", item.vpath, result.data_bytes)
+            self._fault("bulk-copied")
+            dirty = self.dirty.get(key) if key else None
+            passes = 0
+            while dirty is not None and dirty.bytes > FINAL_PASS_BYTES and passes < MAX_PASSES:
+                passes += 1
+                ranges = dirty.take()
+                log.debug("%s: pass %d over %d dirty ranges", item.vpath, passes, len(ranges))
+                await trio.to_thread.run_sync(copier.copy_ranges, src_fd, tmp_fd, ranges)
+            if dirty is not None and dirty.blocks:
+                await self._converge(item, dirty, src_fd, tmp_fd)
+            written = dirty is not None and dirty.touched
+            if item.expect_sha is not None and not written and result.sha256 != item.expect_sha:
+                raise Quarantined(f"content sha256 {result.sha256} does not match its name")
+            if self.settings.verify and not written and not self._open_for_writing(key):
+                copied = await trio.to_thread.run_sync(_sha256_of, tmp_fd)
+                if copied != result.sha256:
+                    raise OSError(errno.EIO, "the copy reads back different from its source")
+            # the last step runs in the event loop: no FUSE request interleaves
+            self._finish_switch(item, src, dst, src_fd, tmp_fd, tmp_rel, key)
+        finally:
+            if key is not None:
+                self.dirty.pop(key, None)
+            if tmp_fd >= 0:
+                os.close(tmp_fd)
+            os.close(src_fd)
+        self._remove_legacy(item)
+
+    async def _converge(self, item: Item, dirty: DirtyLog, src_fd: int, tmp_fd: int) -> None:
+        """Mirror new writes, and copy what is still dirty in slices run in the event
+        loop: a slice and a FUSE write never interleave, so the copy cannot take an
+        older block after the mirror wrote a newer one."""
+        dirty.mirror = tmp_fd
+        while dirty.blocks:
+            if dirty.mirror_error is not None:
+                raise dirty.mirror_error
+            blocks = sorted(dirty.blocks)[:SLICE_BYTES // DIRTY_BLOCK]
+            dirty.blocks.difference_update(blocks)
+            copier.copy_ranges(src_fd, tmp_fd, [(b * DIRTY_BLOCK, DIRTY_BLOCK) for b in blocks])
+            await trio.sleep(0)
+        log.debug("%s: converged with writes mirrored", item.vpath)
+
+    def _open_for_writing(self, key: tuple[int, int] | None) -> bool:
+        if self.ops is None or key is None:
+            return False
+        return any(h.writable and h.backing == key for h in self.ops.handles.values())
+
+    async def _in_thread(self, fn, src_fd: int, dst_fd: int, *, hash: bool, item: Item):
+        def progress(n: int) -> None:
+            done, total = self.progress.current.get(item.vpath, (0, 0))
+            self.progress.current[item.vpath] = (done + n, total)
+            self.progress.bytes_done += n
+
+        return await trio.to_thread.run_sync(
+            lambda: fn(src_fd, dst_fd, throttle=self.throttle, stop=self.stop, hash=hash,
+                       progress=progress))
+
+    def _finish_switch(self, item: Item, src: Store, dst: Store, src_fd: int, tmp_fd: int,
+                       tmp_rel: str, key: tuple[int, int] | None) -> None:
+        """Last dirty ranges, metadata, rename into place, commit, switch handles."""
+        dirty = self.dirty.pop(key, None) if key else None
+        if dirty is not None and dirty.mirror_error is not None:
+            raise dirty.mirror_error
+        if dirty is not None and dirty.blocks:
+            copier.copy_ranges(src_fd, tmp_fd, dirty.take())
+        st = os.fstat(src_fd)
+        os.ftruncate(tmp_fd, st.st_size)
+        copier.finish_file(tmp_fd, st)
+        dst.rename(tmp_rel, dst, item.dst_rel)
+        self._fsync_parent(dst, item.dst_rel)
+        self._fault("renamed-into-place")
+        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copied",
+                              target_store=item.dst_store, target_rel=item.dst_rel,
+                              sig=signature(st)))
+        self._fault("copied")
+        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "switched",
+                              target_store=item.src_store, target_rel=item.src_rel,
+                              sig=signature(st)))
+        if self.ops is not None and key is not None:
+            self.ops.switch_backing(key, dst, item.dst_rel)
+        self._switched(item.vpath)
+        self._fault("switched")
+
+    def _switched(self, vpath: str) -> None:
+        self.progress.current.pop(vpath, None)
+        if self.on_switch is not None:
+            self.on_switch(vpath)
+
+    def _remove_legacy(self, item: Item) -> None:
+        """Drop the legacy original, only if it is still the file that was copied."""
+        rec = self.index.get(item.vpath)
+        if rec is None or rec.state != "switched":
+            return
+        self._finish_removal(rec)
+
+    def _finish_removal(self, rec: Record) -> None:
+        assert rec.target_store is not None and rec.target_rel is not None
+        legacy = self.backing.get(rec.target_store)
+        try:
+            st = legacy.lstat(rec.target_rel)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(rec.target_rel, dir_fd=legacy.fd)
+            elif rec.sig is not None and signature(st) == rec.sig:
+                legacy.unlink(rec.target_rel)
+            else:
+                where = self._move_aside(legacy, rec.target_rel)
+                log.warning("%s: the legacy copy changed after it was copied; set aside at %s",
+                            rec.view, where)
+            self._fsync_parent(legacy, rec.target_rel)
+        self._fault("legacy-removed")
+        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new"))
+
+    # -- copy of a directory (container volume) ---------------------------------------------
+    async def _copy_tree(self, item: Item) -> None:
+        if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
+            raise Converging("files inside are open")
+        src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
+        tmp_rel = item.dst_rel + TMP_SUFFIX
+        self._check_space(dst, item.bytes)
+        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copying",
+                              target_store=item.dst_store, target_rel=item.dst_rel))
+        self._fault("copying")
+        head, _, name = tmp_rel.rpartition("/")
+        if head:
+            dst.makedirs(head, 0o700)
+        if dst.exists(tmp_rel):
+            shutil.rmtree(tmp_rel, dir_fd=dst.fd)
+        with src.parent(item.src_rel) as (sfd, sname), dst.parent(tmp_rel) as (dfd, dname):
+            await trio.to_thread.run_sync(
+                lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
+                                         stop=self.stop))
+        if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
+            raise Converging("files inside were opened during the copy")
+        st = src.lstat(item.src_rel)
+        if dst.exists(item.dst_rel):
+            shutil.rmtree(item.dst_rel, dir_fd=dst.fd)
+        dst.rename(tmp_rel, dst, item.dst_rel)
+        self._fsync_parent(dst, item.dst_rel)
+        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copied",
+                              target_store=item.dst_store, target_rel=item.dst_rel,
+                              sig=signature(st)))
+        self._fault("copied")
+        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "switched",
+                              target_store=item.src_store, target_rel=item.src_rel,
+                              sig=signature(st)))
+        self._switched(item.vpath)
+        self._remove_legacy(item)
+
+    # -- downgrade then upgrade ---------------------------------------------------------
+    def _set_aside(self, item: Item) -> None:
+        """The destination is newer: it wins; the legacy object is kept aside, not deleted."""
+        src = self.backing.get(item.src_store)
+        where = self._move_aside(src, item.src_rel)
+        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
+                              reason=f"the destination was newer; the legacy copy was set "
+                                     f"aside at {item.src_store}/{where}"))
+        self._switched(item.vpath)
+        log.warning("%s: %s/%s is newer than the legacy copy; legacy copy set aside at %s/%s",
+                    item.vpath, item.dst_store, item.dst_rel, item.src_store, where)
+
+    def _move_aside(self, store: Store, rel: str) -> str:
+        store.makedirs(SET_ASIDE_DIR, 0o700)
+        where = f"{SET_ASIDE_DIR}/{rel.replace('/', '%')}.{time.time_ns()}"
+        store.rename(rel, store, where)
+        return where
+
+    # -- helpers --------------------------------------------------------------------------
+    @staticmethod
+    def _fsync_parent(store: Store, rel: str) -> None:
+        head = rel.rpartition("/")[0]
+        fd = store.open_dir(head)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _undo_copy(self, item: Item) -> None:
+        """After a failed or aborted copy: no temporary left, the legacy object served."""
+        dst = self.backing.stores.get(item.dst_store)
+        if dst is not None:
+            tmp_rel = item.dst_rel + TMP_SUFFIX
+            try:
+                if item.is_dir and dst.exists(tmp_rel):
+                    shutil.rmtree(tmp_rel, dir_fd=dst.fd)
+                else:
+                    dst.unlink(tmp_rel)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        rec = self.index.get(item.vpath)
+        if rec is not None and rec.state in MIGRATING_STATES:
+            if item.src_store == "unresolved":
+                self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
+                                      "unresolved"))
+            else:
+                self.index.delete(item.vpath)
+
+    # -- crash recovery -------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Finish or undo every migration a crash interrupted. Runs before serving."""
+        done = []
+        for rec in list(self.index.records.values()):
+            try:
+                line = self._recover_one(rec)
+            except OSError as exc:
+                line = f"{rec.view}: not recovered: {exc}"
+            if line:
+                done.append(line)
+        return done
+
+    def _recover_one(self, rec: Record) -> str | None:
+        if rec.state not in ("renaming", "copying", "copied", "switched"):
+            return None
+        if not (self.backing.has(rec.store) and rec.target_store
+                and self.backing.has(rec.target_store) and rec.target_rel):
+            return None
+        here, there = self.backing.get(rec.store), self.backing.get(rec.target_store)
+        if rec.state == "renaming":
+            if there.exists(rec.target_rel) and not here.exists(rec.rel):
+                self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind, "new"))
+                return f"{rec.view}: finished an interrupted rename"
+            self.index.delete(rec.view)
+            return f"{rec.view}: an interrupted rename had not happened; stays"
+        if rec.state == "copying":
+            item = Item(rec.view, rec.kind, rec.kind == "oci-volume", rec.store, rec.rel,
+                        rec.target_store, rec.target_rel, 0, "copy")
+            self._undo_copy(item)
+            return f"{rec.view}: dropped an interrupted copy; it will start again"
+        if rec.state == "copied":
+            try:
+                st = here.lstat(rec.rel)
+            except FileNotFoundError:
+                st = None
+            if st is not None and there.exists(rec.target_rel) and \
+                    (stat.S_ISDIR(st.st_mode) or signature(st) == rec.sig):
+                self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind,
+                                      "switched", target_store=rec.store, target_rel=rec.rel,
+                                      sig=rec.sig))
+                self._finish_removal(self.index.get(rec.view))  # type: ignore[arg-type]
+                return f"{rec.view}: switched to its finished copy"
+            if there.exists(rec.target_rel):
+                if there.lstat(rec.target_rel).st_mode & stat.S_IFDIR == stat.S_IFDIR:
+                    shutil.rmtree(rec.target_rel, dir_fd=there.fd)
+                else:
+                    there.unlink(rec.target_rel)
+            self.index.delete(rec.view)
+            return f"{rec.view}: its source changed after the copy; the copy was dropped"
+        # switched
+        self._finish_removal(rec)
+        return f"{rec.view}: removed the legacy original after the switch"
+
+
+# -- rollback ---------------------------------------------------------------------------
+
+class Rollback:
+    """Moves every placed or migrated object back to its legacy name, with the
+    migrator's guarantees: copy to a temporary name, rename into place, commit,
+    then remove the new copy; a ``rolling-back`` record says which step a crash
+    interrupted."""
+
+    def __init__(self, migrator: Migrator) -> None:
+        self.m = migrator
+        self.backing = migrator.backing
+        self.index = migrator.index
+
+    def _legacy(self, vpath: str) -> tuple[Store, str]:
+        top, rest = split(vpath)
+        return self.backing.get(top), rest
+
+    async def run(self) -> tuple[int, list[str]]:
+        """Roll everything back; returns (objects moved, problems)."""
+        moved, problems = 0, []
+        for rec in sorted(self.index.records.values(), key=lambda r: r.view):
+            try:
+                if await self.one(rec):
+                    moved += 1
+            except Exception as exc:  # noqa: BLE001 - one failure never stops the others
+                problems.append(f"{rec.view}: {exc}")
+                log.warning("rollback of %s failed: %s", rec.view, exc)
+        return moved, problems
+
+    async def one(self, rec: Record) -> bool:
+        legacy, rest = self._legacy(rec.view)
+        if rec.store == split(rec.view)[0] and rec.state != "rolling-back":
+            self.index.delete(rec.view)  # failed or quarantined: still in the legacy store
+            return False
+        if rec.state == "rolling-back":
+            return self._resume(rec)
+        src = self.backing.get(rec.store)
+        st = src.lstat(rec.rel)
+        head = rest.rpartition("/")[0]
+        if head:
+            legacy.makedirs(head)
+        if legacy.exists(rest):
+            cur = legacy.lstat(rest)
+            if cur.st_mtime_ns > st.st_mtime_ns and not stat.S_ISDIR(cur.st_mode):
+                where = self.m._move_aside(src, rec.rel)  # the legacy one is newer: it wins
+                self.index.delete(rec.view)
+                log.warning("%s: the legacy copy is newer; the new-layout copy was set aside "
+                            "at %s/%s", rec.view, rec.store, where)
+                return True
+            self.m._move_aside(legacy, rest)
+        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "rolling-back",
+                              target_store=split(rec.view)[0], target_rel=rest,
+                              sig=signature(st)))
+        self.m._fault("rolling-back")
+        try:
+            src.rename(rec.rel, legacy, rest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            await self._copy_back(src, rec.rel, legacy, rest, stat.S_ISDIR(st.st_mode))
+        self.m._fsync_parent(legacy, rest)
+        self.m._fault("rolled-back")
+        return self._resume(self.index.get(rec.view))  # type: ignore[arg-type]
+
+    async def _copy_back(self, src: Store, rel: str, legacy: Store, rest: str, is_dir: bool) -> None:
+        tmp = rest + TMP_SUFFIX
+        if is_dir:
+            if legacy.exists(tmp):
+                shutil.rmtree(tmp, dir_fd=legacy.fd)
+            with src.parent(rel) as (sfd, sname), legacy.parent(tmp) as (dfd, dname):
+                await trio.to_thread.run_sync(
+                    lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.m.throttle))
+        else:
+            try:
+                legacy.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            sfd = src.open(rel, os.O_RDONLY)
+            try:
+                dfd = legacy.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    await trio.to_thread.run_sync(
+                        lambda: copier.copy_extents(sfd, dfd, throttle=self.m.throttle))
+                    copier.finish_file(dfd, os.fstat(sfd))
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(sfd)
+        legacy.rename(tmp, legacy, rest)
+
+    def _resume(self, rec: Record) -> bool:
+        """The legacy name is back in place (or was never reached): finish or undo."""
+        legacy, rest = self._legacy(rec.view)
+        src = self.backing.get(rec.store)
+        if not legacy.exists(rest):
+            self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new"))
+            return False  # the move had not happened; the next run starts it again
+        try:
+            st = src.lstat(rec.rel)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(rec.rel, dir_fd=src.fd)
+            else:
+                src.unlink(rec.rel)
+            self.m._fsync_parent(src, rec.rel)
+        try:
+            legacy.unlink(rest + TMP_SUFFIX)
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+        self.index.delete(rec.view)
+        return True
+
+
+class Quarantined(Exception):
+    """A content-addressed object does not hash to its name."""
+
+
+def _sha256_of(fd: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(4 * MIB)
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            return h.hexdigest()
+        h.update(view[:n])
+        offset += n

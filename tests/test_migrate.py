@@ -1,0 +1,206 @@
+"""The migration engine on a real encrypted vault: migrate --now, sparse
+files, rollback, and live writes while a file migrates under the daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from compatfs import devicegen
+
+from .conftest import run_cli
+from .devices import device_root
+from .mounting import mounted
+
+pytestmark = pytest.mark.root
+
+
+def sha_tree(root: Path, rel: str) -> dict[str, str]:
+    """sha256 of every regular file below root/rel, by path relative to root."""
+    out = {}
+    base = root / rel
+    if not base.exists():
+        return out
+    for dirpath, _, files in os.walk(base):
+        for f in files:
+            p = Path(dirpath) / f
+            if p.is_symlink() or not p.is_file():
+                continue
+            with open(p, "rb") as fh:
+                out[str(p.relative_to(root))] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
+def legacy_snapshot(root: Path) -> dict[str, tuple]:
+    """What old EVE sees: every legacy path with type, mode, size, mtime and content hash."""
+    snap = {}
+    for rel in ("img", "downloads", "runx/pods/prepared"):
+        for dirpath, dirs, files in os.walk(root / rel):
+            for name in dirs + files:
+                p = Path(dirpath) / name
+                st = os.lstat(p)
+                digest = None
+                if p.is_file() and not p.is_symlink():
+                    with open(p, "rb") as fh:
+                        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                snap[str(p.relative_to(root))] = (st.st_mode, st.st_size if not p.is_dir() else 0,
+                                                  st.st_mtime_ns if not p.is_dir() else 0, digest)
+    return snap
+
+
+def no_temporaries(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*.compatfs-tmp")]
+
+
+@pytest.fixture
+def device(tmp_path):
+    work = tmp_path / "dev"
+    work.mkdir()
+    with device_root(work, size_mb=768) as root:
+        yield root
+
+
+def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(device, tmp_path):
+    root = device
+    web, db, pod, _ = devicegen.make_demo(str(root))
+    before = {**sha_tree(root, "img"), **sha_tree(root, "downloads")}
+    run = str(tmp_path / "run")
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+    assert proc.returncode == 0, proc.stderr
+    assert "migrated 8 of 8 objects" in proc.stderr
+    vol = lambda d, fmt: f"{d.volume_uuid}#{d.generation}.{fmt}"  # noqa: E731
+    placed = {
+        f"img/{web.legacy_name(0)}": f"vault/volumes/{vol(web.drives[0], 'qcow2')}",
+        f"img/{web.legacy_name(1, sha_upper=True)}": f"novault/volumes/{vol(web.drives[1], 'raw')}",
+        f"img/{db.legacy_name(0)}": f"vault/volumes/{vol(db.drives[0], 'raw')}",
+    }
+    after = {**sha_tree(root, "vault"), **sha_tree(root, "novault")}
+    for legacy, target in placed.items():
+        assert after[target] == before[legacy], legacy
+        assert not (root / legacy).exists()
+    # what stays: the stale purge copy, the unknown app, the stray file
+    assert (root / "img" / db.legacy_name(0, purge=1)).exists()
+    assert (root / "img" / "notes.txt").exists()
+    for legacy, digest in before.items():
+        if legacy.startswith("downloads/") and "/verified/" in legacy:
+            sha = legacy.split("/")[3].lower()
+            assert after[f"vault/verifier/verified/{sha}"] == digest == sha
+    tree = root / "vault/volumes" / vol(pod.drives[0], "container")
+    assert (tree / "rootfs/bin/start").is_symlink() and os.readlink(tree / "rootfs/bin/start") == "app"
+    assert not (root / "runx/pods/prepared" / pod.legacy_name(0, container=True)).exists()
+    assert no_temporaries(root) == []
+    again = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+    assert again.returncode == 0 and "migrated 0 of 0 objects" in again.stderr
+    status = json.loads(run_cli("status", "--root", str(root), "--run-dir", run, "--json").stdout)
+    states = {o["legacy"]: o["state"] for o in status["objects"]}
+    for legacy in placed:
+        assert states[legacy] == "new"
+
+
+def test_sparse_image_stays_sparse(device, tmp_path):
+    root = device
+    rng = random.Random(4)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "big", [
+        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw")])
+    devicegen.write_device_state(str(root), [app])
+    data = {i * (256 << 20): rng.randbytes(4 << 20) for i in range(16)}  # 64 MiB of data
+    legacy = root / "img" / app.legacy_name(0)
+    devicegen.sparse_file(str(legacy), 4 << 30, data)
+    with open(legacy, "rb") as f:
+        want = hashlib.file_digest(f, "sha256").hexdigest()
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    target = root / "vault/volumes" / f"{app.drives[0].volume_uuid}#0.raw"
+    st = os.stat(target)
+    assert st.st_size == 4 << 30
+    assert st.st_blocks * 512 <= (64 << 20) * 1.01, st.st_blocks * 512
+    with open(target, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == want
+
+
+def test_rollback_restores_exactly_what_old_eve_expects(device, tmp_path):
+    root = device
+    devicegen.make_demo(str(root))
+    before = legacy_snapshot(root)
+    run = str(tmp_path / "run")
+    assert run_cli("migrate", "--root", str(root), "--now", "--run-dir", run).returncode == 0
+    assert legacy_snapshot(root) != before
+    proc = run_cli("rollback", "--root", str(root), "--run-dir", run)
+    assert proc.returncode == 0, proc.stderr
+    assert "moved 8 objects back" in proc.stderr
+    after = legacy_snapshot(root)
+    assert set(after) >= set(before)
+    for path, (mode, size, mtime, digest) in before.items():
+        assert after[path] == (mode, size, mtime, digest), path
+    assert sha_tree(root, "vault/volumes") == {} and sha_tree(root, "novault/volumes") == {}
+    assert sha_tree(root, "vault/verifier") == {}
+    assert no_temporaries(root) == []
+
+
+def test_live_writes_during_migration_reach_the_new_copy(device, tmp_path):
+    """A writer keeps writing random blocks (with fsyncs) through the legacy
+    name while that file migrates and its handles switch; nothing is lost."""
+    root = device
+    rng = random.Random(9)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "vm", [
+        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw")])
+    devicegen.write_device_state(str(root), [app])
+    size = 64 << 20
+    model = bytearray(rng.randbytes(size))
+    legacy = root / "img" / app.legacy_name(0)
+    legacy.parent.mkdir()
+    legacy.write_bytes(model)
+    config = tmp_path / "c.yaml"
+    config.write_text("migration:\n  throttle_mib_per_s: 16\n  rescan_s: 1\n  verify: true\n")
+    target = root / "vault/volumes" / f"{app.drives[0].volume_uuid}#0.raw"
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    writes = {"before": 0, "after": 0}
+
+    def writer(fd: int) -> None:
+        wrng = random.Random(10)
+        try:
+            while not stop.is_set():
+                off = wrng.randrange(0, size - 65536) & ~511
+                block = wrng.randbytes(wrng.choice((512, 4096, 65536)))
+                os.pwrite(fd, block, off)
+                model[off:off + len(block)] = block
+                writes["after" if target.exists() else "before"] += 1
+                if wrng.random() < 0.05:
+                    os.fsync(fd)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with mounted(root, tmp_path / "run", stage="migrate", config=config):
+        fd = os.open(legacy, os.O_RDWR)
+        reader = os.open(legacy, os.O_RDONLY)
+        try:
+            t = threading.Thread(target=writer, args=(fd,))
+            t.start()
+            deadline = time.monotonic() + 60
+            while not target.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # keep writing to the switched handle
+            stop.set()
+            t.join()
+            assert not errors, errors
+            assert target.exists(), "the file did not migrate within 60 s"
+            assert writes["before"] > 50 and writes["after"] > 50, writes
+            os.fsync(fd)
+            assert os.pread(reader, size, 0) == bytes(model)  # an old read-only handle
+            with open(legacy, "rb") as f:
+                assert f.read() == bytes(model)
+        finally:
+            os.close(fd)
+            os.close(reader)
+    with open(target, "rb") as f:
+        assert f.read() == bytes(model)
+    assert not legacy.exists()
+    assert no_temporaries(root) == []
