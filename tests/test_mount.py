@@ -92,8 +92,9 @@ def test_redirect_refuses_an_unencrypted_vault(legacy_root, tmp_path):
     assert mounts.mounted_at(str(root / "img")) is None
 
 
-def test_migrate_stage_is_refused_for_now(legacy_root, tmp_path):
+def test_stage_off_mounts_nothing(legacy_root, tmp_path):
     root, _ = legacy_root
     proc = run_cli("mount", "--root", str(root), "--run-dir", str(tmp_path / "run"),
-                   "--stage", "migrate", "--foreground")
-    assert proc.returncode == 1 and "migration engine" in proc.stderr
+                   "--stage", "off", "--foreground")
+    assert proc.returncode == 1 and "stage is off" in proc.stderr
+    assert mounts.mounted_at(str(root / "img")) is None
