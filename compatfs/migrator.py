@@ -444,7 +444,7 @@ class Migrator:
             key = (st0.st_dev, st0.st_ino)
             if self.ops is not None:
                 self.dirty[key] = DirtyLog()
-            self.progress.current[item.vpath] = (0, st0.st_size)
+            self.progress.current[item.vpath] = (0, st0.st_blocks * 512)  # data, not holes
             want_hash = item.expect_sha is not None or self.settings.verify
             result = await self._in_thread(copier.copy_extents, src_fd, tmp_fd,
                                            hash=want_hash, item=item)
