@@ -248,7 +248,7 @@ class Migrator:
         """Every object that should move now, as the plan decides."""
         layout = self.view.layout
         plan = make_plan(layout, self.view.resolver, "prepared" in self.view.views,
-                         self.bases or None)
+                         self.bases or None, refresh=False)
         items = []
         for e in plan.entries:
             vpath = self._vpath_of(e.obj.path)

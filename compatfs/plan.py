@@ -143,13 +143,16 @@ def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
 
 
 def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
-              bases: Bases | None = None) -> Plan:
+              bases: Bases | None = None, refresh: bool = True) -> Plan:
     """Scan and resolve everything under *layout*; reads only.
 
     *bases* reads legacy locations from elsewhere than their layout paths
     (the daemon passes its directory fds, as the views cover the paths).
+    Without *refresh* the resolver is used as it is (the caller refreshes it
+    in its own thread).
     """
-    resolver.refresh()
+    if refresh:
+        resolver.refresh()
     entries = []
     for obj in scan(layout, include_prepared, bases):
         res = _resolve(resolver, obj)
