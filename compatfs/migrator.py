@@ -369,6 +369,12 @@ class Migrator:
             log.warning("%s: %s; quarantined, left where it is", item.vpath, exc)
         except Exception as exc:  # noqa: BLE001 - one failure never stops the others
             self._undo_copy(item)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # a full disk mid-copy: back off and try again, not a failure
+                self.progress.waiting[item.vpath] = f"the destination filled up: {exc.strerror}"
+                self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+                log.info("%s: destination full mid-copy; will retry", item.vpath)
+                return
             attempts += 1
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) \
                 else f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
