@@ -667,6 +667,8 @@ class Migrator:
         return done
 
     def _recover_one(self, rec: Record) -> str | None:
+        if rec.state == "rolling-back":
+            return self._recover_rollback(rec)
         if rec.state not in ("renaming", "copying", "copied", "switched"):
             return None
         if not (self.backing.has(rec.store) and rec.target_store
@@ -697,7 +699,7 @@ class Migrator:
                 self._finish_removal(self.index.get(rec.view))  # type: ignore[arg-type]
                 return f"{rec.view}: switched to its finished copy"
             if there.exists(rec.target_rel):
-                if there.lstat(rec.target_rel).st_mode & stat.S_IFDIR == stat.S_IFDIR:
+                if stat.S_ISDIR(there.lstat(rec.target_rel).st_mode):
                     shutil.rmtree(rec.target_rel, dir_fd=there.fd)
                 else:
                     there.unlink(rec.target_rel)
@@ -706,6 +708,29 @@ class Migrator:
         # switched
         self._finish_removal(rec)
         return f"{rec.view}: removed the legacy original after the switch"
+
+    def _recover_rollback(self, rec: Record) -> str | None:
+        """A rollback was interrupted and the views are served again: if the new copy
+        is still there it is what is served; a half-made legacy temporary goes."""
+        if not (self.backing.has(rec.store) and rec.target_store and rec.target_rel
+                and self.backing.has(rec.target_store)):
+            return None
+        legacy = self.backing.get(rec.target_store)
+        tmp = rec.target_rel + TMP_SUFFIX
+        if legacy.exists(tmp):
+            if stat.S_ISDIR(legacy.lstat(tmp).st_mode):
+                shutil.rmtree(tmp, dir_fd=legacy.fd)
+            else:
+                legacy.unlink(tmp)
+        if self.backing.get(rec.store).exists(rec.rel):
+            if legacy.exists(rec.target_rel):
+                # both exist: the move back happened; finish it as rollback would
+                Rollback(self)._resume(rec)
+                return f"{rec.view}: finished an interrupted rollback"
+            self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new"))
+            return f"{rec.view}: an interrupted rollback was undone; served from {rec.store}"
+        self.index.delete(rec.view)
+        return f"{rec.view}: an interrupted rollback had finished; served from the legacy store"
 
 
 # -- rollback ---------------------------------------------------------------------------
