@@ -525,6 +525,14 @@ class Migrator:
         dst.rename(tmp_rel, dst, item.dst_rel)
         self._fsync_parent(dst, item.dst_rel)
         self._fault("renamed-into-place")
+        self._commit_switch(item, st)
+        if self.ops is not None and key is not None:
+            self.ops.switch_backing(key, dst, item.dst_rel)
+        self._switched(item.vpath)
+        self._fault("switched")
+
+    def _commit_switch(self, item: Item, st: os.stat_result) -> None:
+        """The copy is in place: record it as copied from *st*, then serve it."""
         self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copied",
                               target_store=item.dst_store, target_rel=item.dst_rel,
                               sig=signature(st)))
@@ -532,10 +540,6 @@ class Migrator:
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "switched",
                               target_store=item.src_store, target_rel=item.src_rel,
                               sig=signature(st)))
-        if self.ops is not None and key is not None:
-            self.ops.switch_backing(key, dst, item.dst_rel)
-        self._switched(item.vpath)
-        self._fault("switched")
 
     def _switched(self, vpath: str) -> None:
         self.progress.current.pop(vpath, None)
@@ -595,13 +599,7 @@ class Migrator:
             shutil.rmtree(item.dst_rel, dir_fd=dst.fd)
         dst.rename(tmp_rel, dst, item.dst_rel)
         self._fsync_parent(dst, item.dst_rel)
-        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copied",
-                              target_store=item.dst_store, target_rel=item.dst_rel,
-                              sig=signature(st)))
-        self._fault("copied")
-        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "switched",
-                              target_store=item.src_store, target_rel=item.src_rel,
-                              sig=signature(st)))
+        self._commit_switch(item, st)
         self._switched(item.vpath)
         self._remove_legacy(item)
 
