@@ -307,6 +307,41 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_ctl(args: argparse.Namespace) -> int:
+    import errno
+
+    from .control import CMD_PREFIX, COMMANDS, CONTROL_NAME, PREFIX
+
+    cfg, root = _config_and_root(args)
+    path = os.path.join(cfg.layout(root).path("img"), CONTROL_NAME)
+    action = args.action
+    try:
+        if action == "keys":
+            for name in os.listxattr(path):
+                print(name[len(PREFIX):])
+        elif action == "get":
+            value = os.getxattr(path, PREFIX + args.args[0]).decode()
+            print(value)
+        elif action == "set":
+            if len(args.args) != 2:
+                raise CommandError("ctl set KEY VALUE", EXIT_USAGE)
+            os.setxattr(path, PREFIX + args.args[0], args.args[1].encode())
+        elif action in COMMANDS:
+            os.setxattr(path, CMD_PREFIX + action, " ".join(args.args).encode())
+        else:
+            raise CommandError(f"unknown ctl action {action!r}", EXIT_USAGE)
+    except IndexError:
+        raise CommandError(f"ctl {action} needs an argument", EXIT_USAGE) from None
+    except OSError as exc:
+        why = {errno.ENODATA: "unknown key or command", errno.EROFS: "read-only",
+               errno.EINVAL: "bad value", errno.ENOENT: "not mounted (no control file)",
+               errno.ENOTCONN: "the daemon is gone (its mounts are dead)",
+               errno.EACCES: "permission denied (the control file is root's)"}.get(
+                   exc.errno or 0, exc.strerror or str(exc))
+        raise CommandError(f"ctl {action}: {why}") from None
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import can_mount, tour
     from .devicegen import make_demo
@@ -387,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Move everything back into the legacy layout, so an older EVE can boot.")
     add_mount_common(p)
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    p = add("ctl", cmd_ctl, "Read settings and status of a running daemon, or send it a "
+                            "command (see docs/control.md).")
+    add_mount_common(p)
+    p.add_argument("action", help="keys, get KEY, set KEY VALUE, pause, resume, reload, "
+                                  "migrate-now NAME")
+    p.add_argument("args", nargs="*")
 
     p = add("demo", cmd_demo, "Build a demo legacy device and show its plan.")
     p.add_argument("--dir", metavar="DIR",

@@ -77,6 +77,12 @@ class Throttle:
         self._lock = threading.Lock()
         self._paid_until = time.monotonic()
 
+    def set_rate(self, bytes_per_second: float | None) -> None:
+        """Change the rate (None or 0: unlimited); copies under way follow at their next step."""
+        with self._lock:
+            self.rate = float(bytes_per_second) if bytes_per_second else None
+            self._paid_until = time.monotonic()
+
     def _reserve(self, n: int) -> float:
         """Take *n* tokens now; the seconds the caller must wait before using them."""
         if self.rate is None or n <= 0:

@@ -30,6 +30,7 @@ import trio
 from . import fscrypt, mounts
 from .backing import Backing
 from .config import Config
+from .control import Control
 from .index import Index
 from .migrator import Migrator
 from .operations import Operations
@@ -98,6 +99,7 @@ class Daemon:
         if self.stage == "migrate":
             self.ops.dirty = self.migrator.dirty
             self.ops.on_open = self.migrator.prioritize
+        self.ops.control = Control(self)
 
     def _open_index(self, placing: bool, require: bool) -> Index:
         state = self.layout.path("state")

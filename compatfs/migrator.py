@@ -292,6 +292,22 @@ class Migrator:
         """Look for work now (the config changed, a command asked)."""
         self._wake.set()
 
+    def pause(self) -> None:
+        """Start no new copy; the ones under way stop at their next step and are undone."""
+        self.paused = True
+        self.stop.set()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.stop = threading.Event()
+        self.wake()
+
+    def migrate_now(self, vpath: str) -> None:
+        """Move *vpath* to the front of the queue and start a pass now."""
+        self.urgent.add(vpath)
+        self.retry_at.pop(vpath, None)
+        self.wake()
+
     def prioritize(self, vpath: str) -> None:
         """An agent opened *vpath*: move it to the front of the queue."""
         if vpath in self.pending and vpath not in self.urgent:

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .control import CONTROL_NAME, Control, ControlError
 from .inodes import ROOT, InodeTable
 from .view import View, join
 
@@ -92,6 +93,10 @@ class Operations(pyfuse3.Operations):
         #: called with the legacy name of every file an agent opens (the migrator
         #: moves it to the front of its queue)
         self.on_open: Callable[[str], None] | None = None
+        #: the control interface behind each view's hidden .compatfs file
+        self.control: Control | None = None
+        self._control_inodes: set[int] = set()
+        self._documents: dict[int, bytes] = {}
         self._root_st = view.backing.get(view.views[0]).lstat("")
 
     # -- helpers ------------------------------------------------------------------
@@ -151,6 +156,8 @@ class Operations(pyfuse3.Operations):
         n = os.fsdecode(name)
         if parent == ROOT:
             raise FUSEError(errno.EPERM)  # the root only holds the views
+        if n == CONTROL_NAME and self.control is not None and self.inodes.parent_of(parent) == ROOT:
+            raise FUSEError(errno.EPERM)  # the control file is not a legacy name
         return join(self.inodes.path(parent), n), n
 
     def _new_fh(self, handle: Handle) -> int:
@@ -183,18 +190,38 @@ class Operations(pyfuse3.Operations):
             if n not in self.view.views:
                 raise FUSEError(errno.ENOENT)
             return self._entry(ROOT, n, self.view.lstat(n))
+        if n == CONTROL_NAME and self.control is not None \
+                and self.inodes.parent_of(parent_inode) == ROOT:
+            ino = self.inodes.ensure(parent_inode, n)
+            self._control_inodes.add(ino)
+            self.inodes.ref(ino)
+            return self._control_attrs(ino)
         vpath = join(self.inodes.path(parent_inode), n)
         return self._entry(parent_inode, n, self.view.lstat(vpath))
+
+    def _control_attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        a = self._attrs(ino, self._root_st)
+        a.st_mode = stat.S_IFREG | 0o600
+        a.st_nlink = 1
+        a.st_size = 0
+        a.st_blocks = 0
+        a.st_uid = a.st_gid = 0
+        a.attr_timeout = a.entry_timeout = 0
+        return a
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             return self._root_attrs()
+        if inode in self._control_inodes:
+            return self._control_attrs(inode)
         return self._attrs(inode, self._stat(inode))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self.inodes.forget(ino, count)
+            if not self.inodes.known(ino):
+                self._control_inodes.discard(ino)
 
     @_boundary
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -330,6 +357,13 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode in self._control_inodes:
+            if (flags & os.O_ACCMODE) != os.O_RDONLY or self.control is None:
+                raise FUSEError(errno.EROFS)
+            fh = self._next_fh
+            self._next_fh += 1
+            self._documents[fh] = self.control.document()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         try:
             vpath = self.inodes.path(inode)
             store, rel, _ = self.view.locate(vpath)
@@ -361,7 +395,10 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.handles[fh].fd, size, off)
+        handle = self.handles.get(fh)
+        if handle is None:
+            return self._documents[fh][off:off + size]
+        return os.pread(handle.fd, size, off)
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -383,6 +420,8 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def release(self, fh: int) -> None:
+        if self._documents.pop(fh, None) is not None:
+            return
         handle = self.handles.pop(fh)
         left = self.open_count.get(handle.ino, 1) - 1
         if left:
@@ -461,26 +500,40 @@ class Operations(pyfuse3.Operations):
         store, rel, _ = self.view.locate(self.inodes.path(inode))
         return store.parent(rel), rel
 
+    def _control_call(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except ControlError as exc:
+            raise FUSEError(exc.errno) from None
+
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode in self._control_inodes and self.control is not None:
+            return self._control_call(self.control.get, os.fsdecode(name))
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             return _xattr(os.getxattr, fd, leaf, name)
 
     @_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode in self._control_inodes and self.control is not None:
+            return self.control.names()
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             return [os.fsencode(n) for n in _xattr(os.listxattr, fd, leaf)]
 
     @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode in self._control_inodes and self.control is not None:
+            return self._control_call(self.control.set, os.fsdecode(name), value)
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.setxattr, fd, leaf, name, value)
 
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode in self._control_inodes:
+            raise FUSEError(errno.EROFS)
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.removexattr, fd, leaf, name)

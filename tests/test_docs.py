@@ -31,3 +31,11 @@ def test_readme_commands_are_what_ci_runs():
     ci = (REPO / ".ci/run").read_text()
     assert "./dev.sh test" in readme and "./dev.sh demo" in readme
     assert "exec ./dev.sh test" in ci
+
+
+def test_control_doc_lists_every_key_and_command():
+    from compatfs.control import COMMANDS, KEYS
+
+    doc = (REPO / "docs/control.md").read_text()
+    for key in (*KEYS, *COMMANDS):
+        assert re.search(rf"^\| `{re.escape(key)}` \|", doc, re.M), key

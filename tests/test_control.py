@@ -1,0 +1,78 @@
+"""The control interface: the hidden .compatfs file of each view."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from compatfs import devicegen
+
+from .conftest import run_cli
+from .mounting import mounted
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def live(tmp_path):
+    root = tmp_path / "persist"
+    root.mkdir()
+    devicegen.make_demo(str(root))
+    with mounted(root, tmp_path / "run") as m:
+        yield root, tmp_path / "run", m
+
+
+def test_control_file_is_hidden_but_answers(live):
+    root, run, _ = live
+    ctl = root / "img" / ".compatfs"
+    assert ".compatfs" not in os.listdir(root / "img")
+    assert os.getxattr(ctl, "user.compatfs.stage") == b"observe"
+    assert int(os.getxattr(ctl, "user.compatfs.pid")) > 0
+    assert os.getxattr(root / "downloads" / ".compatfs", "user.compatfs.root").decode() == str(root)
+    names = os.listxattr(ctl)
+    assert "user.compatfs.throttle_mib_per_s" in names and "user.compatfs.cmd.pause" in names
+    doc = json.loads(ctl.read_text())
+    assert doc["stage"] == "observe" and doc["paused"] is False
+
+
+def test_errors_follow_the_convention(live):
+    root, _, _ = live
+    ctl = root / "img" / ".compatfs"
+    for call, args, err in [
+        (os.getxattr, ("user.compatfs.nope",), errno.ENODATA),
+        (os.setxattr, ("user.compatfs.stage", b"migrate"), errno.EROFS),
+        (os.setxattr, ("user.compatfs.throttle_mib_per_s", b"fast"), errno.EINVAL),
+        (os.setxattr, ("user.compatfs.log_level", b"loud"), errno.EINVAL),
+        (os.setxattr, ("user.compatfs.cmd.explode", b""), errno.ENODATA),
+    ]:
+        with pytest.raises(OSError) as exc:
+            call(ctl, *args)
+        assert exc.value.errno == err, (call.__name__, args)
+    with pytest.raises(OSError) as exc:
+        os.unlink(ctl)
+    assert exc.value.errno == errno.EPERM
+    with pytest.raises(OSError) as exc:
+        open(ctl, "w")
+    assert exc.value.errno == errno.EROFS
+
+
+def test_settings_and_commands_through_the_cli(live):
+    root, run, m = live
+    common = ("--root", str(root), "--run-dir", str(run))
+    assert run_cli("ctl", *common, "set", "throttle_mib_per_s", "12.5", check=True)
+    assert run_cli("ctl", *common, "get", "throttle_mib_per_s", check=True).stdout.strip() == "12.5"
+    run_cli("ctl", *common, "pause", check=True)
+    assert run_cli("ctl", *common, "get", "paused", check=True).stdout.strip() == "true"
+    run_cli("ctl", *common, "resume", check=True)
+    assert run_cli("ctl", *common, "get", "paused", check=True).stdout.strip() == "false"
+    run_cli("ctl", *common, "set", "log_level", "debug", check=True)
+    assert run_cli("ctl", *common, "get", "log_level", check=True).stdout.strip() == "debug"
+    run_cli("ctl", *common, "reload", check=True)
+    bad = run_cli("ctl", *common, "set", "stage", "migrate")
+    assert bad.returncode == 1 and "read-only" in bad.stderr
+    unknown = run_cli("ctl", *common, "get", "nope")
+    assert unknown.returncode == 1 and "unknown key" in unknown.stderr
+    assert "control: pause" in m.log_text()
