@@ -219,7 +219,7 @@ class Backing:
 
     @classmethod
     def open(cls, layout: Layout, views: tuple[str, ...], create_new: bool,
-             require_encrypted: bool) -> "Backing":
+             require_encrypted: bool, read_only: bool = False) -> "Backing":
         """Open the legacy locations of *views* and every new-layout location.
 
         Legacy locations are created when missing (they become mountpoints).
@@ -227,7 +227,8 @@ class Backing:
         places data there); otherwise a missing one is simply absent. With
         *require_encrypted*, a vault-bound location the kernel does not report
         as encrypted raises :class:`VaultNotEncrypted` (only when *create_new*:
-        in observe nothing is placed there).
+        in observe nothing is placed there). *read_only* creates nothing at all:
+        a missing legacy location is then simply absent too.
         """
         stores: dict[str, Store] = {}
         # Every location is reached from the root like any other path: beneath
@@ -238,11 +239,17 @@ class Backing:
         try:
             for view in views:
                 key = VIEW_STORES[view]
+                if read_only:
+                    try:
+                        stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
+                    except FileNotFoundError:
+                        pass
+                    continue
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
             for key in NEW_STORES:
                 path = layout.path(key)
-                if create_new and key != "cas":
+                if create_new and not read_only and key != "cas":
                     root.makedirs(layout.rel(key), 0o700 if key in VAULT_STORES else 0o755)
                 try:
                     store = Store(key, path, root.open_dir(layout.rel(key)))

@@ -124,9 +124,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _spawn_daemon(args: argparse.Namespace, root: str, run) -> int:
     """Start the daemon in the background and wait until its views answer."""
-    import subprocess
-    import time
-
     run.make()
     argv = [sys.executable, "-m", "compatfs", "mount", "--foreground", "--root", root,
             "--log-level", args.log_level, "--attr-timeout", str(args.attr_timeout),
@@ -135,37 +132,83 @@ def _spawn_daemon(args: argparse.Namespace, root: str, run) -> int:
         argv += ["--config", args.config]
     if args.stage:
         argv += ["--stage", args.stage]
+    pid = _spawn(argv, run.log_file, args.timeout)
+    print(f"compatfs: mounted {root} (daemon pid {pid}, log {run.log_file})", file=sys.stderr)
+    return 0
+
+
+def _spawn(argv: list[str], log_file: str, timeout: float) -> int:
+    """Run *argv* (a --foreground command) detached, logging to *log_file*, and
+    wait for it to report ready on the fd passed with --ready-fd; its pid."""
+    import select
+    import subprocess
+    import time
+
     r, w = os.pipe()
-    argv += ["--ready-fd", str(w)]
-    with open(run.log_file, "ab") as log:
+    argv = [*argv, "--ready-fd", str(w)]
+    with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 pass_fds=(w,), start_new_session=True)
     os.close(w)
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout
     line = b""
     with os.fdopen(r, "rb") as pipe:
-        import select
-
         while time.monotonic() < deadline:
             ready, _, _ = select.select([pipe], [], [], 0.2)
             if ready:
-                chunk = pipe.readline()
-                line = chunk.strip()
+                line = pipe.readline().strip()
                 break
             if proc.poll() is not None:
                 break
     if line == b"ready":
-        print(f"compatfs: mounted {root} (daemon pid {proc.pid}, log {run.log_file})",
-              file=sys.stderr)
-        return 0
+        return proc.pid
     if line.startswith(b"error: "):
         proc.wait(timeout=10)
         raise CommandError(line[7:].decode(errors="replace"))
     if proc.poll() is None:
         proc.terminate()
-        raise CommandError(f"the daemon did not report ready within {args.timeout:.0f} s; "
-                           f"see {run.log_file}")
-    raise CommandError(f"the daemon exited with status {proc.returncode}; see {run.log_file}")
+        raise CommandError(f"the daemon did not report ready within {timeout:.0f} s; "
+                           f"see {log_file}")
+    raise CommandError(f"the daemon exited with status {proc.returncode}; see {log_file}")
+
+
+def cmd_debug_mount(args: argparse.Namespace) -> int:
+    from .debugview import Inspector
+    from .mounts import fuse_unmount, mounted_at
+
+    if args.unmount:
+        if mounted_at(args.mountpoint) is None:
+            raise CommandError(f"{args.mountpoint} is not mounted")
+        fuse_unmount(args.mountpoint)
+        return 0
+    cfg, root = _config_and_root(args)
+    if not os.path.isdir(args.mountpoint):
+        raise CommandError(f"{args.mountpoint}: not a directory", EXIT_USAGE)
+    if mounted_at(args.mountpoint) is not None:
+        raise CommandError(f"{args.mountpoint} is already a mount point")
+    if not args.foreground:
+        run = _run_dir(args, root)
+        run.make()
+        log_file = os.path.join(run.dir, "debug-mount.log")
+        argv = [sys.executable, "-m", "compatfs", "debug-mount", "--foreground", "--root", root,
+                args.mountpoint]
+        if args.config:
+            argv += ["--config", args.config]
+        pid = _spawn(argv, log_file, args.timeout)
+        print(f"compatfs: read-only view of {root} at {args.mountpoint} (pid {pid}); "
+              f"'compatfs debug-mount --unmount {args.mountpoint}' ends it", file=sys.stderr)
+        return 0
+    _setup_logging("info")
+    import trio
+
+    inspector = Inspector(cfg, root, args.mountpoint)
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+
+    trio.run(inspector.serve, ready)
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -422,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Move everything back into the legacy layout, so an older EVE can boot.")
     add_mount_common(p)
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    p = add("debug-mount", cmd_debug_mount,
+            "Mount a read-only inspection view of DIR at MOUNTPOINT (beside the live views).")
+    add_mount_common(p)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--foreground", action="store_true", help="serve in this process")
+    p.add_argument("--unmount", action="store_true", help="unmount MOUNTPOINT instead")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     p = add("ctl", cmd_ctl, "Read settings and status of a running daemon, or send it a "
                             "command (see docs/control.md).")

@@ -79,6 +79,22 @@ class Record:
     attempts: int = 0
 
 
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A connection that writes nothing. With a daemon running, its WAL files
+    exist and a read-only open shares them; without one, the index is opened
+    as immutable (nobody writes it meanwhile, and SQLite creates no file)."""
+    from urllib.parse import quote
+
+    uri = "file:" + quote(path)
+    if os.path.exists(path + "-shm"):
+        db = sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)
+    else:
+        db = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None,
+                             check_same_thread=False)
+    return db
+
+
 def _parent(view: str) -> tuple[str, str]:
     head, _, name = view.rpartition("/")
     return head, name
@@ -87,10 +103,21 @@ def _parent(view: str) -> tuple[str, str]:
 class Index:
     """The index of one device, open for reading and writing."""
 
-    def __init__(self, path: str | None) -> None:
-        """Open (creating) the index at *path*; ``None`` keeps it in memory only."""
+    def __init__(self, path: str | None, read_only: bool = False) -> None:
+        """Open (creating) the index at *path*; ``None`` keeps it in memory only.
+
+        *read_only* never writes: not even SQLite's own files (for status and
+        the debug view, beside a daemon that may be writing).
+        """
         self.path = path
+        self.read_only = read_only
         try:
+            if read_only and path is not None:
+                self.db = _connect_read_only(path)
+                self.records: dict[str, Record] = {}
+                self.children: dict[str, set[str]] = {}
+                self.reload()
+                return
             self.db = sqlite3.connect(path or ":memory:", isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -123,6 +150,16 @@ class Index:
                 for statement in _UPGRADES[v]:
                     self.db.execute(statement)
             self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+
+    def reload(self) -> None:
+        """Read every record again (a read-only index beside a daemon that writes)."""
+        try:
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM objects").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise IndexError_(f"{self.path}: {exc}") from None
+        self.records, self.children = {}, {}
+        for r in rows:
+            self._remember(Record(*r))
 
     @classmethod
     def open_in(cls, state_dir: str) -> "Index":

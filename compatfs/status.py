@@ -57,7 +57,7 @@ def read_index(layout: Layout) -> Index | None:
     if not os.path.exists(path):
         return None
     try:
-        return Index(path)
+        return Index(path, read_only=True)
     except IndexError_:
         return None
 

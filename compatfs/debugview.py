@@ -1,0 +1,152 @@
+"""``compatfs debug-mount``: a read-only inspection view beside the live one.
+
+Mounted anywhere a person likes, it lists the same legacy names as the live
+views and serves the same bytes, and each name carries extended attributes
+saying where it is and why:
+
+- ``user.compatfs.location``: where the bytes are now (relative to the root);
+- ``user.compatfs.target``: where they belong in the new layout;
+- ``user.compatfs.state``: legacy, new, migrating, failed or unresolved;
+- ``user.compatfs.reason``: why it stays, failed or was set aside (absent if none).
+
+It changes nothing on disk: it creates no directory, opens the index
+read-only, is mounted ``ro`` and answers ``EROFS`` to every change. (While a
+daemon runs, SQLite's shared-memory file beside the index, ``index.db-shm``,
+takes this reader's read marks, as it does for every reader; it holds no
+data. Without a daemon the index is opened immutable and nothing is touched.) While the live views are mounted, the legacy
+directories it opens are those views, so it shows what the agents see.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from .backing import Backing
+from .config import Config
+from .daemon import views_for
+from .index import DB_NAME, Index
+from .operations import Operations, _boundary
+from .resolver import Resolver
+from .status import ObjectStatus, _view_path, collect
+from .view import View
+
+log = logging.getLogger(__name__)
+
+XATTRS = ("location", "target", "state", "reason")
+PREFIX = "user.compatfs."
+#: How often the inspection data (plan, index) is read again.
+REFRESH_SECONDS = 5.0
+
+
+async def _refuse(self: Any, *args: Any) -> Any:
+    """Every change is refused before it reaches a store."""
+    raise FUSEError(errno.EROFS)
+
+
+class InspectionOperations(Operations):
+    """The view's handlers, read-only, with the user.compatfs.* attributes."""
+
+    def __init__(self, view: View, statuses: Callable[[], dict[str, ObjectStatus]],
+                 timeout: float = 1.0) -> None:
+        super().__init__(view, timeout)
+        self._statuses = statuses
+
+    setattr = mknod = mkdir = symlink = unlink = rmdir = rename = link = create = \
+        setxattr = removexattr = _refuse  # type: ignore[assignment]
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            raise FUSEError(errno.EROFS)
+        return await Operations.open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
+
+    def _status(self, inode: int) -> ObjectStatus | None:
+        return self._statuses().get(self.inodes.path(inode))
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        n = os.fsdecode(name)
+        if n.startswith(PREFIX) and n[len(PREFIX):] in XATTRS:
+            st = self._status(inode)
+            value = getattr(st, n[len(PREFIX):]) if st is not None else None
+            if value is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return str(value).encode()
+        return await Operations.getxattr.__wrapped__(self, inode, name, ctx)  # type: ignore[attr-defined]
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        names = await Operations.listxattr.__wrapped__(self, inode, ctx)  # type: ignore[attr-defined]
+        st = self._status(inode)
+        if st is not None:
+            names += [(PREFIX + k).encode() for k in XATTRS if getattr(st, k) is not None]
+        return names
+
+
+class Inspector:
+    """The debug-mount daemon of one root at one mountpoint."""
+
+    def __init__(self, cfg: Config, root: str, mountpoint: str) -> None:
+        self.cfg = cfg
+        self.layout = cfg.layout(root)
+        self.mountpoint = os.path.abspath(mountpoint)
+        views = views_for(cfg)
+        self.backing = Backing.open(self.layout, views, create_new=False,
+                                    require_encrypted=False, read_only=True)
+        present = tuple(v for v in views if self.backing.has(v))
+        if not present:
+            self.backing.close()
+            raise OSError(errno.ENOENT, f"no legacy location under {self.layout.root}")
+        db = os.path.join(self.layout.path("state"), DB_NAME)
+        self.index = Index(db if os.path.exists(db) else None, read_only=True)
+        self.resolver = Resolver(self.layout, cfg.overrides)
+        self.view = View(self.layout, self.backing, self.index, self.resolver, "observe", present)
+        self.ops = InspectionOperations(self.view, self.statuses)
+        self._statuses: dict[str, ObjectStatus] = {}
+        self._read_at = 0.0
+
+    def statuses(self) -> dict[str, ObjectStatus]:
+        """Where each legacy name is and why, read again when older than a few seconds."""
+        if time.monotonic() - self._read_at > REFRESH_SECONDS:
+            self._read_at = time.monotonic()
+            try:
+                if self.index.path is not None:
+                    self.index.reload()
+                _, objects = collect(self.layout, self.resolver, "prepared" in self.view.views)
+            except Exception as exc:  # noqa: BLE001 - inspection keeps serving old data
+                log.warning("reading the device state failed: %s", exc)
+                return self._statuses
+            self._statuses = {v: o for o in objects
+                              if (v := _view_path(self.layout, o.legacy)) is not None}
+        return self._statuses
+
+    async def serve(self, ready: Callable[[], None]) -> None:
+        options = {"fsname=compatfs-debug", "subtype=compatfs", "ro", "allow_other",
+                   "default_permissions"}
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            pyfuse3.init(self.ops, self.mountpoint, options)
+            try:
+                async with trio.open_nursery() as nursery:
+                    async def main() -> None:
+                        await pyfuse3.main()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(main)
+                    ready()
+                    async for _ in signals:
+                        break
+                    pyfuse3.terminate()
+            finally:
+                pyfuse3.close(unmount=True)
+                self.ops.close_all()
+                self.index.close()
+                self.backing.close()
