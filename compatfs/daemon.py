@@ -27,7 +27,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from . import fscrypt, mounts
+from . import fscrypt, metrics, mounts
 from .backing import Backing
 from .config import Config
 from .control import Control
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: How often the daemon checks whether the checkpoint or latch changed.
 CONFIG_POLL_SECONDS = 2.0
+#: How often the metrics file is rewritten.
+METRICS_SECONDS = 5.0
 
 
 class DaemonError(Exception):
@@ -155,6 +157,7 @@ class Daemon:
                      self.layout.root, self.stage)
             ready()
             nursery.start_soon(self._watch_config)
+            nursery.start_soon(self._write_metrics)
             if self.stage == "migrate":
                 await nursery.start(self.migrator.run)
                 nursery.start_soon(self._write_progress)
@@ -164,6 +167,15 @@ class Daemon:
             self.migrator.stop.set()  # a copy in a worker thread stops at its next chunk
             await trio.to_thread.run_sync(self._unbind_views)
             pyfuse3.terminate()
+
+    async def _write_metrics(self) -> None:
+        """Keep <run dir>/metrics.prom current, for a device agent to ship."""
+        while True:
+            try:
+                metrics.write(self, self.run.metrics_file)
+            except OSError as exc:
+                log.debug("metrics file: %s", exc)
+            await trio.sleep(METRICS_SECONDS)
 
     async def _write_progress(self) -> None:
         """Keep <run dir>/progress.json current for 'compatfs status'."""

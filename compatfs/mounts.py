@@ -108,6 +108,7 @@ class RunDir:
         self.mountpoint = os.path.join(self.dir, "mnt")
         self.log_file = os.path.join(self.dir, "daemon.log")
         self.progress_file = os.path.join(self.dir, "progress.json")
+        self.metrics_file = os.path.join(self.dir, "metrics.prom")
 
     def make(self) -> None:
         os.makedirs(self.mountpoint, mode=0o700, exist_ok=True)
@@ -156,7 +157,7 @@ class RunDir:
             return None
 
     def clear(self) -> None:
-        for p in (self.pid_file, self.info_file, self.progress_file):
+        for p in (self.pid_file, self.info_file, self.progress_file, self.metrics_file):
             try:
                 os.unlink(p)
             except FileNotFoundError:

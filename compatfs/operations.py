@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
@@ -26,6 +27,7 @@ from pyfuse3 import FUSEError
 
 from .control import CONTROL_NAME, Control, ControlError
 from .inodes import ROOT, InodeTable
+from .metrics import LatencyHistogram
 from .view import View, join
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ def _boundary(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: "Operations", *args: Any) -> Any:
+        start = perf_counter_ns()
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -57,6 +60,8 @@ def _boundary(fn: F) -> F:
             self.faults += 1
             log.exception("unexpected error in %s%r; answered EIO", fn.__name__, args[:2])
             raise FUSEError(errno.EIO) from None
+        finally:
+            self.latency.add(perf_counter_ns() - start)
 
     return wrapper  # type: ignore[return-value]
 
@@ -87,6 +92,7 @@ class Operations(pyfuse3.Operations):
         self.dirs: dict[int, tuple[int, list[str]]] = {}
         self._next_fh = 1
         self.faults = 0
+        self.latency = LatencyHistogram()
         #: dirty-range logs of files being migrated, by backing (st_dev, st_ino);
         #: the migrator's, shared (empty when nothing migrates)
         self.dirty: dict[tuple[int, int], Any] = {}

@@ -76,3 +76,34 @@ def test_settings_and_commands_through_the_cli(live):
     unknown = run_cli("ctl", *common, "get", "nope")
     assert unknown.returncode == 1 and "unknown key" in unknown.stderr
     assert "control: pause" in m.log_text()
+
+
+def test_metrics_file_in_prometheus_text_format(live):
+    import time
+
+    from compatfs.mounts import RunDir
+
+    root, run, _ = live
+    os.listdir(root / "img")
+    metrics = RunDir(str(run), str(root)).metrics_file
+    deadline = time.monotonic() + 15
+    text = ""
+    while time.monotonic() < deadline:
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                text = f.read()
+            if "compatfs_fuse_requests_total" in text and "compatfs_fuse_requests_total 0" not in text:
+                break
+        time.sleep(0.5)
+    for name in ("objects", "migration_bytes_remaining", "migration_rate_bytes_per_second",
+                 "faults_total", "fuse_requests_total", "fuse_request_seconds"):
+        assert f"# TYPE compatfs_{name} " in text, name
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    for line in samples:
+        name, value = line.rsplit(" ", 1)
+        float(value)
+        assert name.startswith("compatfs_")
+    assert 'compatfs_fuse_request_seconds{quantile="0.99"}' in text
+    requests = next(float(v) for n, v in (s.rsplit(" ", 1) for s in samples)
+                    if n == "compatfs_fuse_requests_total")
+    assert requests > 0

@@ -1,0 +1,91 @@
+"""Metrics of a running daemon, in the Prometheus text format.
+
+The daemon rewrites ``<run dir>/metrics.prom`` atomically every few seconds
+(node_exporter's textfile collector, or any device agent, can ship it):
+objects per state, bytes migrated and remaining, the copy rate, errors, and
+FUSE request latency percentiles.
+
+Latency is kept in a histogram of power-of-two microsecond buckets: two
+clock reads and one list increment per request, nothing else on the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+#: Bucket i counts requests that took less than 2**i microseconds (the last: the rest).
+BUCKETS = 24
+
+
+class LatencyHistogram:
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts = [0] * BUCKETS
+
+    def add(self, nanoseconds: int) -> None:
+        self.counts[min((nanoseconds >> 10).bit_length(), BUCKETS - 1)] += 1
+
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def percentile(self, q: float) -> float:
+        """The upper bound, in seconds, of the bucket holding the *q* quantile."""
+        total = self.total()
+        if total == 0:
+            return 0.0
+        rank = q * total
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return (1 << i) * 1024 / 1e9
+        return (1 << (BUCKETS - 1)) * 1024 / 1e9
+
+
+def render(daemon: "Daemon") -> str:
+    """The metrics of *daemon* as Prometheus text."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP compatfs_{name} {help_}")
+        lines.append(f"# TYPE compatfs_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"compatfs_{name}{labels} {value:g}")
+
+    states: dict[str, int] = {}
+    for rec in daemon.index.records.values():
+        states[rec.state] = states.get(rec.state, 0) + 1
+    p = daemon.migrator.progress
+    metric("objects", "gauge", "Index records by state (placed, migrating, failed...).",
+           [(f'{{state="{s}"}}', n) for s, n in sorted(states.items())])
+    metric("migration_bytes_done", "gauge", "Bytes copied in the current migration pass.",
+           [("", p.bytes_done)])
+    metric("migration_bytes_remaining", "gauge", "Bytes left in the current migration pass.",
+           [("", max(0, p.bytes_total - p.bytes_done))])
+    metric("migration_rate_bytes_per_second", "gauge", "Copy rate of the current pass.",
+           [("", p.rate())])
+    metric("migration_failed", "gauge", "Objects that failed in the current pass.",
+           [("", p.failed)])
+    metric("migration_waiting", "gauge", "Objects waiting for room on their destination.",
+           [("", len(p.waiting))])
+    metric("faults_total", "counter", "Unexpected errors answered with EIO.",
+           [("", daemon.ops.faults)])
+    hist = daemon.ops.latency
+    metric("fuse_requests_total", "counter", "FUSE requests served.", [("", hist.total())])
+    metric("fuse_request_seconds", "gauge", "FUSE request latency quantiles (bucket bounds).",
+           [(f'{{quantile="{q}"}}', hist.percentile(q)) for q in (0.5, 0.9, 0.99)])
+    return "\n".join(lines) + "\n"
+
+
+def write(daemon: "Daemon", path: str) -> None:
+    """Write the metrics file atomically (a reader never sees half of it)."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(render(daemon))
+    os.replace(tmp, path)
