@@ -108,6 +108,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         report("ready")
+        _sd_notify(b"READY=1")
         if ready_fd is None:
             print(f"compatfs: serving {', '.join(daemon.views)} at {daemon.layout.root} "
                   f"(stage {stage})", file=sys.stderr)
@@ -120,6 +121,44 @@ def cmd_mount(args: argparse.Namespace) -> int:
         report(f"error: {exc}")
         raise
     return 0
+
+
+def _sd_notify(message: bytes) -> None:
+    """Tell systemd (Type=notify) how the daemon is doing, when it runs under it."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message)
+    except OSError:
+        pass
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Apply a changed config: a new stage remounts (or rolls back, or stops)."""
+    cfg, root = _config_and_root(args)
+    run = _run_dir(args, root)
+    info = run.info() if run.live_pid() is not None else None
+    running = info["stage"] if info else "off"
+    wanted = cfg.stage
+    if info is not None and running == wanted:
+        return cmd_ctl(argparse.Namespace(**{**vars(args), "action": "reload", "args": []}))
+    print(f"compatfs: stage: {running} -> {wanted}", file=sys.stderr)
+    if info is not None:
+        cmd_umount(args)
+    if wanted == "off":
+        return 0
+    if wanted == "rollback":
+        return cmd_rollback(argparse.Namespace(**{**vars(args), "log_level": "warning"}))
+    return cmd_mount(argparse.Namespace(**{**vars(args), "stage": None, "foreground": False,
+                                           "log_level": "info", "attr_timeout": 10.0,
+                                           "ready_fd": None}))
 
 
 def _spawn_daemon(args: argparse.Namespace, root: str, run) -> int:
@@ -264,7 +303,7 @@ def _offline(args: argparse.Namespace, stage: str):
         raise CommandError(f"a daemon (pid {pid}) serves {os.path.abspath(root)}; "
                            f"'compatfs umount --root {root}' first, or mount it with "
                            "--stage migrate to migrate in the background")
-    daemon = Daemon(cfg, root, stage, run, views=("img", "downloads", "prepared"))
+    daemon = Daemon(cfg, root, stage, run, views=("img", "downloads", "prepared"), offline=True)
     try:
         daemon.prepare()
     except DaemonError as exc:
@@ -465,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Move everything back into the legacy layout, so an older EVE can boot.")
     add_mount_common(p)
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    p = add("reload", cmd_reload,
+            "Apply the config again: a changed stage remounts, rolls back or stops; "
+            "otherwise the daemon re-reads the checkpoint.")
+    add_mount_common(p)
 
     p = add("debug-mount", cmd_debug_mount,
             "Mount a read-only inspection view of DIR at MOUNTPOINT (beside the live views).")

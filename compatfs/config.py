@@ -57,6 +57,7 @@ class Config:
     paths: dict[str, str] = field(default_factory=dict)
     overrides: tuple[Override, ...] = ()
     mount_prepared: bool = False
+    vault_wait_s: float = 30.0
     migration: Migration = field(default_factory=Migration)
     source: str = "<defaults>"
 
@@ -148,6 +149,9 @@ TOP: dict[str, Key] = {
     "require_encrypted_vault": Key(_bool, True,
                                    "Refuse to put vault-bound data in a directory the kernel "
                                    "does not report as fscrypt-encrypted."),
+    "vault_wait_s": Key(_number(0), 30.0,
+                        "How long a redirect or migrate daemon waits for the vault to be "
+                        "unlocked before serving in observe instead."),
     "mount_prepared": Key(_bool, False,
                           "Also mount a legacy view over runx/pods/prepared (container volumes)."),
     "paths": Key(dict, {}, "Location overrides, each relative to root (see the table below)."),

@@ -61,6 +61,7 @@ class Daemon:
     run: mounts.RunDir
     attr_timeout: float = 10.0
     views: tuple[str, ...] = ()
+    offline: bool = False    # migrate --now / rollback: no views served, no stage change
     bound: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,11 @@ class Daemon:
                 raise DaemonError(f"{self.layout.path(view)} is already a mount point")
         # the kernel applied the caller's umask already; ours must not apply twice
         os.umask(0)
+        if self.stage in PLACING_STAGES and not self._wait_for_vault():
+            log.warning("the vault %s was not unlocked within %g s; serving in stage observe "
+                        "instead of %s", self.layout.path("vault"), self.cfg.vault_wait_s,
+                        self.stage)
+            self.stage = "observe"
         placing = self.stage in PLACING_STAGES
         require = self.cfg.require_encrypted_vault
         try:
@@ -87,6 +93,8 @@ class Daemon:
         except Exception as exc:  # VaultNotEncrypted, OSError from makedirs/open
             raise DaemonError(str(exc)) from None
         self.index = self._open_index(placing, require)
+        if not self.offline:
+            self._log_stage_change()
         self.resolver = Resolver(self.layout, self.cfg.overrides)
         for problem in self.resolver.problems:
             log.warning("%s", problem)
@@ -102,6 +110,49 @@ class Daemon:
             self.ops.dirty = self.migrator.dirty
             self.ops.on_open = self.migrator.prioritize
         self.ops.control = Control(self)
+
+    def _wait_for_vault(self) -> bool:
+        """Wait up to ``vault_wait_s`` for the vault to exist and be unlocked.
+
+        A vault that exists but is not encrypted is not waited for: placing
+        data there is refused later (require_encrypted_vault), or allowed.
+        """
+        deadline = time.monotonic() + self.cfg.vault_wait_s
+        path = self.layout.path("vault")
+        while True:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                unlocked = False
+            else:
+                try:
+                    unlocked = fscrypt.key_present(fd) is not False
+                except OSError:
+                    unlocked = True  # no encryption support: nothing to wait for
+                finally:
+                    os.close(fd)
+            if unlocked:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+    def _log_stage_change(self) -> None:
+        """Every change of stage is logged with the stage before and after."""
+        remembered = os.path.join(self.run.dir, "last-stage")
+        before = self.index.meta("stage") if self.index.path else None
+        if before is None:
+            try:
+                with open(remembered) as f:
+                    before = f.read().strip() or None
+            except OSError:
+                before = None
+        if before != self.stage:
+            log.info("stage: %s -> %s", before or "none", self.stage)
+        if self.index.path:
+            self.index.set_meta("stage", self.stage)
+        os.makedirs(self.run.dir, exist_ok=True)
+        self.run._write(remembered, self.stage + "\n")
 
     def _open_index(self, placing: bool, require: bool) -> Index:
         state = self.layout.path("state")

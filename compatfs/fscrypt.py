@@ -21,6 +21,11 @@ _READ, _WRITE = 2, 1
 FS_IOC_SET_ENCRYPTION_POLICY = _ioc(_READ, 19, 12)
 FS_IOC_GET_ENCRYPTION_POLICY_EX = _ioc(_READ | _WRITE, 22, 9)
 FS_IOC_ADD_ENCRYPTION_KEY = _ioc(_READ | _WRITE, 23, 80)
+FS_IOC_GET_ENCRYPTION_KEY_STATUS = _ioc(_READ | _WRITE, 26, 128)
+FS_IOC_REMOVE_ENCRYPTION_KEY = _ioc(_READ | _WRITE, 24, 64)
+
+KEY_SPEC_TYPE_DESCRIPTOR = 1
+KEY_STATUS_PRESENT = 2
 
 KEY_SPEC_TYPE_IDENTIFIER = 2
 POLICY_V2 = 2
@@ -75,6 +80,28 @@ def path_is_encrypted(path: str) -> bool:
         os.close(fd)
 
 
+def key_present(dir_fd: int) -> bool | None:
+    """Whether the key of the encrypted directory *dir_fd* is in the filesystem's
+    keyring (the vault is unlocked); None when the kernel cannot tell (a v1
+    policy whose key was added to a process keyring, the old way)."""
+    policy = policy_of(dir_fd)
+    if policy is None:
+        return True  # not encrypted: nothing to unlock
+    if policy[0] == POLICY_V2:
+        spec = struct.pack("=II32s", KEY_SPEC_TYPE_IDENTIFIER, 0, policy[8:24])
+    else:
+        spec = struct.pack("=II32s", KEY_SPEC_TYPE_DESCRIPTOR, 0, policy[4:12])
+    buf = bytearray(spec + bytes(128 - len(spec)))
+    try:
+        fcntl.ioctl(dir_fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, buf, True)
+    except OSError:
+        return None
+    status = struct.unpack_from("=I", buf, 64)[0]
+    if status == KEY_STATUS_PRESENT:
+        return True
+    return False if policy[0] == POLICY_V2 else None
+
+
 def add_key(mount_fd: int, raw_key: bytes) -> bytes:
     """Add a raw v2 key to the filesystem of *mount_fd*; returns its 16-byte identifier."""
     if len(raw_key) != RAW_KEY_SIZE:
@@ -88,6 +115,16 @@ def add_key(mount_fd: int, raw_key: bytes) -> bytes:
     except OSError as exc:
         raise FscryptError(exc.errno, f"cannot add encryption key: {exc.strerror}") from None
     return bytes(buf[8:24])
+
+
+def remove_key(mount_fd: int, identifier: bytes) -> None:
+    """Remove a v2 key from the filesystem of *mount_fd*: its directories lock
+    (tests use this to stand for a vault that is not unlocked yet)."""
+    buf = bytearray(struct.pack("=II32s", KEY_SPEC_TYPE_IDENTIFIER, 0, identifier) + bytes(24))
+    try:
+        fcntl.ioctl(mount_fd, FS_IOC_REMOVE_ENCRYPTION_KEY, buf, True)
+    except OSError as exc:
+        raise FscryptError(exc.errno, f"cannot remove encryption key: {exc.strerror}") from None
 
 
 def set_policy(dir_fd: int, identifier: bytes) -> None:

@@ -158,6 +158,8 @@ ERRORS = [
     pytest.param("mount_prepared: 'true'\n", 1, "mount_prepared", id="mp-quoted"),
     pytest.param("paths: vault\n", 1, "paths", id="paths-str"),
     pytest.param("migration: fast\n", 1, "migration", id="migration-str"),
+    pytest.param("vault_wait_s: soon\n", 1, "vault_wait_s", id="vault_wait_s-str"),
+    pytest.param("vault_wait_s: -1\n", 1, "vault_wait_s", id="vault_wait_s-negative"),
     pytest.param("migration:\n  concurrency: 0\n", 2, "migration.concurrency", id="migration-range"),
     pytest.param("migration:\n  verify: 'yes'\n", 2, "migration.verify", id="migration-bool"),
     pytest.param("migration:\n  throttle_mib_per_s: -1\n", 2, "migration.throttle_mib_per_s",
