@@ -16,9 +16,9 @@ venv="$here/.venv"
 # fuse3 + libfuse3-dev + pkg-config + gcc + python3-dev: build and mount pyfuse3.
 # qemu-utils: real qcow2 images. e2fsprogs + util-linux: loop-mounted ext4
 # vaults with fscrypt. fuse-overlayfs: the reference FUSE peer in bench/.
-# The shellcheck package lints mountscripts/.
+# The shellcheck package lints mountscripts/, busybox runs them as EVE ash would.
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
-          qemu-utils e2fsprogs util-linux fuse-overlayfs shellcheck)
+          qemu-utils e2fsprogs util-linux fuse-overlayfs shellcheck busybox)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 

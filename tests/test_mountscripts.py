@@ -1,0 +1,577 @@
+"""mountscripts/: the boot, stop, debug-mount and CI-container scripts and the
+systemd units, linted, dry-run, and run for real on a device-like root.
+
+The scripts find compatfs through $COMPATFS; here it is this venv's console
+script, and every run uses a --run-dir under tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compatfs import devicegen, mounts
+from compatfs.mounts import RunDir
+
+from .conftest import REPO
+from .devices import device_root
+from .mounting import teardown
+
+SCRIPTS_DIR = REPO / "mountscripts"
+SYSTEMD_DIR = SCRIPTS_DIR / "systemd"
+SH_SCRIPTS = ("compatfs-boot", "compatfs-stop", "compatfs-debug-mount")
+BASH_SCRIPTS = ("compatfs-ci-container",)
+VIEWS = ("img", "downloads")
+#: views of a supervised device must answer again within this after a SIGKILL
+RECOVERY_LIMIT_S = 5.0
+
+
+def compatfs_command() -> str:
+    """The compatfs console script of the Python running the tests."""
+    beside = Path(sys.executable).parent / "compatfs"
+    found = str(beside) if beside.exists() else shutil.which("compatfs")
+    assert found, "no compatfs console script next to the test interpreter or on PATH"
+    return found
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("COMPATFS_DEBUG", None)
+    env.pop("COMPATFS_RUN_DIR", None)
+    env["COMPATFS"] = compatfs_command()
+    env.update(extra)
+    return env
+
+
+def run(name: str, *args: str, env: dict[str, str] | None = None,
+        timeout: float = 60, shell: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*shell, str(SCRIPTS_DIR / name), *args], capture_output=True,
+                          text=True, env=env or script_env(), timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], prog: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{prog}: error: "), proc.stderr
+    return lines[0]
+
+
+# -- lint, help, usage errors --------------------------------------------------------
+
+@pytest.mark.parametrize("name", SH_SCRIPTS + BASH_SCRIPTS)
+def test_script_is_executable_with_the_right_interpreter(name):
+    path = SCRIPTS_DIR / name
+    assert os.access(path, os.X_OK), f"{name} is not executable"
+    first = path.read_text().splitlines()[0]
+    assert first == ("#!/bin/sh" if name in SH_SCRIPTS else "#!/usr/bin/env bash"), first
+
+
+@pytest.mark.parametrize("name", SH_SCRIPTS + BASH_SCRIPTS)
+def test_shellcheck_clean(name):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is not installed ('./dev.sh setup' installs it)")
+    dialect = "sh" if name in SH_SCRIPTS else "bash"
+    proc = subprocess.run([shellcheck, "-s", dialect, str(SCRIPTS_DIR / name)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+HELP_OPTIONS = {
+    "compatfs-boot": ("--root", "--config", "--stage", "--run-dir", "--timeout", "--supervise",
+                      "--condition", "--dry-run", "--help", "COMPATFS", "exit status"),
+    "compatfs-stop": ("--root", "--config", "--run-dir", "--timeout", "--dry-run", "--help",
+                      "COMPATFS", "exit status"),
+    "compatfs-debug-mount": ("--root", "--config", "--run-dir", "--timeout", "--foreground",
+                             "--unmount", "--dry-run", "--help", "MOUNTPOINT", "COMPATFS",
+                             "exit status"),
+    "compatfs-ci-container": ("--engine", "--image", "--dry-run", "--help", "podman", "docker",
+                              "debian:bookworm", "./dev.sh test", "exit status"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HELP_OPTIONS))
+def test_help_exits_0_and_names_every_option(name):
+    proc = run(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {name}"), proc.stdout
+    for option in HELP_OPTIONS[name]:
+        assert option in proc.stdout, option
+
+
+@pytest.mark.parametrize("name", sorted(HELP_OPTIONS))
+def test_an_unknown_option_is_a_one_line_error_with_status_2(name):
+    proc = run(name, "--no-such-option")
+    assert proc.returncode == 2
+    assert "--no-such-option" in one_line_error(proc, name)
+
+
+def other_shells() -> list[tuple[str, ...]]:
+    """POSIX shells besides /bin/sh to run the sh scripts with: busybox's ash is
+    what EVE has (Debian's busybox package; skipped without it)."""
+    shells = []
+    if shutil.which("dash"):
+        shells.append(("dash",))
+    if shutil.which("busybox"):
+        shells.append(("busybox", "sh"))
+    return shells
+
+
+@pytest.mark.parametrize("shell", other_shells() or [pytest.param((), marks=pytest.mark.skip(
+    reason="neither dash nor busybox is installed"))], ids=lambda s: " ".join(s) or "none")
+def test_sh_scripts_run_under_dash_and_busybox(shell, tmp_path):
+    for name in SH_SCRIPTS:
+        proc = run(name, "--help", shell=shell)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (name, proc.stderr)
+    config = tmp_path / "c.yaml"
+    config.write_text("stage: 'redirect'   # comment\n")
+    proc = run("compatfs-boot", "--dry-run", "--root", str(tmp_path), "--config", str(config),
+               shell=shell)
+    assert proc.returncode == 0, proc.stderr
+    assert " mount --root " in proc.stdout and "(stage redirect)" in proc.stdout
+
+
+# -- compatfs-ci-container ---------------------------------------------------------
+
+def test_ci_container_dry_run_prints_the_container_command():
+    proc = run("compatfs-ci-container", "--dry-run", "--engine", "docker")
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.strip()
+    assert cmd.startswith("docker run --rm ")
+    for part in ("--device /dev/fuse", "--cap-add SYS_ADMIN",
+                 "--security-opt apparmor=unconfined", "./dev.sh test", "debian:bookworm",
+                 f"{REPO}:/src:ro"):
+        assert part in cmd, part
+    proc = run("compatfs-ci-container", "--dry-run", "--engine", "podman", "--image",
+               "example.org/ci:1", "--", "-k", "boot", "-x")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("podman run ")
+    assert "example.org/ci:1" in proc.stdout and "debian:bookworm" not in proc.stdout
+    assert proc.stdout.rstrip().endswith("-k boot -x")
+
+
+def path_without_engines(tmp_path: Path, fake: str | None = None) -> str:
+    """A PATH with every command of ours except podman and docker (and, with *fake*,
+    a fake engine of that name that records its arguments)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not directory or not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            if entry.name in ("podman", "docker") or (shim / entry.name).exists():
+                continue
+            (shim / entry.name).symlink_to(entry.path)
+    if fake:
+        (shim / fake).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/argv"\nexit 7\n')
+        (shim / fake).chmod(0o755)
+    return str(shim)
+
+
+def test_ci_container_without_an_engine_exits_2(tmp_path):
+    env = script_env(PATH=path_without_engines(tmp_path))
+    env.pop("COMPATFS_CI_ENGINE", None)
+    proc = run("compatfs-ci-container", env=env)
+    assert proc.returncode == 2
+    line = one_line_error(proc, "compatfs-ci-container")
+    assert "podman" in line and "docker" in line and "--dry-run" in line
+    # --dry-run still prints a command
+    proc = run("compatfs-ci-container", "--dry-run", env=env)
+    assert proc.returncode == 0 and "--device /dev/fuse" in proc.stdout
+
+
+def test_ci_container_runs_the_engine_it_finds(tmp_path):
+    env = script_env(PATH=path_without_engines(tmp_path, fake="podman"))
+    env.pop("COMPATFS_CI_ENGINE", None)
+    proc = run("compatfs-ci-container", "--", "-q", env=env)
+    assert proc.returncode == 7, proc.stderr  # the engine's status
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[:2] == ["run", "--rm"]
+    assert argv[argv.index("--device") + 1] == "/dev/fuse"
+    assert argv[argv.index("--cap-add") + 1] == "SYS_ADMIN"
+    assert "debian:bookworm" in argv and argv[-1] == "-q"
+    assert any("exec ./dev.sh test" in a for a in argv)
+
+
+# -- dry runs -------------------------------------------------------------------------
+
+def test_boot_dry_run_follows_the_stage(tmp_path):
+    root, run_dir, config = tmp_path / "persist", tmp_path / "run", tmp_path / "c.yaml"
+    root.mkdir()
+    cf = compatfs_command()
+    common = ("--root", str(root), "--config", str(config), "--run-dir", str(run_dir))
+
+    config.write_text("require_encrypted_vault: true\nstage: redirect\n")
+    proc = run("compatfs-boot", "--dry-run", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"would run: {cf} mount --root {root} --timeout 30 --config {config} "
+            f"--run-dir {run_dir}\n") in proc.stdout
+    assert "compatfs: ready (stage redirect)" in proc.stdout
+
+    proc = run("compatfs-boot", "--dry-run", "--supervise", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{cf} mount --root {root} --foreground --config {config}" in proc.stdout
+
+    config.write_text('stage: "off"  # not yet\n')
+    proc = run("compatfs-boot", "--dry-run", *common)
+    assert proc.returncode == 0 and "would run nothing" in proc.stdout
+
+    config.write_text("stage: rollback\n")
+    proc = run("compatfs-boot", "--dry-run", *common)
+    assert proc.returncode == 0
+    assert f"would run: {cf} rollback --root {root} --config {config}" in proc.stdout
+
+    config.write_text("migration:\n  verify: true\n")  # no stage: compatfs's default
+    proc = run("compatfs-boot", "--dry-run", *common, "--stage", "migrate")
+    assert proc.returncode == 0 and "--stage migrate" in proc.stdout
+    proc = run("compatfs-boot", "--dry-run", *common)
+    assert proc.returncode == 0 and "(stage observe)" in proc.stdout
+    assert "--stage" not in proc.stdout  # compatfs reads the config itself
+
+    assert not any(mounts.is_compatfs(str(root / v)) for v in VIEWS)
+    assert not run_dir.exists()
+
+
+def test_boot_usage_errors(tmp_path):
+    proc = run("compatfs-boot", "--stage", "fast", "--root", str(tmp_path))
+    assert proc.returncode == 2 and "'fast'" in one_line_error(proc, "compatfs-boot")
+    proc = run("compatfs-boot", "--config", str(tmp_path / "missing.yaml"), "--root", str(tmp_path))
+    assert proc.returncode == 2 and "no such file" in one_line_error(proc, "compatfs-boot")
+    proc = run("compatfs-boot", "--root", str(tmp_path / "nowhere"), "--stage", "observe")
+    assert proc.returncode == 2 and "not a directory" in one_line_error(proc, "compatfs-boot")
+    proc = run("compatfs-boot", "--root", str(tmp_path), "--stage", "observe",
+               env=script_env(COMPATFS=str(tmp_path / "no-compatfs")))
+    assert proc.returncode == 127 and "COMPATFS" in one_line_error(proc, "compatfs-boot")
+
+
+def test_boot_condition_for_systemd(tmp_path):
+    """ExecCondition: 0 starts the unit, 1 skips it, 255 fails it."""
+    proc = run("compatfs-boot", "--condition", "--root", str(tmp_path), "--stage", "observe")
+    assert proc.returncode == 0, proc.stderr
+    proc = run("compatfs-boot", "--condition", "--root", str(tmp_path), "--stage", "off")
+    assert proc.returncode == 1 and "nothing mounted" in proc.stdout
+    proc = run("compatfs-boot", "--condition", "--root", str(tmp_path), "--stage", "fast")
+    assert proc.returncode == 255
+
+
+def test_stop_and_debug_mount_dry_runs(tmp_path):
+    cf = compatfs_command()
+    proc = run("compatfs-stop", "--dry-run", "--root", str(tmp_path), "--run-dir", "/r")
+    assert proc.returncode == 0
+    assert proc.stdout == f"would run: {cf} umount --root {tmp_path} --timeout 30 --run-dir /r\n"
+    look = tmp_path / "look here"
+    proc = run("compatfs-debug-mount", "--dry-run", "--root", str(tmp_path), str(look))
+    assert proc.returncode == 0
+    assert proc.stdout == (f"would run: mkdir -p '{look}'\n"
+                           f"would run: {cf} debug-mount --root {tmp_path} --timeout 30 '{look}'\n")
+    proc = run("compatfs-debug-mount", "--dry-run", "--unmount", str(look))
+    assert proc.stdout == f"would run: {cf} debug-mount --unmount '{look}'\n"
+    assert not look.exists()
+    proc = run("compatfs-debug-mount", "--root", str(tmp_path))
+    assert proc.returncode == 2 and "MOUNTPOINT" in one_line_error(proc, "compatfs-debug-mount")
+
+
+# -- systemd units ----------------------------------------------------------------------
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file as {section: {key: [values in order]}} (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"{path.name}:{number}: {raw!r}"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_compatfs_service_has_the_required_keys():
+    unit = parse_unit(SYSTEMD_DIR / "compatfs.service")
+    service = unit["Service"]
+    assert service["Type"] == ["notify"]
+    assert service["ExecStart"] == ["compatfs mount --foreground --root /persist "
+                                    "--config /persist/config/compatfs.yaml"]
+    assert service["ExecStop"][0].startswith("compatfs umount --root /persist")
+    assert service["Restart"] == ["on-failure"]
+    assert service["RestartSec"] == ["1s"]
+    assert service["KillMode"] == ["mixed"]
+    assert re.fullmatch(r"\d+s?", service["TimeoutStopSec"][0])
+    assert service["ExecCondition"][0].startswith("compatfs-boot --condition --root /persist")
+    after = " ".join(unit["Unit"]["After"]).split()
+    assert "local-fs.target" in after and "vaultmgr.service" in after
+    assert "/persist" in unit["Unit"]["RequiresMountsFor"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_debug_template_has_the_required_keys():
+    unit = parse_unit(SYSTEMD_DIR / "compatfs-debug@.service")
+    service = unit["Service"]
+    start = service["ExecStart"][0]
+    assert start.startswith("compatfs debug-mount --foreground --root /persist ")
+    assert start.endswith(" %I")
+    assert service["ExecStopPost"] == ["-compatfs debug-mount --unmount %I"]
+    assert "%I" in unit["Unit"]["Description"][0]
+
+
+def test_systemd_analyze_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (the unit files are still checked "
+                     "by test_*_has_the_required_keys)")
+    # Exec lines name compatfs and compatfs-boot as installed on a device (found on
+    # systemd's search path); here they are this checkout's.
+    tools = {"compatfs": compatfs_command(), "compatfs-boot": str(SCRIPTS_DIR / "compatfs-boot")}
+    for unit in SYSTEMD_DIR.glob("*.service"):
+        text = re.sub(r"^(Exec\w+=-?)(compatfs(?:-boot)?) ",
+                      lambda m: f"{m.group(1)}{tools[m.group(2)]} ",
+                      unit.read_text(), flags=re.M)
+        (tmp_path / unit.name).write_text(text)
+    # a template is verified through an instance
+    shutil.copy(tmp_path / "compatfs-debug@.service", tmp_path / "compatfs-debug@mnt-look.service")
+    units = [tmp_path / "compatfs.service", tmp_path / "compatfs-debug@mnt-look.service"]
+    proc = subprocess.run([analyze, "verify", "--man=no", *map(str, units)],
+                          capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    # unknown keys and bad values are only warnings: none may name our units
+    assert not [line for line in output.splitlines() if str(tmp_path) in line], output
+
+
+# -- real runs on a device-like root ----------------------------------------------------
+
+#: the tools the sh scripts call; under "busybox" they are busybox applets, as on EVE
+BUSYBOX_APPLETS = ("sed", "awk", "stat", "ls", "date", "sleep", "mkdir", "cut")
+
+
+def shell_for(kind: str, tmp_path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(interpreter prefix, environment) to run the sh scripts with: the system's
+    /bin/sh with its tools, or busybox ash with busybox's applets first on PATH."""
+    if kind == "sh":
+        return (), script_env()
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed (apt-get install busybox): EVE's shell is "
+                    "busybox ash; the scripts ran under /bin/sh only")
+    applets = tmp_path / "busybox-bin"
+    applets.mkdir()
+    for name in BUSYBOX_APPLETS:
+        (applets / name).symlink_to(busybox)
+    return (busybox, "sh"), script_env(PATH=f"{applets}{os.pathsep}{os.environ['PATH']}")
+
+
+def compatfs_mounts(root: Path, run_dir: Path) -> list[str]:
+    return [e.mount_point for e in mounts.mount_table()
+            if e.fstype == mounts.FSTYPE and (e.mount_point.startswith(str(run_dir) + "/")
+                                               or e.mount_point in {str(root / v) for v in VIEWS})]
+
+
+def clean_up(root: Path, run_dir: Path, config: Path) -> None:
+    subprocess.run([compatfs_command(), "umount", "--root", str(root), "--run-dir", str(run_dir),
+                    "--config", str(config)], capture_output=True, timeout=60,
+                   env=script_env())
+    teardown(root, run_dir, VIEWS)
+
+
+@pytest.fixture
+def device(tmp_path):
+    """(root, run dir, config file) of a demo device on a loop-mounted ext4 with an
+    encrypted vault; whatever the test leaves mounted is removed."""
+    (tmp_path / "dev").mkdir()
+    run_dir, config = tmp_path / "run", tmp_path / "compatfs.yaml"
+    with device_root(tmp_path / "dev", size_mb=128) as root:
+        devicegen.make_demo(str(root))
+        try:
+            yield root, run_dir, config
+        finally:
+            clean_up(root, run_dir, config)
+
+
+def args(root: Path, run_dir: Path, config: Path) -> tuple[str, ...]:
+    return ("--root", str(root), "--run-dir", str(run_dir), "--config", str(config),
+            "--timeout", "20")
+
+
+@pytest.mark.root
+def test_boot_observe_and_redirect_then_stop(device):
+    root, run_dir, config = device
+    legacy = set(os.listdir(root / "img"))
+    for stage in ("observe", "redirect"):
+        config.write_text(f"stage: {stage}\n")
+        proc = run("compatfs-boot", *args(root, run_dir, config))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == f"compatfs: ready (stage {stage})"
+        assert all(mounts.is_compatfs(str(root / v)) for v in VIEWS)
+        assert set(os.listdir(root / "img")) == legacy
+        ctl = subprocess.run([compatfs_command(), "ctl", "--root", str(root), "--config",
+                              str(config), "get", "stage"], capture_output=True, text=True,
+                             timeout=30)
+        assert ctl.stdout.strip() == stage, ctl.stderr
+        again = run("compatfs-boot", *args(root, run_dir, config))  # idempotent
+        assert again.returncode == 0 and "already mounted" in again.stderr
+        proc = run("compatfs-stop", *args(root, run_dir, config))
+        assert proc.returncode == 0, proc.stderr
+        assert compatfs_mounts(root, run_dir) == []
+        assert RunDir(str(run_dir), str(root)).live_pid() is None
+        assert set(os.listdir(root / "img")) == legacy
+    proc = run("compatfs-stop", *args(root, run_dir, config))  # nothing mounted: still 0
+    assert proc.returncode == 0, proc.stderr
+    assert "was not mounted" in proc.stderr
+
+
+@pytest.mark.root
+def test_boot_and_stop_under_busybox(device, tmp_path):
+    root, run_dir, config = device
+    shell, env = shell_for("busybox", tmp_path)
+    config.write_text("stage: redirect\n")
+    proc = run("compatfs-boot", *args(root, run_dir, config), shell=shell, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "compatfs: ready (stage redirect)"
+    assert all(mounts.is_compatfs(str(root / v)) for v in VIEWS)
+    proc = run("compatfs-stop", *args(root, run_dir, config), shell=shell, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert compatfs_mounts(root, run_dir) == []
+
+
+@pytest.mark.root
+def test_boot_stage_off_and_rollback_mount_nothing(device):
+    root, run_dir, config = device
+    config.write_text("stage: off\n")
+    proc = run("compatfs-boot", *args(root, run_dir, config))
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing mounted" in proc.stdout
+    assert compatfs_mounts(root, run_dir) == []
+    config.write_text("stage: rollback\n")
+    proc = run("compatfs-boot", *args(root, run_dir, config))
+    assert proc.returncode == 0, proc.stderr
+    assert "moved 0 objects back" in proc.stderr and "rolled back" in proc.stdout
+    assert compatfs_mounts(root, run_dir) == []
+
+
+@pytest.mark.root
+def test_boot_that_cannot_mount_fails_and_leaves_nothing_mounted(tmp_path):
+    (tmp_path / "dev").mkdir()
+    run_dir, config = tmp_path / "run", tmp_path / "compatfs.yaml"
+    config.write_text("stage: redirect\nrequire_encrypted_vault: true\n")
+    with device_root(tmp_path / "dev", size_mb=128, encrypted_vault=False) as root:
+        devicegen.make_demo(str(root))
+        try:
+            proc = run("compatfs-boot", *args(root, run_dir, config))
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            assert "not encrypted" in proc.stderr
+            assert proc.stderr.strip().splitlines()[-1].startswith(
+                "compatfs-boot: error: compatfs mount failed (exit 1); nothing is mounted")
+            assert "ready" not in proc.stdout
+            assert compatfs_mounts(root, run_dir) == []
+            assert RunDir(str(run_dir), str(root)).live_pid() is None
+        finally:
+            clean_up(root, run_dir, config)
+
+
+@pytest.mark.root
+def test_debug_mount_wrapper_mounts_an_inspection_view_and_unmounts_it(device, tmp_path):
+    root, run_dir, config = device
+    config.write_text("stage: observe\n")
+    look = tmp_path / "look" / "here"  # created by the script
+    try:
+        proc = run("compatfs-debug-mount", *args(root, run_dir, config), str(look))
+        assert proc.returncode == 0, proc.stderr
+        assert mounts.mounted_at(str(look)) is not None
+        names = os.listdir(look / "img")
+        assert set(names) == set(os.listdir(root / "img"))
+        assert os.getxattr(look / "img" / names[0], "user.compatfs.state") in (
+            b"legacy", b"unresolved")
+        proc = run("compatfs-debug-mount", "--unmount", str(look))
+        assert proc.returncode == 0, proc.stderr
+        assert mounts.mounted_at(str(look)) is None
+        proc = run("compatfs-debug-mount", "--unmount", str(look))  # nothing there: an error
+        assert proc.returncode == 1 and "is not mounted" in proc.stderr
+    finally:
+        if mounts.mounted_at(str(look)) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(look)], capture_output=True)
+
+
+def wait_for(predicate, deadline_s: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"supervisor exited with {proc.returncode} before {what}:\n"
+                                 f"{log.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {deadline_s} s:\n{log.read_text(errors='replace')}")
+        time.sleep(0.01)
+
+
+def views_answer(root: Path) -> bool:
+    try:
+        return all(mounts.is_compatfs(str(root / v)) and os.listdir(root / v) is not None
+                   for v in VIEWS)
+    except OSError:
+        return False
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["sh", "busybox"])
+def test_supervised_daemon_comes_back_after_sigkill_and_a_signal_stops_it(device, tmp_path,
+                                                                         capsys, kind):
+    root, run_dir, config = device
+    shell, env = shell_for(kind, tmp_path)
+    config.write_text("stage: observe\n")
+    log = run_dir.parent / "supervisor.log"
+    rundir = RunDir(str(run_dir), str(root))
+    with open(log, "wb") as out:
+        sup = subprocess.Popen([*shell, str(SCRIPTS_DIR / "compatfs-boot"), "--supervise",
+                                *args(root, run_dir, config)], stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=out, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "compatfs: ready (stage observe)" in log.read_text()
+                 and rundir.live_pid() is not None, 20, "first readiness", sup, log)
+        first = rundir.live_pid()
+        assert first is not None and views_answer(root)
+
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+
+        def back() -> bool:
+            pid = rundir.live_pid()
+            return pid is not None and pid != first and views_answer(root)
+
+        wait_for(back, 20, "restarted views", sup, log)
+        recovery = time.monotonic() - killed
+        with capsys.disabled():
+            print(f"\ncompatfs-boot --supervise ({kind}): views answered again "
+                  f"{recovery:.2f} s after the daemon was SIGKILLed")
+        assert recovery < RECOVERY_LIMIT_S, log.read_text()
+        second = rundir.live_pid()
+        text = log.read_text()
+        assert "killed by SIGKILL" in text and "restarting it now" in text, text
+
+        stop = signal.SIGINT if kind == "busybox" else signal.SIGTERM  # both stop it
+        sup.send_signal(stop)
+        assert sup.wait(timeout=40) == 0, log.read_text()
+        assert f"{stop.name}: stopping the daemon" in log.read_text()
+        assert "stopped (the daemon exited with status 0)" in log.read_text()
+        assert compatfs_mounts(root, run_dir) == []
+        assert rundir.live_pid() is None
+        assert second is not None and not os.path.exists(f"/proc/{second}")
+    finally:
+        if sup.poll() is None:
+            sup.send_signal(signal.SIGTERM)
+            try:
+                sup.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                sup.kill()
+                sup.wait(timeout=10)
