@@ -274,16 +274,26 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_daemon(layout, key: str) -> str | None:
+    """A key of the running daemon's control interface, or None when none answers."""
+    from .control import CONTROL_NAME, PREFIX
+
+    try:
+        return os.getxattr(os.path.join(layout.path("img"), CONTROL_NAME), PREFIX + key).decode()
+    except OSError:
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import as_json, collect, render_text
 
     cfg, root = _config_and_root(args)
-    run = _run_dir(args, root)
-    info = run.info() if run.live_pid() is not None else None
-    stage = info["stage"] if info else cfg.stage
     layout = cfg.layout(root)
-    plan, objects = collect(layout, Resolver(layout, cfg.overrides), cfg.mount_prepared or True)
-    doc = as_json(stage, info is not None, plan, objects, run.progress() if info else None)
+    stage = _ask_daemon(layout, "stage")
+    migration = _ask_daemon(layout, "migration") if stage == "migrate" else None
+    plan, objects = collect(layout, Resolver(layout, cfg.overrides), True)
+    doc = as_json(stage or cfg.stage, stage is not None, plan, objects,
+                  json.loads(migration) if migration else None)
     if args.json:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -211,7 +211,6 @@ class Daemon:
             nursery.start_soon(self._write_metrics)
             if self.stage == "migrate":
                 await nursery.start(self.migrator.run)
-                nursery.start_soon(self._write_progress)
             async for signum in signals:
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 break
@@ -227,15 +226,6 @@ class Daemon:
             except OSError as exc:
                 log.debug("metrics file: %s", exc)
             await trio.sleep(METRICS_SECONDS)
-
-    async def _write_progress(self) -> None:
-        """Keep <run dir>/progress.json current for 'compatfs status'."""
-        while True:
-            try:
-                self.run.write_progress(self.migrator.progress.as_json())
-            except OSError as exc:
-                log.debug("progress file: %s", exc)
-            await trio.sleep(1.0)
 
     async def _main(self, nursery: trio.Nursery) -> None:
         await pyfuse3.main()

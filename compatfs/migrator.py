@@ -265,6 +265,8 @@ class Migrator:
             action = {"rename": "rename", "copy": "copy"}.get(e.action, "set-aside")
             if action == "set-aside" and (e.reason is None or "newer" not in e.reason):
                 continue
+            if action == "copy" and self._renameable(top, e.location):
+                action = "rename"
             expect = dst_rel if e.location == "verified" and is_sha256(dst_rel) else None
             items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, e.location, dst_rel,
                               e.obj.bytes, action, expect))
@@ -276,6 +278,17 @@ class Migrator:
                 items.append(Item(rec.view, rec.kind, rec.kind == "oci-volume", rec.store,
                                   rec.rel, want.store, want.rel, 0, "copy"))
         return items
+
+    def _renameable(self, src_key: str, dst_key: str) -> bool:
+        """rename(2) can move objects of *src_key* to *dst_key*: one filesystem, no
+        encryption on either side. Decided on the open stores: the plan reads the
+        legacy stores through /proc/self/fd/N, whose lstat is procfs', so it never
+        sees a legacy store on the destination's filesystem and says copy."""
+        if not (self.backing.has(src_key) and self.backing.has(dst_key)):
+            return False
+        src, dst = self.backing.get(src_key), self.backing.get(dst_key)
+        return (not src.encrypted and not dst.encrypted
+                and os.fstat(src.fd).st_dev == os.fstat(dst.fd).st_dev)
 
     def _order(self, items: list[Item]) -> list[Item]:
         """Objects an agent has open first, then small before large."""
@@ -397,8 +410,8 @@ class Migrator:
             self._keep_legacy(item, "failed", reason, attempts)
             delay = self.settings.retry_backoff_s * (2 ** (attempts - 1))
             self.retry_at[item.vpath] = time.monotonic() + delay
+            self.progress.failed += 1  # in this pass, whether or not it is retried later
             if attempts >= self.settings.retries:
-                self.progress.failed += 1
                 log.warning("%s: migration failed %d times, giving up: %s", item.vpath,
                             attempts, reason)
             else:
@@ -621,19 +634,33 @@ class Migrator:
 
     # -- downgrade then upgrade ---------------------------------------------------------
     def _set_aside(self, item: Item) -> None:
-        """The destination is newer: it wins; the legacy object is kept aside, not deleted."""
+        """The destination is newer: it wins; the legacy object is kept aside, not deleted.
+
+        The record (naming where the legacy copy goes) is committed before the
+        legacy object is moved: a crash in between leaves the legacy name served
+        by the destination and :meth:`recover` finishes the move, never a legacy
+        name that resolves to nothing."""
         src = self.backing.get(item.src_store)
-        where = self._move_aside(src, item.src_rel)
+        where = self._aside_name(item.src_rel)
+        reason = (f"the destination was newer; the legacy copy was set aside at "
+                  f"{item.src_store}/{where}")
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
-                              reason=f"the destination was newer; the legacy copy was set "
-                                     f"aside at {item.src_store}/{where}"))
+                              target_store=item.src_store, target_rel=where, reason=reason))
+        self._fault("set-aside")
+        self._move_aside(src, item.src_rel, where)
+        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
+                              reason=reason))
         self._switched(item.vpath)
         log.warning("%s: %s/%s is newer than the legacy copy; legacy copy set aside at %s/%s",
                     item.vpath, item.dst_store, item.dst_rel, item.src_store, where)
 
-    def _move_aside(self, store: Store, rel: str) -> str:
+    @staticmethod
+    def _aside_name(rel: str) -> str:
+        return f"{SET_ASIDE_DIR}/{rel.replace('/', '%')}.{time.time_ns()}"
+
+    def _move_aside(self, store: Store, rel: str, where: str | None = None) -> str:
         store.makedirs(SET_ASIDE_DIR, 0o700)
-        where = f"{SET_ASIDE_DIR}/{rel.replace('/', '%')}.{time.time_ns()}"
+        where = where or self._aside_name(rel)
         store.rename(rel, store, where)
         return where
 
@@ -659,6 +686,12 @@ class Migrator:
                     dst.unlink(tmp_rel)
             except (FileNotFoundError, NotADirectoryError):
                 pass
+            except OSError as exc:
+                # e.g. ELOOP: a symbolic link where the destination directory should be.
+                # This runs in the handler of the object's own failure: raising here
+                # would end the whole pass (one failure never stops the others).
+                log.warning("%s: cannot remove %s/%s: %s", item.vpath, item.dst_store,
+                            tmp_rel, exc)
         rec = self.index.get(item.vpath)
         if rec is not None and rec.state in MIGRATING_STATES:
             if item.src_store == "unresolved":
@@ -683,6 +716,8 @@ class Migrator:
     def _recover_one(self, rec: Record) -> str | None:
         if rec.state == "rolling-back":
             return self._recover_rollback(rec)
+        if rec.state == "new" and rec.target_store and rec.target_rel:
+            return self._recover_set_aside(rec)
         if rec.state not in ("renaming", "copying", "copied", "switched"):
             return None
         if not (self.backing.has(rec.store) and rec.target_store
@@ -722,6 +757,19 @@ class Migrator:
         # switched
         self._finish_removal(rec)
         return f"{rec.view}: removed the legacy original after the switch"
+
+    def _recover_set_aside(self, rec: Record) -> str | None:
+        """A set-aside was committed but the legacy copy may not have been moved."""
+        assert rec.target_store is not None and rec.target_rel is not None
+        if not self.backing.has(rec.target_store):
+            return None  # not served now: finished when it is
+        legacy, rest = self.backing.get(rec.target_store), split(rec.view)[1]
+        line = None
+        if legacy.exists(rest) and not legacy.exists(rec.target_rel):
+            self._move_aside(legacy, rest, rec.target_rel)
+            line = f"{rec.view}: set the legacy copy aside at {rec.target_rel}"
+        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new", reason=rec.reason))
+        return line
 
     def _recover_rollback(self, rec: Record) -> str | None:
         """A rollback was interrupted and the views are served again: if the new copy

@@ -107,7 +107,6 @@ class RunDir:
         self.info_file = os.path.join(self.dir, "info.json")
         self.mountpoint = os.path.join(self.dir, "mnt")
         self.log_file = os.path.join(self.dir, "daemon.log")
-        self.progress_file = os.path.join(self.dir, "progress.json")
         self.metrics_file = os.path.join(self.dir, "metrics.prom")
 
     def make(self) -> None:
@@ -139,16 +138,6 @@ class RunDir:
         self._write(self.info_file, json.dumps(info))
         self._write(self.pid_file, f"{os.getpid()}\n")
 
-    def write_progress(self, progress: dict) -> None:
-        self._write(self.progress_file, json.dumps(progress))
-
-    def progress(self) -> dict | None:
-        try:
-            with open(self.progress_file) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
     def info(self) -> dict | None:
         try:
             with open(self.info_file) as f:
@@ -157,7 +146,7 @@ class RunDir:
             return None
 
     def clear(self) -> None:
-        for p in (self.pid_file, self.info_file, self.progress_file, self.metrics_file):
+        for p in (self.pid_file, self.info_file, self.metrics_file):
             try:
                 os.unlink(p)
             except FileNotFoundError:
