@@ -551,24 +551,32 @@ class Migrator:
         st = os.fstat(src_fd)
         os.ftruncate(tmp_fd, st.st_size)
         copier.finish_file(tmp_fd, st)
-        dst.rename(tmp_rel, dst, item.dst_rel)
-        self._fsync_parent(dst, item.dst_rel)
-        self._fault("renamed-into-place")
-        self._commit_switch(item, st)
+        self._place_and_switch(item, dst, st)
         if self.ops is not None and key is not None:
             self.ops.switch_backing(key, dst, item.dst_rel)
         self._switched(item.vpath)
         self._fault("switched")
 
-    def _commit_switch(self, item: Item, st: os.stat_result) -> None:
-        """The copy is in place: record it as copied from *st*, then serve it."""
+    def _place_and_switch(self, item: Item, dst: Store, st: os.stat_result) -> None:
+        """The complete copy of the source as *st* describes it is at its temporary
+        name: commit that, rename it into place, commit the switch. A crash between
+        any two steps is finished by :meth:`recover` (``copied``)."""
         self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copied",
                               target_store=item.dst_store, target_rel=item.dst_rel,
                               sig=signature(st)))
         self._fault("copied")
+        self._rename_into_place(dst, item.dst_rel)
+        self._fault("renamed-into-place")
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "switched",
                               target_store=item.src_store, target_rel=item.src_rel,
                               sig=signature(st)))
+
+    def _rename_into_place(self, dst: Store, rel: str) -> None:
+        """``<rel>.compatfs-tmp`` becomes *rel* (an older directory there goes first)."""
+        if dst.exists(rel) and stat.S_ISDIR(dst.lstat(rel).st_mode):
+            shutil.rmtree(rel, dir_fd=dst.fd)
+        dst.rename(rel + TMP_SUFFIX, dst, rel)
+        self._fsync_parent(dst, rel)
 
     def _switched(self, vpath: str) -> None:
         self.progress.current.pop(vpath, None)
@@ -624,11 +632,7 @@ class Migrator:
         if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
             raise Converging("files inside were opened during the copy")
         st = src.lstat(item.src_rel)
-        if dst.exists(item.dst_rel):
-            shutil.rmtree(item.dst_rel, dir_fd=dst.fd)
-        dst.rename(tmp_rel, dst, item.dst_rel)
-        self._fsync_parent(dst, item.dst_rel)
-        self._commit_switch(item, st)
+        self._place_and_switch(item, dst, st)
         self._switched(item.vpath)
         self._remove_legacy(item)
 
@@ -740,18 +744,23 @@ class Migrator:
                 st = here.lstat(rec.rel)
             except FileNotFoundError:
                 st = None
-            if st is not None and there.exists(rec.target_rel) and \
-                    (stat.S_ISDIR(st.st_mode) or signature(st) == rec.sig):
+            tmp = rec.target_rel + TMP_SUFFIX
+            unchanged = st is not None and (stat.S_ISDIR(st.st_mode) or signature(st) == rec.sig)
+            if unchanged and (there.exists(tmp) or there.exists(rec.target_rel)):
+                if there.exists(tmp):
+                    self._rename_into_place(there, rec.target_rel)
                 self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind,
                                       "switched", target_store=rec.store, target_rel=rec.rel,
                                       sig=rec.sig))
                 self._finish_removal(self.index.get(rec.view))  # type: ignore[arg-type]
                 return f"{rec.view}: switched to its finished copy"
-            if there.exists(rec.target_rel):
-                if stat.S_ISDIR(there.lstat(rec.target_rel).st_mode):
-                    shutil.rmtree(rec.target_rel, dir_fd=there.fd)
+            # the source changed (or went) after the copy: the copy is stale
+            stale = tmp if there.exists(tmp) else rec.target_rel
+            if there.exists(stale):
+                if stat.S_ISDIR(there.lstat(stale).st_mode):
+                    shutil.rmtree(stale, dir_fd=there.fd)
                 else:
-                    there.unlink(rec.target_rel)
+                    there.unlink(stale)
             self.index.delete(rec.view)
             return f"{rec.view}: its source changed after the copy; the copy was dropped"
         # switched

@@ -170,7 +170,7 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
             continue
         try:
             st = os.lstat(e.target)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             st = None
         if st is not None and st.st_mtime_ns > e.obj.mtime_ns:
             e.reason = ("destination exists and is newer (downgrade then upgrade): "
