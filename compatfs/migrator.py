@@ -56,6 +56,7 @@ from .config import Migration
 from .index import Record
 from .names import is_sha256
 from .plan import make_plan
+from .scan import SET_ASIDE_DIR, TMP_SUFFIX
 from .view import View, split
 
 if TYPE_CHECKING:
@@ -63,8 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".compatfs-tmp"
-SET_ASIDE_DIR = ".compatfs-set-aside"
 MIB = 1 << 20
 
 #: Dirty bytes left below which the copy stops chasing writes in a worker thread.

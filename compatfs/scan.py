@@ -19,6 +19,10 @@ from .names import (
     is_uuid, parse_container_volume, parse_obj_type, parse_verified_sha, parse_vm_volume,
 )
 
+#: compatfs' own names inside legacy locations (see compatfs.migrator)
+SET_ASIDE_DIR = ".compatfs-set-aside"
+TMP_SUFFIX = ".compatfs-tmp"
+
 KINDS = ("vm-volume", "oci-volume", "pending", "verifier", "verified", "other")
 
 _AREA_KIND = {
@@ -82,6 +86,8 @@ def _entries(path: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
         return []
     out = []
     for entry in entries:
+        if entry.name == SET_ASIDE_DIR or entry.name.endswith(TMP_SUFFIX):
+            continue  # compatfs' own: copies it set aside, a temporary of a move under way
         try:
             out.append((entry, entry.stat(follow_symlinks=False)))
         except FileNotFoundError:
