@@ -99,8 +99,8 @@ def main() -> int:
               file=sys.stderr)
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}, kernel {platform.release()}")
-        print(f"| output | runs | median wall (s) | max wall (s) | peak RSS (MiB) |")
-        print(f"|---|---|---|---|---|")
+        print("| output | runs | median wall (s) | max wall (s) | peak RSS (MiB) |")
+        print("|---|---|---|---|---|")
         cases = [("--json, warm cache", ["--json"], False), ("table, warm cache", [], False)]
         if os.geteuid() == 0:
             cases.append(("--json, cold cache", ["--json"], True))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import shutil
 import signal

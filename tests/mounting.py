@@ -10,7 +10,6 @@ also when the test failed.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys

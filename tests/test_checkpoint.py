@@ -9,7 +9,6 @@ Whatever the bytes, ``decode`` returns a :class:`DeviceConfig` or raises
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import subprocess
 import sys

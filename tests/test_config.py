@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from compatfs import config
 from compatfs.config import Config, ConfigError, Override, load, parse
-from compatfs.layout import DEFAULT_ROOT, LOCATIONS, Layout
+from compatfs.layout import DEFAULT_ROOT, LOCATIONS
 
 SRC = "/etc/compatfs/device.yaml"
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import stat
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from compatfs import devicegen, mounts
 
 from .conftest import run_cli, tree_snapshot
-from .devices import device_root
 from .mounting import assert_clean_exit, mounted
 
 pytestmark = pytest.mark.root
