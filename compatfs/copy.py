@@ -369,6 +369,38 @@ def copy_extents(src_fd: int, dst_fd: int, *, start: int = 0, end: int | None = 
                       sha256=mover.hexdigest())
 
 
+def sha256_of(fd: int, *, throttle: Throttle | None = None,
+              stop: threading.Event | None = None, chunk: int = DEFAULT_CHUNK) -> str:
+    """SHA-256 of the logical content of *fd* (holes count as zeros), reading only
+    its data extents: holes are hashed from a zero buffer, never read. Every
+    *chunk* read pays the throttle, honours *stop* and is dropped from the page
+    cache, so reading a copy back costs what its data costs and no more."""
+    size = os.fstat(fd).st_size
+    mover = _Mover(throttle=throttle, stop=stop, progress=None, chunk=chunk, hash=True)
+    hasher = mover.hasher
+    assert hasher is not None
+    buf = mover._buffer()
+    pos = 0
+    for off, length in _extents(fd, 0, size):
+        if off > pos:
+            mover._hole(fd, pos, off, punch=False)
+        end = off + length
+        while off < end:
+            mover.check_stop()
+            want = min(end - off, len(buf))
+            mover._pay(want)
+            n = os.preadv(fd, [buf[:want]], off)
+            if n == 0:
+                break
+            hasher.update(buf[:n])
+            _fadvise_dontneed(fd, off, n)
+            off += n
+        pos = off
+    if pos < size:
+        mover._hole(fd, pos, size, punch=False)
+    return hasher.hexdigest()
+
+
 def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """The (start, end) union of (offset, length) *ranges*, sorted."""
     spans = []
