@@ -40,7 +40,7 @@ class Override:
 class Migration:
     """How the background migration runs (the ``migration:`` mapping)."""
 
-    throttle_mib_per_s: float = 64.0
+    throttle_mib_per_s: float = 16.0
     concurrency: int = 2
     reserve_percent: float = 5.0
     retries: int = 3
@@ -170,7 +170,7 @@ OVERRIDE: dict[str, Key] = {
 REQUIRED_OVERRIDE_KEYS = ("app", "sha", "volume")
 
 MIGRATION: dict[str, Key] = {
-    "throttle_mib_per_s": Key(_number(0), 64.0,
+    "throttle_mib_per_s": Key(_number(0), 16.0,
                               "Copy rate limit over all copies, MiB/s; 0 means unlimited."),
     "concurrency": Key(_whole(1, 16), 2, "How many objects are copied at once."),
     "reserve_percent": Key(_number(0, 50), 5.0,
