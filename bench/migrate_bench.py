@@ -72,6 +72,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from benchlib import log, run, drop_caches
 from compatfs import devicefs, devicegen, mounts
 from compatfs.names import DownloadArea, ObjType
 
@@ -85,24 +86,6 @@ STASH = "bench-stash"
 INDEX_FILES = ("index.db", "index.db-wal", "index.db-shm")
 UNLIMITED = "migration:\n  throttle_mib_per_s: 0\n"
 UNLIMITED_NOVERIFY = "migration:\n  throttle_mib_per_s: 0\n  verify: false\n"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def drop_caches() -> None:
-    """Empty the page, dentry and inode caches (root only)."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def meminfo() -> dict[str, int]:

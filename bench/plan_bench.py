@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from benchlib import drop_caches
 from compatfs import devicegen
 from compatfs.names import DownloadArea, ObjType
 
@@ -65,13 +66,6 @@ def build(root: str, n: int, seed: int = 1) -> dict[str, int]:
         with open(os.path.join(root, "img", f"junk-{i}.txt"), "wb") as f:
             f.write(b"x")
     return counts
-
-
-def drop_caches() -> None:
-    """Empty the page, dentry and inode caches (root only), for a cold run."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def run_once(root: str, fmt: list[str], cold: bool = False) -> tuple[float, int]:

@@ -67,6 +67,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from benchlib import log, run, drop_caches
 from compatfs import devicegen, mounts
 
 MiB = 1 << 20
@@ -79,24 +80,6 @@ META_ROUNDS = 3
 RANDOM_READS = 20_000
 RSS_NAMES = 100_000
 CONFIG = "require_encrypted_vault: false\n"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def drop_caches() -> None:
-    """Empty the page, dentry and inode caches (root only), for a cold read."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def wait_until(what: str, ready: Callable[[], bool], alive: Callable[[], bool] = lambda: True) -> None:
