@@ -19,6 +19,10 @@ from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative
 from .names import INT64_MAX, is_sha256, is_uuid
 
 STAGES = ("off", "observe", "redirect", "migrate", "rollback")
+#: How a copy is checked against its source (``migration.verify``): ``copy``
+#: reads every piece back as it is written (YAML ``true``), ``readback`` also
+#: re-reads the whole copy from disk at the end, ``off`` (YAML ``false``) neither.
+VERIFY_MODES = ("copy", "readback", "off")
 
 
 class ConfigError(Exception):
@@ -45,7 +49,7 @@ class Migration:
     reserve_percent: float = 5.0
     retries: int = 3
     retry_backoff_s: float = 10.0
-    verify: bool = True
+    verify: str = "copy"
     rescan_s: float = 30.0
 
 
@@ -84,6 +88,16 @@ def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise _Bad(f"must be true or false, not {v!r}")
     return v
+
+
+def _verify(v: Any) -> str:
+    if v is True:
+        return "copy"
+    if v is False:
+        return "off"
+    if v == "readback":
+        return v
+    raise _Bad(f"must be true, false or readback, not {v!r}")
 
 
 def _abs_path(v: Any) -> str:
@@ -177,7 +191,8 @@ MIGRATION: dict[str, Key] = {
                            "Free space a copy must leave on the destination, % of its size."),
     "retries": Key(_whole(1, 100), 3, "Attempts before an object is marked failed."),
     "retry_backoff_s": Key(_number(0), 10.0, "Wait before the first retry; doubles each time."),
-    "verify": Key(_bool, True, "Check each copy against its source before switching to it."),
+    "verify": Key(_verify, "copy", "Check each copy against its source before switching to it: "
+                  "true, false or readback."),
     "rescan_s": Key(_number(1), 30.0, "How often the legacy locations are scanned for work."),
 }
 

@@ -64,6 +64,14 @@ class CopyAborted(Exception):
     """The stop event was set while a copy was running; the destination is partial."""
 
 
+class CopyMismatch(OSError):
+    """Bytes read back from the destination differ from the source bytes written there."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        super().__init__(errno.EIO, f"the copy reads back different from its source in "
+                                    f"[{offset}, {offset + length})")
+
+
 class Throttle:
     """A token bucket: every copy sharing one Throttle together moves at most its rate."""
 
@@ -176,7 +184,8 @@ class _Mover:
     """
 
     def __init__(self, *, throttle: Throttle | None, stop: threading.Event | None,
-                 progress: Callable[[int], None] | None, chunk: int, hash: bool) -> None:
+                 progress: Callable[[int], None] | None, chunk: int, hash: bool,
+                 compare: bool = False) -> None:
         if chunk <= 0:
             raise ValueError(f"chunk must be positive, not {chunk}")
         self.throttle = throttle
@@ -184,9 +193,11 @@ class _Mover:
         self.progress = progress
         self.chunk = chunk
         self.hasher = hashlib.sha256() if hash else None
-        self.use_cfr = not hash       # hashing reads the bytes itself
+        self.compare = compare
+        self.use_cfr = not (hash or compare)   # both need the bytes in hand
         self.data_bytes = 0
         self._buf: memoryview | None = None
+        self._back: bytearray | None = None    # what dst reads back, when comparing
         self._step = 0                # data bytes in the current step
         self._lo: int | None = None   # range touched in the current step
         self._hi = 0
@@ -262,10 +273,29 @@ class _Mover:
                 if w <= 0:
                     raise OSError(errno.EIO, "pwrite wrote nothing")
                 written += w
+            if self.compare:
+                self._compare(dst_fd, buf, n, off + done)
             if self.hasher is not None:
                 self.hasher.update(buf[:n])
             done += n
         return done
+
+    def _compare(self, dst_fd: int, buf: memoryview, n: int, off: int) -> None:
+        """Read [off, off+n) of dst back and compare it with buf[:n], what was written.
+
+        The read is served by dst's page cache (the pages just written, in
+        clear text on an encrypted directory too), so it costs a memory copy
+        and a memcmp, not a decryption; what it checks is that dst now holds
+        the source's bytes at the source's offsets.
+        """
+        if self._back is None:
+            self._back = bytearray(self.chunk)
+        back = self._back
+        got = os.preadv(dst_fd, [memoryview(back)[:n]], off)
+        # bytearray == buffer is one memcmp; compare slices only when short
+        same = got == n and (back == buf if n == len(back) else back[:n] == buf[:n])
+        if not same:
+            raise CopyMismatch(off, n)
 
     def _data(self, src_fd: int, dst_fd: int, start: int, end: int) -> int:
         """Copy the data extent [start, end) in steps; where it ended (< end at EOF)."""
@@ -341,7 +371,8 @@ def _refuse_append(fd: int) -> None:
 
 def copy_extents(src_fd: int, dst_fd: int, *, start: int = 0, end: int | None = None,
                  throttle: Throttle | None = None, stop: threading.Event | None = None,
-                 hash: bool = False, progress: Callable[[int], None] | None = None,
+                 hash: bool = False, compare: bool = False,
+                 progress: Callable[[int], None] | None = None,
                  chunk: int = DEFAULT_CHUNK) -> CopyResult:
     """Copy [start, end or EOF) of src into dst at the same offsets, holes kept as holes.
 
@@ -351,7 +382,9 @@ def copy_extents(src_fd: int, dst_fd: int, *, start: int = 0, end: int | None = 
     step; *throttle* is paid for data bytes only (holes cost no I/O). With
     *hash*, data is read and written here and ``sha256`` is the digest of the
     logical content of the range (holes as zeros), which is what dst now holds
-    there. Raises :class:`CopyAborted` when *stop* is set before a step and
+    there. With *compare*, every piece written is read back from dst and
+    compared with the source bytes (:class:`CopyMismatch` if they differ).
+    Raises :class:`CopyAborted` when *stop* is set before a step and
     ``OSError`` (e.g. ``ENOSPC``) as the kernel reports it; either way dst is
     left partial and open, for the caller to remove.
     """
@@ -360,7 +393,8 @@ def copy_extents(src_fd: int, dst_fd: int, *, start: int = 0, end: int | None = 
     _refuse_append(dst_fd)
     size = os.fstat(src_fd).st_size
     stop_at = size if end is None else min(end, size)
-    mover = _Mover(throttle=throttle, stop=stop, progress=progress, chunk=chunk, hash=hash)
+    mover = _Mover(throttle=throttle, stop=stop, progress=progress, chunk=chunk, hash=hash,
+                   compare=compare)
     if start < stop_at:
         mover.copy(src_fd, dst_fd, start, stop_at)
     if end is None:
@@ -568,7 +602,7 @@ class _TreeCopy:
             st = os.fstat(src)
             if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
                 raise _changed(name)
-            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            dst = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
             try:
                 if st.st_size:
@@ -644,7 +678,8 @@ class _TreeCopy:
 
 def copy_tree(src_dir_fd: int, src_name: str, dst_dir_fd: int, dst_name: str, *,
               throttle: Throttle | None = None, stop: threading.Event | None = None,
-              progress: Callable[[int], None] | None = None) -> CopyResult:
+              progress: Callable[[int], None] | None = None,
+              compare: bool = False) -> CopyResult:
     """Copy the directory tree src_dir_fd/src_name to the new dst_dir_fd/dst_name, intact.
 
     Regular files (sparse), directories, symbolic links (never followed),
@@ -663,7 +698,7 @@ def copy_tree(src_dir_fd: int, src_name: str, dst_dir_fd: int, dst_name: str, *,
         dst_fd = _open_dir(dst_name, dst_dir_fd)
         try:
             mover = _Mover(throttle=throttle, stop=stop, progress=progress,
-                           chunk=DEFAULT_CHUNK, hash=False)
+                           chunk=DEFAULT_CHUNK, hash=False, compare=compare)
             tree = _TreeCopy(mover, dst_fd)
             tree.directory(src_fd, dst_fd, st, ())
         finally:

@@ -496,9 +496,10 @@ class Migrator:
             if self.ops is not None:
                 self.dirty[key] = DirtyLog()
             self.progress.current[item.vpath] = (0, st0.st_blocks * 512)  # data, not holes
-            want_hash = item.expect_sha is not None or self.settings.verify
-            result = await self._in_thread(copier.copy_extents, src_fd, tmp_fd,
-                                           hash=want_hash, item=item)
+            verify = self.settings.verify
+            want_hash = item.expect_sha is not None or verify == "readback"
+            result = await self._in_thread(copier.copy_extents, src_fd, tmp_fd, hash=want_hash,
+                                           compare=verify != "off", item=item)
             log.debug("%s: bulk copy done, %d data bytes", item.vpath, result.data_bytes)
             self._fault("bulk-copied")
             dirty = self.dirty.get(key) if key else None
@@ -513,7 +514,7 @@ class Migrator:
             written = dirty is not None and dirty.touched
             if item.expect_sha is not None and not written and result.sha256 != item.expect_sha:
                 raise Quarantined(f"content sha256 {result.sha256} does not match its name")
-            if self.settings.verify and not written and not self._open_for_writing(key):
+            if verify == "readback" and not written and not self._open_for_writing(key):
                 copied = await in_background(
                     lambda: copier.sha256_of(tmp_fd, throttle=self.throttle, stop=self.stop))
                 if copied != result.sha256:
@@ -547,7 +548,8 @@ class Migrator:
             return False
         return any(h.writable and h.backing == key for h in self.ops.handles.values())
 
-    async def _in_thread(self, fn, src_fd: int, dst_fd: int, *, hash: bool, item: Item):
+    async def _in_thread(self, fn, src_fd: int, dst_fd: int, *, hash: bool, compare: bool,
+                         item: Item):
         def progress(n: int) -> None:
             done, total = self.progress.current.get(item.vpath, (0, 0))
             self.progress.current[item.vpath] = (done + n, total)
@@ -555,7 +557,7 @@ class Migrator:
 
         return await in_background(
             lambda: fn(src_fd, dst_fd, throttle=self.throttle, stop=self.stop, hash=hash,
-                       progress=progress))
+                       compare=compare, progress=progress))
 
     def _finish_switch(self, item: Item, src: Store, dst: Store, src_fd: int, tmp_fd: int,
                        tmp_rel: str, key: tuple[int, int] | None) -> None:
@@ -645,7 +647,7 @@ class Migrator:
         with src.parent(item.src_rel) as (sfd, sname), dst.parent(tmp_rel) as (dfd, dname):
             await in_background(
                 lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
-                                         stop=self.stop))
+                                         stop=self.stop, compare=self.settings.verify != "off"))
         if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
             raise Converging("files inside were opened during the copy")
         st = src.lstat(item.src_rel)
@@ -892,7 +894,8 @@ class Rollback:
                 shutil.rmtree(tmp, dir_fd=legacy.fd)
             with src.parent(rel) as (sfd, sname), legacy.parent(tmp) as (dfd, dname):
                 await trio.to_thread.run_sync(
-                    lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.m.throttle))
+                    lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.m.throttle,
+                                             compare=self.m.settings.verify != "off"))
         else:
             try:
                 legacy.unlink(tmp)
@@ -903,7 +906,8 @@ class Rollback:
                 dfd = legacy.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     await trio.to_thread.run_sync(
-                        lambda: copier.copy_extents(sfd, dfd, throttle=self.m.throttle))
+                        lambda: copier.copy_extents(sfd, dfd, throttle=self.m.throttle,
+                                                    compare=self.m.settings.verify != "off"))
                     copier.finish_file(dfd, os.fstat(sfd))
                 finally:
                     os.close(dfd)

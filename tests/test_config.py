@@ -102,6 +102,12 @@ def test_every_stage_is_accepted(stage: str) -> None:
     assert parse(f"stage: {stage}\n", SRC).stage == stage
 
 
+@pytest.mark.parametrize("text,mode", [("true", "copy"), ("false", "off"),
+                                       ("readback", "readback")])
+def test_verify_modes(text: str, mode: str) -> None:
+    assert parse(f"migration:\n  verify: {text}\n", SRC).migration.verify == mode
+
+
 def test_quoted_stage_off_is_accepted() -> None:
     assert parse('stage: "off"\n', SRC).stage == "off"
 

@@ -171,6 +171,55 @@ def test_sparse_file_copies_identically_and_stays_sparse(tmp_path: Path,
     assert data_extents(dst) == data_extents(src)
 
 
+@pytest.mark.parametrize("trailing_hole", [False, True], ids=["data-at-end", "trailing-hole"])
+def test_compare_copies_sparse_files_exactly_and_reads_every_piece_back(
+        tmp_path: Path, trailing_hole: bool, monkeypatch) -> None:
+    size, pieces = sparse_layout(trailing_hole)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_sparse(src, size, pieces)
+    reads: list[tuple[int, int]] = []          # (offset, length) read from dst
+    real = os.preadv
+
+    def preadv(fd: int, buffers, off: int) -> int:
+        n = real(fd, buffers, off)
+        if os.fstat(fd).st_ino == dst_ino[0]:
+            reads.append((off, n))
+        return n
+
+    dst_ino = [0]
+    with Files(src, dst) as f:
+        dst_ino[0] = os.fstat(f.dst).st_ino
+        monkeypatch.setattr(cp.os, "preadv", preadv)
+        r = cp.copy_extents(f.src, f.dst, compare=True, chunk=MiB)
+    monkeypatch.undo()
+    assert sha(dst) == sha(src)
+    assert data_extents(dst) == data_extents(src)
+    assert r.sha256 is None
+    # Every data byte written was read back, holes were not.
+    assert sum(n for _, n in reads) == r.data_bytes
+    covered = sorted(reads)
+    for (a, n), (b, _) in zip(covered, covered[1:]):
+        assert a + n <= b
+
+
+def test_compare_fails_when_the_destination_does_not_keep_its_bytes(tmp_path: Path) -> None:
+    """/dev/null takes every write and gives nothing back: the writes alone
+    report success, the comparison fails the copy with EIO."""
+    src = tmp_path / "src"
+    make_sparse(src, 4 * MiB, [(MiB, os.urandom(MiB))])
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open("/dev/null", os.O_RDWR)
+    try:
+        assert os.pwrite(dfd, b"x" * 4096, MiB) == 4096     # the write path sees nothing wrong
+        with pytest.raises(cp.CopyMismatch) as info:
+            cp.copy_extents(sfd, dfd, compare=True, end=4 * MiB)
+        assert info.value.errno == errno.EIO
+        assert f"[{MiB}, " in str(info.value)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
 def test_start_end_ranges_copy_exactly_that_range(tmp_path: Path) -> None:
     size, pieces = sparse_layout(trailing_hole=True, size=64 * MiB)
     src = tmp_path / "src"
@@ -391,8 +440,9 @@ def test_progress_reports_every_data_byte_in_chunk_steps(tmp_path: Path) -> None
 # -- page cache ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hash_", [False, True], ids=["copy_file_range", "read-write"])
-def test_page_cache_stays_bounded(tmp_path: Path, hash_: bool) -> None:
+@pytest.mark.parametrize("hash_,compare", [(False, False), (True, False), (False, True)],
+                         ids=["copy_file_range", "read-write", "compare"])
+def test_page_cache_stays_bounded(tmp_path: Path, hash_: bool, compare: bool) -> None:
     size = 512 * MiB
     src, dst = tmp_path / "src", tmp_path / "dst"
     block = os.urandom(MiB)
@@ -411,7 +461,7 @@ def test_page_cache_stays_bounded(tmp_path: Path, hash_: bool) -> None:
         nonlocal peak
         peak = max(peak, resident(dst))
 
-    r = copy_file(src, dst, progress=progress, hash=hash_)
+    r = copy_file(src, dst, progress=progress, hash=hash_, compare=compare)
     assert r.data_bytes == size
     chunk = 8 * MiB
     assert peak <= 2 * chunk, f"{peak >> 20} MiB of the copy cached during the copy"
@@ -596,7 +646,7 @@ def test_copy_tree_keeps_everything(tmp_path: Path, monkeypatch) -> None:
     synced = record_fsyncs(monkeypatch)
     root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        r = cp.copy_tree(root, "tree", root, "copy", progress=steps.append)
+        r = cp.copy_tree(root, "tree", root, "copy", progress=steps.append, compare=True)
     finally:
         os.close(root)
     monkeypatch.undo()
@@ -691,6 +741,9 @@ def test_copies_into_a_real_fscrypt_vault(tmp_path: Path, monkeypatch) -> None:
         outcomes.clear()
         r = copy_file(inside, vault / "from-novault", hash=True)
         assert sha(vault / "from-novault") == sha(inside) == r.sha256
+        copy_file(outside, vault / "compared", compare=True)
+        assert sha(vault / "compared") == sha(outside)
+        assert allocated(vault / "compared") <= allocated(outside) + 64 * 1024
         outcomes.clear()
         copy_file(inside, vault / "from-novault-cfr")
         assert sha(vault / "from-novault-cfr") == sha(inside)
@@ -715,7 +768,7 @@ def test_copies_into_a_real_fscrypt_vault(tmp_path: Path, monkeypatch) -> None:
         src_fd = os.open(root / "novault", os.O_RDONLY | os.O_DIRECTORY)
         dst_fd = os.open(vault, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            cp.copy_tree(src_fd, "vol", dst_fd, "vol")
+            cp.copy_tree(src_fd, "vol", dst_fd, "vol", compare=True)
         finally:
             os.close(src_fd)
             os.close(dst_fd)

@@ -67,12 +67,18 @@ def device(tmp_path):
         yield root
 
 
-def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(device, tmp_path):
+@pytest.mark.parametrize("verify", [None, "readback", "false"])
+def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(device, tmp_path,
+                                                                             verify):
     root = device
     web, db, pod, _ = devicegen.make_demo(str(root))
     before = {**sha_tree(root, "img"), **sha_tree(root, "downloads")}
     run = str(tmp_path / "run")
-    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+    extra = []
+    if verify is not None:
+        (tmp_path / "c.yaml").write_text(f"migration:\n  verify: {verify}\n")
+        extra = ["--config", str(tmp_path / "c.yaml")]
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run, *extra)
     assert proc.returncode == 0, proc.stderr
     assert "migrated 8 of 8 objects" in proc.stderr
     vol = lambda d, fmt: f"{d.volume_uuid}#{d.generation}.{fmt}"  # noqa: E731
