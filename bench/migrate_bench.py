@@ -17,13 +17,15 @@ into their legacy places before each run, so every run reads the same blocks.
    each including a final ``sync``: ``cp -r --sparse=always img downloads
    vault/bench-cp/`` (the reference, removed after), ``compatfs migrate
    --root R --now`` with ``migration: {throttle_mib_per_s: 0}`` (verify on,
-   the default) and the same with ``verify: false``. The ratio is cp time /
+   the default: every piece compared as it is written) and the same with
+   ``verify: false`` and ``verify: readback`` (the whole copy re-read from
+   disk). The ratio is cp time /
    compatfs time (1.0 = as fast as cp). Two rounds (the second in reverse
    order), the better time per cell.
 2. Foreground reads during migration: a 1 GiB volume already migrated (its
    legacy name resolves to ``vault/volumes``) and 3 GiB of other legacy
    volumes still to migrate. ``compatfs mount --stage migrate`` with the
-   default configuration (throttle 64 MiB/s, verify on, concurrency 2); the
+   default configuration (throttle 16 MiB/s, verify on, concurrency 2); the
    1 GiB file is read once natively and once through its legacy name (warm),
    then read in full (open, 1 MiB reads, close) through its legacy name over
    and over while the migration runs, then again once it has finished (idle),
@@ -86,6 +88,7 @@ STASH = "bench-stash"
 INDEX_FILES = ("index.db", "index.db-wal", "index.db-shm")
 UNLIMITED = "migration:\n  throttle_mib_per_s: 0\n"
 UNLIMITED_NOVERIFY = "migration:\n  throttle_mib_per_s: 0\n  verify: false\n"
+UNLIMITED_READBACK = "migration:\n  throttle_mib_per_s: 0\n  verify: readback\n"
 
 
 def meminfo() -> dict[str, int]:
@@ -532,7 +535,11 @@ def part_throughput(bench: str, args, res: Results, rng: random.Random, data: by
             f"({mib(apparent)} MiB apparent) built in {time.perf_counter() - t0:.1f} s")
         cfg_v = write_config(os.path.join(bench, "unlimited.yaml"), UNLIMITED)
         cfg_nv = write_config(os.path.join(bench, "unlimited-noverify.yaml"), UNLIMITED_NOVERIFY)
-        times: dict[str, list[float]] = {"cp": [], "verify": [], "noverify": []}
+        cfg_rb = write_config(os.path.join(bench, "unlimited-readback.yaml"), UNLIMITED_READBACK)
+        configs = {"verify": (cfg_v, "verify on (default)"),
+                   "noverify": (cfg_nv, "verify: false"),
+                   "readback": (cfg_rb, "verify: readback")}
+        times: dict[str, list[float]] = {"cp": [], "verify": [], "noverify": [], "readback": []}
         cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in times}
 
         def one(kind: str, r: int) -> None:
@@ -548,11 +555,12 @@ def part_throughput(bench: str, args, res: Results, rng: random.Random, data: by
                     raise RuntimeError(f"cp copied {copied} bytes, expected {apparent}")
                 what = "cp --sparse=always + sync"
             else:
-                secs, last = migrate_now(root, run_dir, cfg_v if kind == "verify" else cfg_nv)
+                cfg, desc = configs[kind]
+                secs, last = migrate_now(root, run_dir, cfg)
                 if f"migrated {n} of {n} objects" not in last:
                     raise RuntimeError(f"compatfs migrate --now: {last}")
                 tree.check_migrated()
-                what = f"compatfs migrate --now, throttle 0, verify {'on' if kind == 'verify' else 'off'}"
+                what = f"compatfs migrate --now, throttle 0, {desc}"
             times[kind].append(secs)
             cpu[kind].append(LAST_CPU)
             log(f"throughput round {r + 1}: {what}: {secs:.2f} s "
@@ -561,14 +569,14 @@ def part_throughput(bench: str, args, res: Results, rng: random.Random, data: by
             shutil.rmtree(run_dir, ignore_errors=True)
 
         for r in range(rounds):
-            order = ["cp", "verify", "noverify"]
+            order = ["cp", "verify", "noverify", "readback"]
             for kind in (order if r % 2 == 0 else order[::-1]):
                 one(kind, r)
         tree.reset()
     cp = min(times["cp"])
     label = (f"migrate the mix ({n} objects: 2 sparse raw, 2 qcow2, verified and pending "
              f"downloads; {mib(data_bytes)} MiB of data, {mib(apparent)} MiB apparent)")
-    for kind, desc in (("verify", "verify on (default)"), ("noverify", "verify: false")):
+    for kind, (_, desc) in configs.items():
         c = min(times[kind])
         ratio = cp / c
         res.row(f"{label}: cp --sparse=always vs compatfs migrate --now, throttle 0, {desc}",

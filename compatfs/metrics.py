@@ -77,6 +77,10 @@ def render(daemon: "Daemon") -> str:
            [("", daemon.ops.faults)])
     hist = daemon.ops.latency
     metric("fuse_requests_total", "counter", "FUSE requests served.", [("", hist.total())])
+    wb = daemon.ops.write_behind
+    metric("write_behind_total", "counter",
+           "Ranges of sequential writes whose writeback was started early, by outcome.",
+           [('{outcome="started"}', wb.started), ('{outcome="dropped"}', wb.dropped)])
     metric("fuse_request_seconds", "gauge", "FUSE request latency quantiles (bucket bounds).",
            [(f'{{quantile="{q}"}}', hist.percentile(q)) for q in (0.5, 0.9, 0.99)])
     return "\n".join(lines) + "\n"

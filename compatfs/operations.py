@@ -29,6 +29,7 @@ from .control import CONTROL_NAME, Control, ControlError
 from .inodes import ROOT, InodeTable
 from .metrics import LatencyHistogram
 from .view import View, join
+from .writebehind import Stream, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Handle:
     flags: int = 0                        # as the agent opened it (for re-opening)
     vpath: str = ""                       # the legacy name it was opened by
     backing: tuple[int, int] = (0, 0)     # (st_dev, st_ino) of the file behind it
+    stream: Stream | None = None          # where its sequential writes stand, if writable
 
 
 class Operations(pyfuse3.Operations):
@@ -93,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.faults = 0
         self.latency = LatencyHistogram()
+        self.write_behind = WriteBehind()
         #: dirty-range logs of files being migrated, by backing (st_dev, st_ino);
         #: the migrator's, shared (empty when nothing migrates)
         self.dirty: dict[tuple[int, int], Any] = {}
@@ -350,7 +353,8 @@ class Operations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         st = os.fstat(fd)
         fi = pyfuse3.FileInfo(fh=self._new_fh(Handle(fd, ino, writable, flags, vpath,
-                                                     (st.st_dev, st.st_ino))))
+                                                     (st.st_dev, st.st_ino),
+                                                     Stream() if writable else None)))
         if self.on_open is not None:
             self.on_open(vpath)
         if flags & os.O_DIRECT:
@@ -414,6 +418,8 @@ class Operations(pyfuse3.Operations):
         done = 0
         while done < len(buf):
             done += os.pwrite(fd, view[done:], off + done)
+        if handle.stream is not None:
+            self.write_behind.wrote(handle.stream, fd, off, done)
         if self.dirty:
             log = self.dirty.get(handle.backing)
             if log is not None:
@@ -561,7 +567,8 @@ class Operations(pyfuse3.Operations):
         return switched
 
     def close_all(self) -> None:
-        """Close every open backing fd (at shutdown)."""
+        """Close every open backing fd (at shutdown), after the write-behind worker."""
+        self.write_behind.close()
         for h in self.handles.values():
             try:
                 os.close(h.fd)
