@@ -23,6 +23,7 @@ from typing import Iterator
 
 from .fscrypt import is_encrypted
 from .layout import Layout
+from .mounts import open_covered
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
@@ -219,7 +220,8 @@ class Backing:
 
     @classmethod
     def open(cls, layout: Layout, views: tuple[str, ...], create_new: bool,
-             require_encrypted: bool, read_only: bool = False) -> "Backing":
+             require_encrypted: bool, read_only: bool = False,
+             covered: frozenset[str] = frozenset()) -> "Backing":
         """Open the legacy locations of *views* and every new-layout location.
 
         Legacy locations are created when missing (they become mountpoints).
@@ -228,7 +230,9 @@ class Backing:
         *require_encrypted*, a vault-bound location the kernel does not report
         as encrypted raises :class:`VaultNotEncrypted` (only when *create_new*:
         in observe nothing is placed there). *read_only* creates nothing at all:
-        a missing legacy location is then simply absent too.
+        a missing legacy location is then simply absent too. The views in
+        *covered* have a dead daemon's mount on their legacy location: the
+        directory under it is opened (:func:`compatfs.mounts.open_covered`).
         """
         stores: dict[str, Store] = {}
         # Every location is reached from the root like any other path: beneath
@@ -244,6 +248,15 @@ class Backing:
                         stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
                     except FileNotFoundError:
                         pass
+                    continue
+                if view in covered:
+                    head, _, name = layout.rel(key).rpartition("/")
+                    parent = root.open_dir(head)
+                    try:
+                        fd = open_covered(parent, name)
+                    finally:
+                        os.close(parent)
+                    stores[view] = Store(key, layout.path(key), fd)
                     continue
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))

@@ -84,7 +84,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if pid is not None:
         raise CommandError(f"{os.path.abspath(root)} is already mounted by compatfs "
                            f"(daemon pid {pid}); 'compatfs umount --root {root}' first")
-    for line in cleanup_stale(cfg, root, run):
+    for line in cleanup_stale(cfg, root, run, views=False):
         print(f"compatfs: {line} (left by a daemon that died)", file=sys.stderr)
     if not args.foreground:
         return _spawn_daemon(args, root, run)

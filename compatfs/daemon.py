@@ -63,6 +63,7 @@ class Daemon:
     views: tuple[str, ...] = ()
     offline: bool = False    # migrate --now / rollback: no views served, no stage change
     bound: list[str] = field(default_factory=list)
+    dead_views: set[str] = field(default_factory=set)   # a dead daemon's, to replace
 
     def __post_init__(self) -> None:
         self.layout = self.cfg.layout(self.root)
@@ -77,8 +78,14 @@ class Daemon:
             raise DaemonError(f"stage {self.stage} is not served by the daemon; "
                               "use 'compatfs rollback' to move a device back")
         for view in self.views:
-            if mounts.mounted_at(self.layout.path(view)) is not None:
-                raise DaemonError(f"{self.layout.path(view)} is already a mount point")
+            target = self.layout.path(view)
+            entry = mounts.mounted_at(target)
+            if entry is None:
+                continue
+            if not self.offline and entry.fstype == mounts.FSTYPE and mounts.is_dead(target):
+                self.dead_views.add(view)     # a dead daemon's: replaced, not uncovered
+                continue
+            raise DaemonError(f"{target} is already a mount point")
         # the kernel applied the caller's umask already; ours must not apply twice
         os.umask(0)
         if self.stage in PLACING_STAGES and not self._wait_for_vault():
@@ -89,7 +96,8 @@ class Daemon:
         placing = self.stage in PLACING_STAGES
         require = self.cfg.require_encrypted_vault
         try:
-            self.backing = Backing.open(self.layout, self.views, placing, require)
+            self.backing = Backing.open(self.layout, self.views, placing, require,
+                                        covered=frozenset(self.dead_views))
         except Exception as exc:  # VaultNotEncrypted, OSError from makedirs/open
             raise DaemonError(str(exc)) from None
         self.index = self._open_index(placing, require)
@@ -234,7 +242,21 @@ class Daemon:
     def _bind_views(self) -> None:
         for view in self.views:
             target = self.layout.path(view)
-            mounts.bind(os.path.join(self.run.mountpoint, view), target)
+            source = os.path.join(self.run.mountpoint, view)
+            if view not in self.dead_views:
+                mounts.bind(source, target)
+            else:
+                try:
+                    mounts.replace_dead(source, target)
+                except OSError as exc:
+                    if exc.errno not in mounts.BENEATH_UNSUPPORTED:
+                        raise
+                    log.warning("%s: this kernel cannot mount beneath a dead view (%s); "
+                                "the legacy directory shows until the new view is bound",
+                                target, exc.strerror)
+                    mounts.unmount(target, lazy=True)
+                    mounts.bind(source, target)
+                log.info("%s: replaced the view of a daemon that died", target)
             self.bound.append(target)
 
     def _check_views(self) -> None:
@@ -279,11 +301,15 @@ class Daemon:
             pass
 
 
-def cleanup_stale(cfg: Config, root: str, run: mounts.RunDir) -> list[str]:
-    """Unmount what a dead daemon left (its views answer ENOTCONN); returns what was done."""
+def cleanup_stale(cfg: Config, root: str, run: mounts.RunDir, *, views: bool = True) -> list[str]:
+    """Unmount what a dead daemon left (its views answer ENOTCONN); returns what was done.
+
+    Without *views*, its dead views stay, failing closed, for the next daemon
+    to replace without uncovering the legacy directories (``Daemon._bind_views``).
+    """
     layout = cfg.layout(root)
     done = []
-    for view in ("prepared", "downloads", "img"):
+    for view in ("prepared", "downloads", "img") if views else ():
         path = layout.path(view)
         if mounts.is_compatfs(path):
             mounts.unmount(path, lazy=True)

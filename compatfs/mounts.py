@@ -3,10 +3,18 @@
 Thin wrappers over ``mount(8)``, ``umount(8)`` and ``fusermount3(1)`` so the
 kernel's own tools do the privileged work, plus :class:`RunDir`, where a
 daemon keeps its pid, its private FUSE mountpoint and its log.
+
+One thing the tools cannot do yet (util-linux 2.38): replace a mount without
+uncovering what is under it. :func:`replace_dead` does it with the kernel's
+new mount API (``open_tree`` + ``move_mount(MOVE_MOUNT_BENEATH)``, Linux 6.5):
+the new bind goes *beneath* the dead view, then the dead view is detached,
+so the directory underneath is never visible in between.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +23,22 @@ import time
 from dataclasses import dataclass
 
 FSTYPE = "fuse.compatfs"
+
+# The new mount API; these syscall numbers are the same on every architecture.
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+_MOVE_MOUNT_F_EMPTY_PATH = 0x04
+_MOVE_MOUNT_BENEATH = 0x200
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+#: What an older kernel answers to MOVE_MOUNT_BENEATH (or to the new API at all).
+BENEATH_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS})
 DEFAULT_RUN_DIR = "/run/compatfs"
 
 
@@ -23,6 +47,8 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    mount_id: int = 0
+    parent_id: int = 0
 
 
 def _unescape(field: str) -> str:
@@ -45,18 +71,77 @@ def mount_table() -> list[MountEntry]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            entries.append(MountEntry(_unescape(fields[4]), fields[sep + 1], fields[sep + 2]))
+            entries.append(MountEntry(_unescape(fields[4]), fields[sep + 1], fields[sep + 2],
+                                      int(fields[0]), int(fields[1])))
     return entries
 
 
 def mounted_at(path: str) -> MountEntry | None:
-    """The topmost mount exactly at *path*, if any."""
+    """The topmost mount exactly at *path*, if any: the one no other mount there
+    sits on (a mount placed beneath another is listed after it)."""
     path = os.path.abspath(path)
-    found = None
-    for entry in mount_table():
-        if entry.mount_point == path:
-            found = entry
-    return found
+    here = [entry for entry in mount_table() if entry.mount_point == path]
+    below = {entry.parent_id for entry in here}
+    top = [entry for entry in here if entry.mount_id not in below]
+    return top[-1] if top else (here[-1] if here else None)
+
+
+def is_dead(path: str) -> bool:
+    """*path* is a FUSE mount whose daemon is gone (opening it gives ENOTCONN)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    os.close(fd)
+    return False
+
+
+def _check(result: int, what: str, path: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return result
+
+
+def open_covered(parent_fd: int, name: str) -> int:
+    """Open the directory *name* in *parent_fd* as it is under whatever is mounted
+    on it (a dead view), not following a symbolic link.
+
+    A non-recursive clone of the parent's mount (``open_tree`` with
+    ``OPEN_TREE_CLONE``) carries no submounts, so the name resolves to the
+    directory itself; the clone is detached and goes away with its fds.
+    """
+    tree = _check(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(parent_fd), b"",
+                                ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
+                                              | _AT_EMPTY_PATH)),
+                  "open_tree", name)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=tree)
+    finally:
+        os.close(tree)
+
+
+def replace_dead(source: str, target: str) -> None:
+    """Bind *source* in place of the dead mount at *target*, never uncovering the
+    directory under it: bind beneath the dead mount, then detach the dead one.
+
+    Raises ``OSError`` with an errno in :data:`BENEATH_UNSUPPORTED` when the
+    kernel cannot mount beneath (before Linux 6.5); nothing has changed then.
+    """
+    fd = _check(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(_AT_FDCWD), os.fsencode(source),
+                              ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC)),
+                "open_tree", source)
+    try:
+        _check(_libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD),
+                             os.fsencode(target),
+                             ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_BENEATH)),
+               "move_mount beneath", target)
+    finally:
+        os.close(fd)
+    # The path resolves to the topmost mount: the dead one. Detached, the new
+    # bind beneath it is what the path shows.
+    _check(_libc.umount2(os.fsencode(target), _MNT_DETACH), "umount2", target)
 
 
 def is_compatfs(path: str) -> bool:

@@ -94,3 +94,43 @@ def test_stage_off_mounts_nothing(legacy_root, tmp_path):
                    "--stage", "off", "--foreground")
     assert proc.returncode == 1 and "stage is off" in proc.stderr
     assert mounts.mounted_at(str(root / "img")) is None
+
+
+def test_remount_after_a_crash_never_uncovers_the_legacy_directory(legacy_root, tmp_path):
+    """Between the crash and the new view, img/ is dead (fails closed) or the new
+    view; a watcher stat'ing it all along never sees the legacy filesystem."""
+    import threading
+
+    root, (web, *_) = legacy_root
+    legacy_dev = os.stat(root).st_dev
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                dev = os.stat(root / "img").st_dev
+            except OSError as exc:
+                seen.add(errno.errorcode.get(exc.errno, str(exc.errno)))
+                continue
+            seen.add("legacy" if dev == legacy_dev else "view")
+
+    with mounted(root, tmp_path / "run") as m:
+        m.kill(signal.SIGKILL)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with mounted(root, tmp_path / "run") as again:
+                assert web.legacy_name(0) in os.listdir(root / "img")
+                stop.set()
+                watcher.join()
+                assert "replaced the view of a daemon that died" in again.log_text()
+                # exactly one mount at each view: the dead one is gone, not stacked
+                for view in ("img", "downloads"):
+                    at = [e for e in mounts.mount_table() if e.mount_point == str(root / view)]
+                    assert len(at) == 1 and at[0].fstype == mounts.FSTYPE, at
+        finally:
+            stop.set()
+            watcher.join()
+    assert "legacy" not in seen, seen
+    assert "view" in seen

@@ -305,7 +305,7 @@ def test_compatfs_service_has_the_required_keys():
     assert service["Type"] == ["notify"]
     assert service["ExecStart"] == ["compatfs mount --foreground --root /persist "
                                     "--config /persist/config/compatfs.yaml"]
-    assert service["ExecStop"][0].startswith("compatfs umount --root /persist")
+    assert "compatfs umount --root /persist" in service["ExecStop"][0]
     assert service["Restart"] == ["on-failure"]
     assert service["RestartSec"] == ["1s"]
     assert service["KillMode"] == ["mixed"]
@@ -315,6 +315,32 @@ def test_compatfs_service_has_the_required_keys():
     assert "local-fs.target" in after and "vaultmgr.service" in after
     assert "/persist" in unit["Unit"]["RequiresMountsFor"]
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.parametrize("result,runs", [("success", True), ("signal", False),
+                                         ("exit-code", False), (None, True)])
+def test_exec_stop_unmounts_on_a_stop_but_not_after_a_crash(tmp_path, result, runs):
+    """ExecStop runs after a crash too; the dead views must then stay (fail closed)
+    for the restarted daemon to replace. Run the line as systemd would: $$ is $."""
+    import shlex
+
+    line = parse_unit(SYSTEMD_DIR / "compatfs.service")["Service"]["ExecStop"][0]
+    argv = shlex.split(line.replace("$$", "$"))
+    assert argv[:2] == ["/bin/sh", "-c"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "called"
+    fake = bin_dir / "compatfs"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    if result is not None:
+        env["SERVICE_RESULT"] = result
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert record.exists() == runs
+    if runs:
+        assert record.read_text().startswith("umount --root /persist")
 
 
 def test_debug_template_has_the_required_keys():
