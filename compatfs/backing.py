@@ -204,8 +204,22 @@ VIEW_STORES = {"img": "img", "downloads": "downloads", "prepared": "prepared"}
 NEW_STORES = ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified",
               "unresolved", "cas")
 
+#: The root itself: the legacy ``containerd`` tree is moved out of it as one name.
+ROOT_STORE = "persist"
+#: The directory the CAS location is a name in (``vault`` for ``vault/containerd``).
+CAS_PARENT = "cas_parent"
+
 #: New-layout locations that must be encrypted (all but novault).
-VAULT_STORES = frozenset(NEW_STORES) - {"novault_volumes"}
+VAULT_STORES = frozenset(NEW_STORES) - {"novault_volumes"} | {CAS_PARENT}
+
+
+def store_path(layout: Layout, key: str) -> str:
+    """The directory of the store *key* (a location key, or one of the two above)."""
+    if key == ROOT_STORE:
+        return layout.root
+    if key == CAS_PARENT:
+        return os.path.dirname(layout.path("cas"))
+    return layout.path(key)
 
 
 class VaultNotEncrypted(Exception):
@@ -238,7 +252,7 @@ class Backing:
         # Every location is reached from the root like any other path: beneath
         # it and through no symbolic link, so a link planted at, say,
         # vault/verifier cannot send data (or mkdir) outside the root.
-        root = Store("root", layout.root,
+        root = Store(ROOT_STORE, layout.root,
                      os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         try:
             for view in views:
@@ -260,12 +274,13 @@ class Backing:
                     continue
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
-            for key in NEW_STORES:
-                path = layout.path(key)
-                if create_new and not read_only and key != "cas":
-                    root.makedirs(layout.rel(key), 0o700 if key in VAULT_STORES else 0o755)
+            cas_parent = os.path.dirname(layout.rel("cas"))
+            for key, rel in [(k, layout.rel(k)) for k in NEW_STORES] + [(CAS_PARENT, cas_parent)]:
+                path = os.path.join(layout.root, rel)
+                if create_new and not read_only and key != "cas" and rel:
+                    root.makedirs(rel, 0o700 if key in VAULT_STORES else 0o755)
                 try:
-                    store = Store(key, path, root.open_dir(layout.rel(key)))
+                    store = Store(key, path, root.open_dir(rel))
                 except FileNotFoundError:
                     continue
                 stores[key] = store
@@ -274,12 +289,12 @@ class Backing:
                         f"{path} is not encrypted (the kernel reports no fscrypt policy); "
                         "refusing to place vault-bound data there. Unlock or create the "
                         "vault, or set require_encrypted_vault: false")
+            stores[ROOT_STORE] = root
         except BaseException:
+            root.close()
             for s in stores.values():
                 s.close()
             raise
-        finally:
-            root.close()
         return cls(stores)
 
     def get(self, key: str) -> Store:

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from . import copy as copier
-from .backing import Store
+from . import inuse
+from .backing import CAS_PARENT, ROOT_STORE, Store
 from .config import Migration
 from .index import Record
 from .names import is_sha256
@@ -208,6 +209,10 @@ class Converging(Exception):
     """Writes outpaced the copy; try again later."""
 
 
+class InUse(Exception):
+    """A tree no view covers is held by a process; it moves once nobody holds it."""
+
+
 class Migrator:
     """Moves legacy objects of one :class:`View` into the new layout.
 
@@ -266,8 +271,12 @@ class Migrator:
         plan = make_plan(layout, self.view.resolver, "prepared" in self.view.views,
                          self.bases or None, refresh=False)
         items = []
+        containerd = layout.path("containerd")
         for e in plan.entries:
-            vpath = self._vpath_of(e.obj.path)
+            if e.obj.path == containerd:
+                vpath: str | None = self.cas_vpath()
+            else:
+                vpath = self._vpath_of(e.obj.path)
             if vpath is None or e.target is None or e.location is None:
                 continue
             rec = self.index.get(vpath)
@@ -276,15 +285,20 @@ class Migrator:
                 continue
             if rec is not None and rec.state not in ("failed",):
                 continue  # placed, or already under way
-            dst_rel = os.path.relpath(e.target, layout.path(e.location))
             top, rest = split(vpath)
+            dst_store = e.location
+            if e.location == "cas":       # the CAS tree is one name in its parent directory
+                dst_store = CAS_PARENT
+                dst_rel = os.path.basename(e.target)
+            else:
+                dst_rel = os.path.relpath(e.target, layout.path(e.location))
             action = {"rename": "rename", "copy": "copy"}.get(e.action, "set-aside")
             if action == "set-aside" and (e.reason is None or "newer" not in e.reason):
                 continue
-            if action == "copy" and self._renameable(top, e.location):
+            if action == "copy" and self._renameable(top, dst_store):
                 action = "rename"
             expect = dst_rel if e.location == "verified" and is_sha256(dst_rel) else None
-            items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, e.location, dst_rel,
+            items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, dst_store, dst_rel,
                               e.obj.bytes, action, expect))
         for rec in list(self.index.records.values()):
             if rec.state != "unresolved":
@@ -294,6 +308,23 @@ class Migrator:
                 items.append(Item(rec.view, rec.kind, rec.kind == "oci-volume", rec.store,
                                   rec.rel, want.store, want.rel, 0, "copy"))
         return items
+
+    def cas_vpath(self) -> str:
+        """The index key of the legacy containerd tree: no view serves it, so it is
+        named by the root store and its path there."""
+        return f"{ROOT_STORE}/{self.view.layout.rel('containerd')}"
+
+    def _check_unused(self, item: Item) -> None:
+        """Raise :class:`InUse` if a process holds anything in the tree *item* moves
+        (only for trees no view covers; the views know their own open files)."""
+        if item.src_store != ROOT_STORE:
+            return
+        held = inuse.holders(self.backing.get(ROOT_STORE).path + "/" + item.src_rel)
+        if not held and self.backing.has(item.dst_store):   # a destination it would replace
+            held = inuse.holders(self.backing.get(item.dst_store).path + "/" + item.dst_rel)
+        if held:
+            raise InUse("in use by " + ", ".join(map(str, held))
+                        + "; it moves once nothing holds it (stop containerd)")
 
     def _renameable(self, src_key: str, dst_key: str) -> bool:
         """rename(2) can move objects of *src_key* to *dst_key*: one filesystem, no
@@ -405,6 +436,11 @@ class Migrator:
             self._undo_copy(item)
             self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
             log.info("%s: %s; will retry", item.vpath, exc)
+        except InUse as exc:
+            self._undo_copy(item)
+            self.progress.waiting[item.vpath] = str(exc)
+            self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+            log.info("%s: %s", item.vpath, exc)
         except copier.CopyAborted:
             self._undo_copy(item)
         except Quarantined as exc:
@@ -450,6 +486,7 @@ class Migrator:
     # -- rename -------------------------------------------------------------------------
     async def _rename(self, item: Item) -> bool:
         """rename(2) when the kernel allows it; False when it does not (copy instead)."""
+        self._check_unused(item)
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
         self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "renaming",
                               target_store=item.dst_store, target_rel=item.dst_rel))
@@ -633,6 +670,7 @@ class Migrator:
     async def _copy_tree(self, item: Item) -> None:
         if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
             raise Converging("files inside are open")
+        await trio.to_thread.run_sync(self._check_unused, item)
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
         tmp_rel = item.dst_rel + TMP_SUFFIX
         self._check_space(dst, item.bytes)
@@ -650,6 +688,7 @@ class Migrator:
                                          stop=self.stop, compare=self.settings.verify != "off"))
         if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
             raise Converging("files inside were opened during the copy")
+        self._check_unused(item)   # again, just before the switch (blocking: no await between)
         st = src.lstat(item.src_rel)
         self._place_and_switch(item, dst, st)
         self._switched(item.vpath)
@@ -703,7 +742,7 @@ class Migrator:
         if dst is not None:
             tmp_rel = item.dst_rel + TMP_SUFFIX
             try:
-                if item.is_dir and dst.exists(tmp_rel):
+                if stat.S_ISDIR(dst.lstat(tmp_rel).st_mode):
                     shutil.rmtree(tmp_rel, dir_fd=dst.fd)
                 else:
                     dst.unlink(tmp_rel)
@@ -860,6 +899,10 @@ class Rollback:
         if rec.state == "rolling-back":
             return self._resume(rec)
         src = self.backing.get(rec.store)
+        if split(rec.view)[0] == ROOT_STORE:      # the CAS tree: no view guards it
+            held = inuse.holders(f"{src.path}/{rec.rel}")
+            if held:
+                raise InUse("in use by " + ", ".join(map(str, held)) + " (stop containerd)")
         st = src.lstat(rec.rel)
         head = rest.rpartition("/")[0]
         if head:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .backing import ROOT_STORE, store_path
 from .index import DB_NAME, Index, IndexError_
 from .layout import Layout
 from .plan import Plan, human, make_plan
@@ -40,6 +41,9 @@ class ObjectStatus:
 
 
 def _view_path(layout: Layout, legacy_rel: str) -> str | None:
+    """The index key of the legacy object at *legacy_rel* (see Migrator.cas_vpath)."""
+    if legacy_rel == layout.rel("containerd"):
+        return f"{ROOT_STORE}/{legacy_rel}"
     for key in _VIEW_KEYS:
         base = layout.rel(key)
         if legacy_rel == base or legacy_rel.startswith(base + "/"):
@@ -49,6 +53,8 @@ def _view_path(layout: Layout, legacy_rel: str) -> str | None:
 
 def _legacy_rel(layout: Layout, vpath: str) -> str:
     top, _, rest = vpath.partition("/")
+    if top == ROOT_STORE:
+        return rest
     return os.path.join(layout.rel(top), rest) if rest else layout.rel(top)
 
 
@@ -77,11 +83,11 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple
         target = layout.relpath(e.target) if e.target else None
         if rec is not None:
             seen.add(vpath)
-            location = os.path.relpath(os.path.join(layout.path(rec.store), rec.rel), layout.root)
+            location = os.path.relpath(os.path.join(store_path(layout, rec.store), rec.rel), layout.root)
             state = _REPORTED.get(rec.state, "new")
             reason = rec.reason if rec.reason else (None if state == "new" else e.reason)
             if rec.state in ("copying", "copied", "renaming") and rec.target_store:
-                target = os.path.relpath(os.path.join(layout.path(rec.target_store),
+                target = os.path.relpath(os.path.join(store_path(layout, rec.target_store),
                                                       rec.target_rel or ""), layout.root)
             out.append(ObjectStatus(e.obj.kind, legacy, location, target or location, state,
                                     reason, e.obj.bytes))
@@ -92,7 +98,7 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple
     for vpath, rec in records.items():
         if vpath in seen:
             continue
-        location = os.path.join(layout.path(rec.store), rec.rel)
+        location = os.path.join(store_path(layout, rec.store), rec.rel)
         try:
             st = os.lstat(location)
             size = st.st_blocks * 512

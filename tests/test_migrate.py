@@ -41,7 +41,7 @@ def sha_tree(root: Path, rel: str) -> dict[str, str]:
 def legacy_snapshot(root: Path) -> dict[str, tuple]:
     """What old EVE sees: every legacy path with type, mode, size, mtime and content hash."""
     snap = {}
-    for rel in ("img", "downloads", "runx/pods/prepared"):
+    for rel in ("img", "downloads", "runx/pods/prepared", "containerd"):
         for dirpath, dirs, files in os.walk(root / rel):
             for name in dirs + files:
                 p = Path(dirpath) / name
@@ -73,6 +73,8 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
     root = device
     web, db, pod, _ = devicegen.make_demo(str(root))
     before = {**sha_tree(root, "img"), **sha_tree(root, "downloads")}
+    cas_before = {k.removeprefix("containerd/"): v for k, v in sha_tree(root, "containerd").items()}
+    assert cas_before
     run = str(tmp_path / "run")
     extra = []
     if verify is not None:
@@ -80,7 +82,7 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
         extra = ["--config", str(tmp_path / "c.yaml")]
     proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run, *extra)
     assert proc.returncode == 0, proc.stderr
-    assert "migrated 8 of 8 objects" in proc.stderr
+    assert "migrated 9 of 9 objects" in proc.stderr
     vol = lambda d, fmt: f"{d.volume_uuid}#{d.generation}.{fmt}"  # noqa: E731
     placed = {
         f"img/{web.legacy_name(0)}": f"vault/volumes/{vol(web.drives[0], 'qcow2')}",
@@ -101,6 +103,10 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
     tree = root / "vault/volumes" / vol(pod.drives[0], "container")
     assert (tree / "rootfs/bin/start").is_symlink() and os.readlink(tree / "rootfs/bin/start") == "app"
     assert not (root / "runx/pods/prepared" / pod.legacy_name(0, container=True)).exists()
+    # the containerd store moved whole into the vault
+    assert not (root / "containerd").exists()
+    assert {k.removeprefix("vault/containerd/"): v
+            for k, v in sha_tree(root, "vault/containerd").items()} == cas_before
     assert no_temporaries(root) == []
     again = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
     assert again.returncode == 0 and "migrated 0 of 0 objects" in again.stderr
@@ -108,6 +114,7 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
     states = {o["legacy"]: o["state"] for o in status["objects"]}
     for legacy in placed:
         assert states[legacy] == "new"
+    assert states["containerd"] == "new"
 
 
 def test_sparse_image_stays_sparse(device, tmp_path):
@@ -140,13 +147,14 @@ def test_rollback_restores_exactly_what_old_eve_expects(device, tmp_path):
     assert legacy_snapshot(root) != before
     proc = run_cli("rollback", "--root", str(root), "--run-dir", run)
     assert proc.returncode == 0, proc.stderr
-    assert "moved 8 objects back" in proc.stderr
+    assert "moved 9 objects back" in proc.stderr
     after = legacy_snapshot(root)
     assert set(after) >= set(before)
     for path, (mode, size, mtime, digest) in before.items():
         assert after[path] == (mode, size, mtime, digest), path
     assert sha_tree(root, "vault/volumes") == {} and sha_tree(root, "novault/volumes") == {}
     assert sha_tree(root, "vault/verifier") == {}
+    assert not (root / "vault/containerd").exists()
     assert no_temporaries(root) == []
 
 
@@ -210,3 +218,47 @@ def test_live_writes_during_migration_reach_the_new_copy(device, tmp_path):
         assert f.read() == bytes(model)
     assert not legacy.exists()
     assert no_temporaries(root) == []
+
+
+def test_containerd_store_in_use_waits_and_moves_once_released(device, tmp_path):
+    """No view covers /persist/containerd: while a process holds anything in it
+    (here its working directory, as a running containerd would hold files), it
+    stays where it is and says why; everything else moves; released, it moves."""
+    import subprocess
+
+    root = device
+    devicegen.make_demo(str(root))
+    cas_before = sha_tree(root, "containerd")
+    run = str(tmp_path / "run")
+    holder = subprocess.Popen(["sleep", "120"], cwd=root / "containerd")
+    try:
+        proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+        assert proc.returncode == 1, proc.stderr
+        assert "migrated 8 of 9 objects" in proc.stderr
+        assert f"waiting: persist/containerd: in use by pid {holder.pid} (sleep, cwd)" \
+            in proc.stderr
+        assert sha_tree(root, "containerd") == cas_before
+        assert not (root / "vault/containerd").exists()
+        assert no_temporaries(root) == []
+        # rollback of everything else works; the unmoved store is simply not touched
+    finally:
+        holder.kill()
+        holder.wait()
+    again = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+    assert again.returncode == 0 and "migrated 1 of 1 objects" in again.stderr, again.stderr
+    assert not (root / "containerd").exists()
+    assert len(sha_tree(root, "vault/containerd")) == len(cas_before)
+
+    # a rollback while the new store is held is refused for that store alone
+    holder = subprocess.Popen(["sleep", "120"], cwd=root / "vault/containerd")
+    try:
+        back = run_cli("rollback", "--root", str(root), "--run-dir", run)
+        assert back.returncode != 0
+        assert "in use by pid" in back.stderr and "containerd" in back.stderr
+        assert (root / "vault/containerd").exists() and not (root / "containerd").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    back = run_cli("rollback", "--root", str(root), "--run-dir", run)
+    assert back.returncode == 0, back.stderr
+    assert sha_tree(root, "containerd") == cas_before

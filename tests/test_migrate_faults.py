@@ -48,6 +48,8 @@ MIB = 1 << 20
 UNFINISHED = {"renaming", "copying", "copied", "switched", "rolling-back"}
 #: Where legacy objects live that the views serve (and so the migrator moves).
 VIEW_DIRS = ("img/", "downloads/", "runx/pods/prepared/")
+#: Legacy paths whose objects move: the views' and the containerd store (moved whole).
+MOVED = (*VIEW_DIRS, "containerd")
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def moves_of(root: Path) -> dict[str, str]:
     layout = Config().layout(str(root))
     objects = make_plan(layout, Resolver(layout)).as_json()["objects"]
     return {o["legacy"]: o["target"] for o in objects
-            if o["action"] != "keep" and o["legacy"].startswith(VIEW_DIRS)}
+            if o["action"] != "keep" and o["legacy"].startswith(MOVED)}
 
 
 def file_sha(path: Path) -> str:
@@ -262,7 +264,7 @@ def test_migrate_killed_at_every_fault_point_finishes_on_the_next_run(tmp_path, 
     with device(tmp_path) as root:
         crash_device(root)
         moves = moves_of(root)
-        assert len(moves) == 10
+        assert len(moves) == 11
         before = {legacy: digest(root / legacy) for legacy in moves}
 
         crashed = migrate(root, run, fault=point, skip=skip)
