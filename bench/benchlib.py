@@ -1,5 +1,5 @@
 """What the benchmark scripts share: timestamped progress lines, running a
-command, and emptying the kernel's caches for a cold run."""
+command, emptying the kernel's caches for a cold run, naming the commit measured."""
 
 from __future__ import annotations
 
@@ -26,3 +26,10 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def commit() -> str:
+    """The commit measured, ``-dirty`` when the working tree differs from it."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = run(["git", "-C", repo, "describe", "--always", "--dirty"], check=False).stdout.strip()
+    return out or "?"

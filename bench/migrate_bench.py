@@ -74,8 +74,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from benchlib import log, run, drop_caches
-from compatfs import devicefs, devicegen, mounts
+from benchlib import commit, drop_caches, log, run
+from compatfs import daemonproc, devicefs, devicegen, mounts
 from compatfs.names import DownloadArea, ObjType
 
 MiB = 1 << 20
@@ -451,44 +451,9 @@ def cp_into_vault(tree: Tree, sources: list[str]) -> float:
 def compatfs_mounted(root: str, run_dir: str, stage: str,
                      config: str | None = None) -> Iterator[subprocess.Popen]:
     """``compatfs mount --foreground`` in *stage*, until the views answer; stopped after."""
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, f"daemon-{time.monotonic_ns()}.log")
-    argv = compatfs_argv("mount", "--foreground", "--root", root, "--run-dir", run_dir,
-                         "--stage", stage)
-    if config:
-        argv += ["--config", config]
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
-    try:
-        info = mounts.RunDir(run_dir, root)
-        views = [os.path.join(root, "img"), os.path.join(root, "downloads")]
-        deadline = time.monotonic() + DEADLINE
-        while True:
-            i = info.info()
-            if i is not None and i.get("pid") == proc.pid and all(mounts.is_compatfs(v)
-                                                                    for v in views):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with open(log_path, errors="replace") as f:
-                    raise RuntimeError(f"compatfs mount did not come up:\n{f.read()}")
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=DEADLINE)
-        for view in ("downloads", "img"):
-            path = os.path.join(root, view)
-            if mounts.is_compatfs(path):
-                run(["umount", "-l", path], check=False)
-        for entry in mounts.mount_table():
-            if entry.mount_point.startswith(os.path.abspath(run_dir) + "/"):
-                run(["fusermount3", "-u", "-z", entry.mount_point], check=False)
+    with daemonproc.running(root, run_dir, stage=stage, config=config, deadline=DEADLINE,
+                            own_session=True) as child:
+        yield child.proc
 
 
 def full_read(path: str, buf: bytearray) -> tuple[int, float]:
@@ -833,12 +798,6 @@ def machine(direct_io: bool) -> str:
             f"{' '.join(cp_version)}, {' '.join(qemu)}\n"
             f"compatfs: {commit()}\n"
             f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-
-
-def commit() -> str:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = run(["git", "-C", repo, "describe", "--always", "--dirty"], check=False).stdout.strip()
-    return out or "?"
 
 
 def main() -> int:

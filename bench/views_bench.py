@@ -67,8 +67,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from benchlib import log, run, drop_caches
-from compatfs import devicegen, mounts
+from benchlib import commit, drop_caches, log, run
+from compatfs import daemonproc, devicegen, mounts
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -118,61 +118,13 @@ def bind_mount(source: str, target: str) -> Iterator[str]:
             run(["umount", "-l", target], check=False)
 
 
-@dataclass
-class Daemon:
-    root: str
-    run_dir: str
-    proc: subprocess.Popen
-    log: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
 @contextlib.contextmanager
-def compatfs_mounted(root: str, run_dir: str, config: str) -> Iterator[Daemon]:
+def compatfs_mounted(root: str, run_dir: str, config: str) -> Iterator[daemonproc.Child]:
     """``compatfs mount --foreground`` in stage redirect, until the views answer."""
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, f"daemon-{time.monotonic_ns()}.log")
-    argv = [sys.executable, "-m", "compatfs", "mount", "--foreground", "--root", root,
-            "--run-dir", run_dir, "--stage", "redirect", "--config", config]
-    with open(log_path, "wb") as logf:
-        # own session: a Ctrl-C reaches only this script, whose finally unmounts
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
-    d = Daemon(root, run_dir, proc, log_path)
-    try:
-        info = mounts.RunDir(run_dir, root)
-        views = [os.path.join(root, "img"), os.path.join(root, "downloads")]
-
-        def ready() -> bool:
-            i = info.info()
-            return (i is not None and i.get("pid") == proc.pid
-                    and all(mounts.is_compatfs(v) for v in views))
-
-        try:
-            wait_until("compatfs", ready, lambda: proc.poll() is None)
-        except RuntimeError as exc:
-            with open(log_path, errors="replace") as f:
-                raise RuntimeError(f"{exc}\n{f.read()}") from None
-        yield d
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=DEADLINE)
-        # whatever a daemon that did not stop cleanly left behind
-        for view in ("downloads", "img"):
-            path = os.path.join(root, view)
-            if mounts.is_compatfs(path):
-                run(["umount", "-l", path], check=False)
-        for entry in mounts.mount_table():
-            if entry.mount_point.startswith(os.path.abspath(run_dir) + "/"):
-                run(["fusermount3", "-u", "-z", entry.mount_point], check=False)
+    # own session: a Ctrl-C reaches only this script, whose finally unmounts
+    with daemonproc.running(root, run_dir, stage="redirect", config=config,
+                            deadline=DEADLINE, own_session=True) as child:
+        yield child
 
 
 @contextlib.contextmanager
@@ -400,13 +352,6 @@ def machine() -> str:
             f"fuse-overlayfs {overlay_version()}\n"
             f"compatfs: {commit()}\n"
             f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-
-
-def commit() -> str:
-    """The commit measured, ``-dirty`` when the working tree differs from it."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = run(["git", "-C", repo, "describe", "--always", "--dirty"], check=False).stdout.strip()
-    return out or "?"
 
 
 def overlay_version() -> str:
