@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import random
 import subprocess
 import sys
@@ -41,6 +42,33 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
             snap[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns,
                                               st.st_ino, st.st_blocks, digest)
+    return snap
+
+
+#: Where old EVE looks, relative to the root.
+LEGACY_DIRS = ("img", "downloads", "runx/pods/prepared", "containerd")
+
+
+def legacy_snapshot(root: Path) -> dict[str, tuple]:
+    """What old EVE sees: every path in the legacy directories with its mode, size
+    and mtime (files and links) and its content (a file's sha256, a link's target)."""
+    snap = {}
+    for rel in LEGACY_DIRS:
+        for dirpath, dirnames, filenames in os.walk(root / rel):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = os.lstat(p)
+                if stat.S_ISDIR(st.st_mode):
+                    snap[str(p.relative_to(root))] = (st.st_mode, 0, 0, None)
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    content = os.readlink(p)
+                elif stat.S_ISREG(st.st_mode):
+                    with open(p, "rb") as f:
+                        content = hashlib.file_digest(f, "sha256").hexdigest()
+                else:
+                    content = None
+                snap[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
     return snap
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from compatfs import devicegen
 
-from .conftest import run_cli
+from .conftest import legacy_snapshot, run_cli
 from .devices import device_root
 from .mounting import mounted
 
@@ -36,23 +36,6 @@ def sha_tree(root: Path, rel: str) -> dict[str, str]:
             with open(p, "rb") as fh:
                 out[str(p.relative_to(root))] = hashlib.file_digest(fh, "sha256").hexdigest()
     return out
-
-
-def legacy_snapshot(root: Path) -> dict[str, tuple]:
-    """What old EVE sees: every legacy path with type, mode, size, mtime and content hash."""
-    snap = {}
-    for rel in ("img", "downloads", "runx/pods/prepared", "containerd"):
-        for dirpath, dirs, files in os.walk(root / rel):
-            for name in dirs + files:
-                p = Path(dirpath) / name
-                st = os.lstat(p)
-                digest = None
-                if p.is_file() and not p.is_symlink():
-                    with open(p, "rb") as fh:
-                        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-                snap[str(p.relative_to(root))] = (st.st_mode, st.st_size if not p.is_dir() else 0,
-                                                  st.st_mtime_ns if not p.is_dir() else 0, digest)
-    return snap
 
 
 def no_temporaries(root: Path) -> list[str]:

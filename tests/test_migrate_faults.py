@@ -37,6 +37,7 @@ from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 
+from .conftest import legacy_snapshot
 from .devices import device_root
 from .mounting import mounted
 
@@ -148,21 +149,6 @@ def index_records(root: Path) -> dict[str, tuple[str, str | None, int]]:
     finally:
         db.close()
     return {v: (s, r, a) for v, s, r, a in rows}
-
-
-def legacy_snapshot(root: Path) -> dict[str, tuple]:
-    """What old EVE sees: every legacy path with mode, size, mtime and content hash."""
-    snap = {}
-    for rel in ("img", "downloads", "runx/pods/prepared"):
-        for dirpath, dirs, files in os.walk(root / rel):
-            for name in dirs + files:
-                p = Path(dirpath) / name
-                st = os.lstat(p)
-                is_dir = p.is_dir() and not p.is_symlink()
-                snap[str(p.relative_to(root))] = (
-                    st.st_mode, 0 if is_dir else st.st_size, 0 if is_dir else st.st_mtime_ns,
-                    file_sha(p) if p.is_file() and not p.is_symlink() else None)
-    return snap
 
 
 def one_app(rng: random.Random, fmts: list[str], clear_text: bool = False) -> AppDef:

@@ -15,10 +15,9 @@ import pytest
 from compatfs import devicegen, mounts
 from compatfs.mounts import RunDir
 
-from .conftest import run_cli
+from .conftest import legacy_snapshot, run_cli
 from .devices import device_root
 from .mounting import teardown
-from .test_migrate import legacy_snapshot
 from .test_mountscripts import SCRIPTS_DIR, run, script_env
 
 pytestmark = pytest.mark.root

@@ -14,10 +14,10 @@ import pytest
 from compatfs import devicegen, fscrypt, mounts
 from compatfs.mounts import RunDir
 
-from .conftest import run_cli
+from .conftest import legacy_snapshot, run_cli
 from .devices import device_root
 from .mounting import mounted, teardown
-from .test_migrate import legacy_snapshot, sha_tree
+from .test_migrate import sha_tree
 
 pytestmark = pytest.mark.root
 
