@@ -213,6 +213,14 @@ class InUse(Exception):
     """A tree no view covers is held by a process; it moves once nobody holds it."""
 
 
+def _refuse_if_held(path: str) -> None:
+    """Raise :class:`InUse` naming who holds anything at or below *path*."""
+    held = inuse.holders(path)
+    if held:
+        raise InUse("in use by " + ", ".join(map(str, held))
+                    + "; it moves once nothing holds it (stop containerd)")
+
+
 class Migrator:
     """Moves legacy objects of one :class:`View` into the new layout.
 
@@ -319,12 +327,9 @@ class Migrator:
         (only for trees no view covers; the views know their own open files)."""
         if item.src_store != ROOT_STORE:
             return
-        held = inuse.holders(self.backing.get(ROOT_STORE).path + "/" + item.src_rel)
-        if not held and self.backing.has(item.dst_store):   # a destination it would replace
-            held = inuse.holders(self.backing.get(item.dst_store).path + "/" + item.dst_rel)
-        if held:
-            raise InUse("in use by " + ", ".join(map(str, held))
-                        + "; it moves once nothing holds it (stop containerd)")
+        _refuse_if_held(f"{self.backing.get(ROOT_STORE).path}/{item.src_rel}")
+        if self.backing.has(item.dst_store):   # a destination it would replace
+            _refuse_if_held(f"{self.backing.get(item.dst_store).path}/{item.dst_rel}")
 
     def _renameable(self, src_key: str, dst_key: str) -> bool:
         """rename(2) can move objects of *src_key* to *dst_key*: one filesystem, no
@@ -900,9 +905,7 @@ class Rollback:
             return self._resume(rec)
         src = self.backing.get(rec.store)
         if split(rec.view)[0] == ROOT_STORE:      # the CAS tree: no view guards it
-            held = inuse.holders(f"{src.path}/{rec.rel}")
-            if held:
-                raise InUse("in use by " + ", ".join(map(str, held)) + " (stop containerd)")
+            _refuse_if_held(f"{src.path}/{rec.rel}")
         st = src.lstat(rec.rel)
         head = rest.rpartition("/")[0]
         if head:
