@@ -23,7 +23,7 @@ from typing import Iterator
 
 from .fscrypt import is_encrypted
 from .layout import Layout
-from .mounts import open_covered
+from .mounts import clone_without_submounts
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
@@ -246,7 +246,11 @@ class Backing:
         in observe nothing is placed there). *read_only* creates nothing at all:
         a missing legacy location is then simply absent too. The views in
         *covered* have a dead daemon's mount on their legacy location: the
-        directory under it is opened (:func:`compatfs.mounts.open_covered`).
+        directories under them are opened through one clone of the root's
+        mount without submounts (:func:`compatfs.mounts.clone_without_submounts`).
+        A rename between them and a new-layout location is then ``EXDEV``
+        until the next start, which the views and the migrator answer as they
+        answer the vault boundary (the bytes stay; the migrator copies).
         """
         stores: dict[str, Store] = {}
         # Every location is reached from the root like any other path: beneath
@@ -254,6 +258,7 @@ class Backing:
         # vault/verifier cannot send data (or mkdir) outside the root.
         root = Store(ROOT_STORE, layout.root,
                      os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        clone: Store | None = None    # the root without submounts, for covered views
         try:
             for view in views:
                 key = VIEW_STORES[view]
@@ -264,13 +269,9 @@ class Backing:
                         pass
                     continue
                 if view in covered:
-                    head, _, name = layout.rel(key).rpartition("/")
-                    parent = root.open_dir(head)
-                    try:
-                        fd = open_covered(parent, name)
-                    finally:
-                        os.close(parent)
-                    stores[view] = Store(key, layout.path(key), fd)
+                    if clone is None:
+                        clone = Store(ROOT_STORE, layout.root, clone_without_submounts(root.fd))
+                    stores[view] = Store(key, layout.path(key), clone.open_dir(layout.rel(key)))
                     continue
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
@@ -295,6 +296,9 @@ class Backing:
             for s in stores.values():
                 s.close()
             raise
+        finally:
+            if clone is not None:
+                clone.close()       # the stores opened through it keep it alive
         return cls(stores)
 
     def get(self, key: str) -> Store:

@@ -103,21 +103,21 @@ def _check(result: int, what: str, path: str) -> int:
     return result
 
 
-def open_covered(parent_fd: int, name: str) -> int:
-    """Open the directory *name* in *parent_fd* as it is under whatever is mounted
-    on it (a dead view), not following a symbolic link.
+def clone_without_submounts(dir_fd: int) -> int:
+    """An fd on a detached, non-recursive clone of the mount *dir_fd* is on, rooted
+    at *dir_fd*'s directory (``open_tree(OPEN_TREE_CLONE)``).
 
-    A non-recursive clone of the parent's mount (``open_tree`` with
-    ``OPEN_TREE_CLONE``) carries no submounts, so the name resolves to the
-    directory itself; the clone is detached and goes away with its fds.
+    The clone carries no submounts, so a path opened below it reaches the
+    directories as they are under whatever is mounted on them (a dead view).
+    It is detached and goes away with the last fd opened through it. A rename
+    between it and the original mount is ``EXDEV`` (two mounts).
     """
-    tree = _check(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(parent_fd), b"",
+    tree = _check(_libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(dir_fd), b"",
                                 ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
                                               | _AT_EMPTY_PATH)),
-                  "open_tree", name)
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       dir_fd=tree)
+                  "open_tree", f"/proc/self/fd/{dir_fd}")
+    try:   # open_tree gives an O_PATH fd; ioctls and listing need a real one
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=tree)
     finally:
         os.close(tree)
 

@@ -129,8 +129,21 @@ def test_remount_after_a_crash_never_uncovers_the_legacy_directory(legacy_root, 
                 for view in ("img", "downloads"):
                     at = [e for e in mounts.mount_table() if e.mount_point == str(root / view)]
                     assert len(at) == 1 and at[0].fstype == mounts.FSTYPE, at
+                # the legacy directories opened from under the dead views are the real
+                # ones, and writable: a download and the verifier's rename
+                obj = root / "downloads" / "appImg.obj"
+                for area in ("pending", "verifier"):
+                    (obj / area / IMAGE).mkdir(parents=True)
+                (obj / "pending" / IMAGE / "new.img").write_bytes(b"downloaded")
+                os.rename(obj / "pending" / IMAGE / "new.img", obj / "verifier" / IMAGE / "x.img")
         finally:
             stop.set()
             watcher.join()
     assert "legacy" not in seen, seen
     assert "view" in seen
+    obj = root / "downloads" / "appImg.obj"                      # unmounted: on disk
+    assert (obj / "verifier" / IMAGE / "x.img").read_bytes() == b"downloaded"
+    assert not (obj / "pending" / IMAGE / "new.img").exists()
+
+
+IMAGE = "5d0e7fd1-6f4f-4e6a-9a36-0c7d1b8f2e11"
