@@ -248,6 +248,7 @@ class Migrator:
         self.pending: set[str] = set()
         self.retry_at: dict[str, float] = {}
         self.dirty: dict[tuple[int, int], DirtyLog] = {}
+        self.in_use: dict[str, str] = {}    # last "in use" reason said, per object
         self._wake = trio.Event()
         self._fault_at = os.environ.get("COMPATFS_FAULT") or None
         self._fault_count = int(os.environ.get("COMPATFS_FAULT_SKIP", "0"))
@@ -445,7 +446,11 @@ class Migrator:
             self._undo_copy(item)
             self.progress.waiting[item.vpath] = str(exc)
             self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
-            log.info("%s: %s", item.vpath, exc)
+            # a containerd that keeps running would repeat this every pass: say it once
+            # per change of holder
+            level = logging.DEBUG if self.in_use.get(item.vpath) == str(exc) else logging.INFO
+            self.in_use[item.vpath] = str(exc)
+            log.log(level, "%s: %s", item.vpath, exc)
         except copier.CopyAborted:
             self._undo_copy(item)
         except Quarantined as exc:
