@@ -245,3 +245,39 @@ def test_containerd_store_in_use_waits_and_moves_once_released(device, tmp_path)
     back = run_cli("rollback", "--root", str(root), "--run-dir", run)
     assert back.returncode == 0, back.stderr
     assert sha_tree(root, "containerd") == cas_before
+
+
+def test_daemon_moves_the_containerd_store_once_released_and_says_so_once(device, tmp_path):
+    """In stage migrate the daemon waits for a held containerd store, telling the
+    log once (not every pass), and moves it in the background once released."""
+    import subprocess
+
+    root = device
+    devicegen.make_demo(str(root))
+    cas_before = {k.removeprefix("containerd/"): v for k, v in sha_tree(root, "containerd").items()}
+    config = tmp_path / "c.yaml"
+    config.write_text("migration:\n  rescan_s: 1\n  retry_backoff_s: 0\n  throttle_mib_per_s: 0\n")
+    holder = subprocess.Popen(["sleep", "120"], cwd=root / "containerd")
+    try:
+        with mounted(root, tmp_path / "run", stage="migrate", config=config) as m:
+            deadline = time.monotonic() + 30   # the rest moves meanwhile
+            while not sha_tree(root, "vault/volumes") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert sha_tree(root, "vault/volumes"), m.log_text()
+            time.sleep(4)            # several more passes while it is held
+            assert (root / "containerd").is_dir() and not (root / "vault/containerd").exists()
+            said = [line for line in m.log_text().splitlines()
+                    if f"persist/containerd: in use by pid {holder.pid} (sleep, cwd)" in line]
+            assert len(said) == 1, m.log_text()
+            holder.kill()
+            holder.wait()
+            deadline = time.monotonic() + 30
+            while (root / "containerd").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not (root / "containerd").exists(), m.log_text()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {k.removeprefix("vault/containerd/"): v
+            for k, v in sha_tree(root, "vault/containerd").items()} == cas_before
+    assert no_temporaries(root) == []
