@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Iterator
 
 from . import mounts
+from .layout import Layout
 
 DEADLINE = 20.0
 
-#: Legacy directory of each view, relative to the root (the default layout).
-VIEW_DIRS = {"img": "img", "downloads": "downloads", "prepared": "runx/pods/prepared"}
 
 
 @dataclass
@@ -48,7 +47,9 @@ class Child:
 
 
 def view_paths(root: Path, views: tuple[str, ...]) -> list[Path]:
-    return [root / VIEW_DIRS[v] for v in views]
+    """The legacy directory each view covers (the default layout)."""
+    layout = Layout(str(root))
+    return [Path(layout.path(v)) for v in views]
 
 
 def teardown(root: Path, run_dir: Path, views: tuple[str, ...]) -> None:
