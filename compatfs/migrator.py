@@ -712,6 +712,7 @@ class Migrator:
         legacy object is moved: a crash in between leaves the legacy name served
         by the destination and :meth:`recover` finishes the move, never a legacy
         name that resolves to nothing."""
+        self._check_unused(item)
         src = self.backing.get(item.src_store)
         where = self._aside_name(item.src_rel)
         reason = (f"the destination was newer; the legacy copy was set aside at "

@@ -281,3 +281,61 @@ def test_daemon_moves_the_containerd_store_once_released_and_says_so_once(device
     assert {k.removeprefix("vault/containerd/"): v
             for k, v in sha_tree(root, "vault/containerd").items()} == cas_before
     assert no_temporaries(root) == []
+
+
+@pytest.mark.parametrize("newer", [True, False], ids=["destination-newer", "destination-older"])
+def test_containerd_store_downgrade_then_upgrade(device, tmp_path, newer):
+    """A CAS location that already exists: newer wins and the legacy store is set
+    aside (never deleted); older is replaced by the legacy store."""
+    root = device
+    devicegen.make_demo(str(root))
+    legacy = {k.removeprefix("containerd/"): v for k, v in sha_tree(root, "containerd").items()}
+    cas = root / "vault/containerd"
+    (cas / "io.containerd.metadata.v1.bolt").mkdir(parents=True)
+    (cas / "io.containerd.metadata.v1.bolt" / "meta.db").write_bytes(b"new containerd")
+    existing = {k.removeprefix("vault/containerd/"): v
+                for k, v in sha_tree(root, "vault/containerd").items()}
+    t_legacy = os.stat(root / "containerd").st_mtime
+    os.utime(cas, (t_legacy + (3600 if newer else -3600),) * 2)
+    run = str(tmp_path / "run")
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+    assert proc.returncode == 0, proc.stderr
+    assert not (root / "containerd").exists()
+    now = {k.removeprefix("vault/containerd/"): v
+           for k, v in sha_tree(root, "vault/containerd").items()}
+    status = json.loads(run_cli("status", "--root", str(root), "--run-dir", run,
+                                "--json").stdout)
+    obj = next(o for o in status["objects"] if o["legacy"] == "containerd")
+    assert obj["state"] == "new", obj
+    if newer:
+        assert now == existing
+        aside = list((root / ".compatfs-set-aside").iterdir())
+        assert len(aside) == 1 and aside[0].name.startswith("containerd.")
+        kept = sha_tree(root, f".compatfs-set-aside/{aside[0].name}")
+        assert {k.split("/", 2)[2]: v for k, v in kept.items()} == legacy
+        assert "set aside" in (obj["reason"] or ""), obj
+    else:
+        assert now == legacy
+        assert not (root / ".compatfs-set-aside").exists()
+    assert no_temporaries(root) == []
+
+
+def test_a_held_containerd_store_is_not_set_aside_either(device, tmp_path):
+    import subprocess
+
+    root = device
+    devicegen.make_demo(str(root))
+    before = sha_tree(root, "containerd")
+    (root / "vault/containerd").mkdir()
+    os.utime(root / "vault/containerd", (os.stat(root / "containerd").st_mtime + 3600,) * 2)
+    holder = subprocess.Popen(["sleep", "120"], cwd=root / "containerd")
+    try:
+        proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir",
+                       str(tmp_path / "run"))
+        assert proc.returncode == 1 and "waiting: persist/containerd: in use by pid" \
+            in proc.stderr, proc.stderr
+        assert sha_tree(root, "containerd") == before
+        assert not (root / ".compatfs-set-aside").exists()
+    finally:
+        holder.kill()
+        holder.wait()
