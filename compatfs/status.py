@@ -9,6 +9,7 @@ same with the daemon running or not: it only reads.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from .index import DB_NAME, Index, IndexError_
 from .layout import Layout
 from .plan import Plan, human, make_plan
 from .resolver import Resolver
+from .scan import tree_bytes
 
 STATES = ("legacy", "new", "migrating", "failed", "unresolved")
 
@@ -102,6 +104,8 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple
         try:
             st = os.lstat(location)
             size = st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):     # a container volume, the CAS store
+                size += tree_bytes(location)
         except OSError:
             size = 0
         state = _REPORTED.get(rec.state, "new")

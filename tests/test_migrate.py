@@ -98,6 +98,10 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
     for legacy in placed:
         assert states[legacy] == "new"
     assert states["containerd"] == "new"
+    # a moved tree counts what it holds, not just its directory
+    sizes = {o["legacy"]: o["bytes"] for o in status["objects"]}
+    assert sizes["containerd"] >= 32 << 10
+    assert sizes[f"runx/pods/prepared/{pod.legacy_name(0, container=True)}"] > 8192
 
 
 def test_sparse_image_stays_sparse(device, tmp_path):
