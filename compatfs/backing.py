@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import stat
 from contextlib import contextmanager
 from typing import Iterator
@@ -183,6 +184,20 @@ class Store:
     def rmdir(self, rel: str) -> None:
         with self.parent(rel) as (fd, name):
             os.rmdir(name, dir_fd=fd)
+
+    def remove(self, rel: str) -> bool:
+        """Remove whatever is at *rel*: a file, a link or a whole directory tree
+        (links inside are removed, never followed). False if nothing was there."""
+        try:
+            with self.parent(rel) as (fd, name):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        return True
 
     def rename(self, rel: str, other: "Store", other_rel: str) -> None:
         """``renameat(2)`` from *rel* here to *other_rel* in *other*.

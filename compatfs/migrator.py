@@ -39,7 +39,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import signal
 import stat
 import threading
@@ -640,7 +639,7 @@ class Migrator:
     def _rename_into_place(self, dst: Store, rel: str) -> None:
         """``<rel>.compatfs-tmp`` becomes *rel* (an older directory there goes first)."""
         if dst.exists(rel) and stat.S_ISDIR(dst.lstat(rel).st_mode):
-            shutil.rmtree(rel, dir_fd=dst.fd)
+            dst.remove(rel)
         dst.rename(rel + TMP_SUFFIX, dst, rel)
         self._fsync_parent(dst, rel)
 
@@ -665,7 +664,7 @@ class Migrator:
             st = None
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(rec.target_rel, dir_fd=legacy.fd)
+                legacy.remove(rec.target_rel)
             elif rec.sig is not None and signature(st) == rec.sig:
                 legacy.unlink(rec.target_rel)
             else:
@@ -690,8 +689,7 @@ class Migrator:
         head, _, name = tmp_rel.rpartition("/")
         if head:
             dst.makedirs(head, 0o700)
-        if dst.exists(tmp_rel):
-            shutil.rmtree(tmp_rel, dir_fd=dst.fd)
+        dst.remove(tmp_rel)
         with src.parent(item.src_rel) as (sfd, sname), dst.parent(tmp_rel) as (dfd, dname):
             await in_background(
                 lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
@@ -753,11 +751,8 @@ class Migrator:
         if dst is not None:
             tmp_rel = item.dst_rel + TMP_SUFFIX
             try:
-                if stat.S_ISDIR(dst.lstat(tmp_rel).st_mode):
-                    shutil.rmtree(tmp_rel, dir_fd=dst.fd)
-                else:
-                    dst.unlink(tmp_rel)
-            except (FileNotFoundError, NotADirectoryError):
+                dst.remove(tmp_rel)
+            except NotADirectoryError:
                 pass
             except OSError as exc:
                 # e.g. ELOOP: a symbolic link where the destination directory should be.
@@ -825,11 +820,7 @@ class Migrator:
                 return f"{rec.view}: switched to its finished copy"
             # the source changed (or went) after the copy: the copy is stale
             stale = tmp if there.exists(tmp) else rec.target_rel
-            if there.exists(stale):
-                if stat.S_ISDIR(there.lstat(stale).st_mode):
-                    shutil.rmtree(stale, dir_fd=there.fd)
-                else:
-                    there.unlink(stale)
+            there.remove(stale)
             self.index.delete(rec.view)
             return f"{rec.view}: its source changed after the copy; the copy was dropped"
         # switched
@@ -857,11 +848,7 @@ class Migrator:
             return None
         legacy = self.backing.get(rec.target_store)
         tmp = rec.target_rel + TMP_SUFFIX
-        if legacy.exists(tmp):
-            if stat.S_ISDIR(legacy.lstat(tmp).st_mode):
-                shutil.rmtree(tmp, dir_fd=legacy.fd)
-            else:
-                legacy.unlink(tmp)
+        legacy.remove(tmp)
         if self.backing.get(rec.store).exists(rec.rel):
             if legacy.exists(rec.target_rel):
                 # both exist: the move back happened; finish it as rollback would
@@ -941,18 +928,13 @@ class Rollback:
 
     async def _copy_back(self, src: Store, rel: str, legacy: Store, rest: str, is_dir: bool) -> None:
         tmp = rest + TMP_SUFFIX
+        legacy.remove(tmp)          # what an interrupted rollback left
         if is_dir:
-            if legacy.exists(tmp):
-                shutil.rmtree(tmp, dir_fd=legacy.fd)
             with src.parent(rel) as (sfd, sname), legacy.parent(tmp) as (dfd, dname):
                 await trio.to_thread.run_sync(
                     lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.m.throttle,
                                              compare=self.m.settings.verify != "off"))
         else:
-            try:
-                legacy.unlink(tmp)
-            except FileNotFoundError:
-                pass
             sfd = src.open(rel, os.O_RDONLY)
             try:
                 dfd = legacy.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -974,15 +956,7 @@ class Rollback:
         if not legacy.exists(rest):
             self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new"))
             return False  # the move had not happened; the next run starts it again
-        try:
-            st = src.lstat(rec.rel)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(rec.rel, dir_fd=src.fd)
-            else:
-                src.unlink(rec.rel)
+        if src.remove(rec.rel):
             self.m._fsync_parent(src, rec.rel)
         try:
             legacy.unlink(rest + TMP_SUFFIX)
