@@ -205,6 +205,7 @@ class Daemon:
                 self.index.close()
                 self.backing.close()
                 self.run.clear()
+                self.run.close()
 
     async def _serve(self, signals, ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -339,10 +340,9 @@ def test_fifos_and_oversized_runtime_files_never_hang_a_command(device, base):
     os.mkfifo(key / "info.json")
     os.mkfifo(key / "last-stage")
     for command in (["umount"], ["reload"]):
-        proc = subprocess.run(
-            [*["timeout", "20"], *run_cli_argv(*command, "--root", str(root), "--config",
-                                               str(config), "--run-dir", str(run))],
-            capture_output=True, text=True)
+        proc = subprocess.run(["timeout", "20", sys.executable, "-m", "compatfs", *command,
+                               "--root", str(root), "--config", str(config),
+                               "--run-dir", str(run)], capture_output=True, text=True)
         assert proc.returncode != 124, f"{command} hung on a FIFO"
         if command == ["umount"]:
             assert proc.returncode == 0 and "was not mounted" in proc.stderr, proc.stderr
@@ -356,12 +356,6 @@ def test_fifos_and_oversized_runtime_files_never_hang_a_command(device, base):
     (key / "pid").unlink()
     (key / "pid").symlink_to("/proc/self/stat")
     assert run_dir.live_pid() is None
-
-
-def run_cli_argv(*args: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "compatfs", *args]
 
 
 def test_a_fifo_as_the_log_is_refused(base):
