@@ -459,7 +459,7 @@ class RunDir:
             fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                          | os.O_NONBLOCK | os.O_CLOEXEC, LOG_MODE, dir_fd=self._fd)
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENXIO):
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):   # link, FIFO, dir
                 raise RunDirError(f"{where}: not a regular file; remove it (compatfs makes it "
                                   "again)") from None
             raise

@@ -358,10 +358,22 @@ def test_fifos_and_oversized_runtime_files_never_hang_a_command(device, base):
     assert run_dir.live_pid() is None
 
 
-def test_a_fifo_as_the_log_is_refused(base):
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir])
+def test_a_log_that_is_not_a_regular_file_is_refused(base, make):
     run = RunDir(str(base / "run"), "/persist")
     run.make()
-    os.mkfifo(os.path.join(run.dir, "daemon.log"))
+    make(os.path.join(run.dir, "daemon.log"))
     with pytest.raises(RunDirError, match="daemon.log: not a regular file"):
         run.open_log()
     run.close()
+
+
+def test_migrate_now_refuses_an_unsafe_run_dir(device, base):
+    """A pid file others could forge (or remove) must not decide whether a daemon
+    serves the device while migrate --now moves its files."""
+    root, config = device
+    run = base / "run"
+    run.mkdir(mode=0o755)
+    os.chmod(run, 0o777)
+    proc = cli(root, config, run, "migrate", "--now")
+    assert proc.returncode == 2 and f"run dir {run}: mode 0777" in proc.stderr, proc.stderr
