@@ -377,3 +377,21 @@ def test_migrate_now_refuses_an_unsafe_run_dir(device, base):
     os.chmod(run, 0o777)
     proc = cli(root, config, run, "migrate", "--now")
     assert proc.returncode == 2 and f"run dir {run}: mode 0777" in proc.stderr, proc.stderr
+
+
+def test_files_agents_create_through_the_views_keep_the_agents_mode(device, base):
+    """The daemon's umask stays 0 for the views (only the agent's own umask
+    applies), while its own files have explicit modes."""
+    root, config = device
+    with mounted(root, base / "run", config=config):
+        for umask, want in ((0, 0o666), (0o022, 0o644), (0o077, 0o600)):
+            name = root / "img" / f"agent-{umask:03o}.txt"
+            old = os.umask(umask)
+            try:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                os.mkdir(f"{name}.d", 0o777)
+            finally:
+                os.umask(old)
+            assert stat.S_IMODE(os.stat(name).st_mode) == want, oct(umask)
+            assert stat.S_IMODE(os.stat(f"{name}.d").st_mode) == 0o777 & ~umask, oct(umask)
+    assert stat.S_IMODE(os.stat(root / "img" / "agent-000.txt").st_mode) == 0o666  # backing
