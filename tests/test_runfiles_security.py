@@ -198,8 +198,8 @@ def test_planted_symlinks_at_every_runtime_file_are_replaced_never_followed(devi
                  "info.json.tmp", "last-stage", "last-stage.tmp"):
         (key / name).symlink_to(secret)
     with mounted(root, run, config=config) as m:
-        wait_for(lambda: (key / "metrics.prom").is_file() and not (key / "metrics.prom").is_symlink(),
-                 "metrics never written")
+        metrics = key / "metrics.prom"
+        wait_for(lambda: metrics.is_file() and not metrics.is_symlink(), "metrics never written")
         for name in ("metrics.prom", "pid", "info.json", "last-stage"):
             assert not (key / name).is_symlink(), name
         assert RunDir(str(run), str(root)).live_pid() == m.pid
