@@ -284,7 +284,7 @@ def test_a_run_dir_others_can_write_is_refused(device, base, spoil, which, why):
     key.mkdir(parents=True, mode=0o755)
     target = {"run": run, "key": key, "parent": run.parent}[which]
     spoil(target)
-    for command in (["mount"], ["mount", "--foreground"], ["umount"]):
+    for command in (["mount"], ["mount", "--foreground"], ["umount"], ["reload"]):
         proc = cli(root, config, run, *command)
         assert proc.returncode == 2, (command, proc.stderr)
         lines = proc.stderr.strip().splitlines()
