@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .config import Config, ConfigError, load
 from .layout import LayoutError
+from .mounts import RunDirError
 from .plan import make_plan, render_text
 from .resolver import Resolver
 
@@ -64,11 +65,13 @@ def _run_dir(args: argparse.Namespace, root: str):
     return RunDir(args.run_dir or os.environ.get("COMPATFS_RUN_DIR") or DEFAULT_RUN_DIR, root)
 
 
-def _setup_logging(level: str, log_file: str | None = None) -> None:
+def _setup_logging(level: str) -> None:
+    """Log to stderr: a daemon started in the background has its stderr on the log
+    its parent opened in the run dir (:meth:`RunDir.open_log`), a supervised one
+    on the supervisor's output; no path is ever opened for logging."""
     import logging
 
-    handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s compatfs[%(process)d] %(levelname)s "
                                            "%(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
@@ -102,9 +105,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg, root, stage, run, attr_timeout=args.attr_timeout)
     try:
         daemon.prepare()
-    except DaemonError as exc:
+    except (DaemonError, RunDirError) as exc:
         report(f"error: {exc}")
-        raise CommandError(str(exc)) from None
+        raise CommandError(str(exc), EXIT_USAGE if isinstance(exc, RunDirError)
+                           else EXIT_FAILURE) from None
 
     def ready() -> None:
         report("ready")
@@ -171,23 +175,28 @@ def _spawn_daemon(args: argparse.Namespace, root: str, run) -> int:
         argv += ["--config", args.config]
     if args.stage:
         argv += ["--stage", args.stage]
-    pid = _spawn(argv, run.log_file, args.timeout)
+    pid = _spawn(argv, run, run.LOG, args.timeout)
     print(f"compatfs: mounted {root} (daemon pid {pid}, log {run.log_file})", file=sys.stderr)
     return 0
 
 
-def _spawn(argv: list[str], log_file: str, timeout: float) -> int:
-    """Run *argv* (a --foreground command) detached, logging to *log_file*, and
-    wait for it to report ready on the fd passed with --ready-fd; its pid."""
+def _spawn(argv: list[str], run, log_name: str, timeout: float) -> int:
+    """Run *argv* (a --foreground command) detached, logging to *log_name* in the
+    run dir, and wait for it to report ready on the fd passed with --ready-fd;
+    its pid."""
     import select
     import subprocess
     import time
 
+    log_file = os.path.join(run.dir, log_name)
+    log = run.open_log(log_name)
     r, w = os.pipe()
     argv = [*argv, "--ready-fd", str(w)]
-    with open(log_file, "ab") as log:
+    try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 pass_fds=(w,), start_new_session=True)
+    finally:
+        os.close(log)
     os.close(w)
     deadline = time.monotonic() + timeout
     line = b""
@@ -228,12 +237,11 @@ def cmd_debug_mount(args: argparse.Namespace) -> int:
     if not args.foreground:
         run = _run_dir(args, root)
         run.make()
-        log_file = os.path.join(run.dir, "debug-mount.log")
         argv = [sys.executable, "-m", "compatfs", "debug-mount", "--foreground", "--root", root,
                 args.mountpoint]
         if args.config:
             argv += ["--config", args.config]
-        pid = _spawn(argv, log_file, args.timeout)
+        pid = _spawn(argv, run, run.DEBUG_LOG, args.timeout)
         print(f"compatfs: read-only view of {root} at {args.mountpoint} (pid {pid}); "
               f"'compatfs debug-mount --unmount {args.mountpoint}' ends it", file=sys.stderr)
         return 0
@@ -548,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, LayoutError) as exc:
+    except (ConfigError, LayoutError, RunDirError) as exc:
         print(f"compatfs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CommandError as exc:

@@ -86,8 +86,17 @@ class Daemon:
                 self.dead_views.add(view)     # a dead daemon's: replaced, not uncovered
                 continue
             raise DaemonError(f"{target} is already a mount point")
-        # the kernel applied the caller's umask already; ours must not apply twice
+        # The views create files for agents with exactly the mode the agent asked
+        # for minus the agent's own umask (applied in Operations); the kernel
+        # must not mask it again with ours. So every file and directory the
+        # daemon makes for itself passes an explicit mode: the run dir's in
+        # mounts.RunDir, the vault's in Backing and the migrator.
         os.umask(0)
+        if not self.offline:
+            try:
+                self.run.make()     # a RunDirError (an unsafe run dir) goes to the caller as is
+            except OSError as exc:
+                raise DaemonError(f"run dir {self.run.dir}: {exc.strerror or exc}") from None
         if self.stage in PLACING_STAGES and not self._wait_for_vault():
             log.warning("the vault %s was not unlocked within %g s; serving in stage observe "
                         "instead of %s", self.layout.path("vault"), self.cfg.vault_wait_s,
@@ -147,20 +156,14 @@ class Daemon:
 
     def _log_stage_change(self) -> None:
         """Every change of stage is logged with the stage before and after."""
-        remembered = os.path.join(self.run.dir, "last-stage")
         before = self.index.meta("stage") if self.index.path else None
         if before is None:
-            try:
-                with open(remembered) as f:
-                    before = f.read().strip() or None
-            except OSError:
-                before = None
+            before = (self.run.read_text(self.run.LAST_STAGE) or "").strip() or None
         if before != self.stage:
             log.info("stage: %s -> %s", before or "none", self.stage)
         if self.index.path:
             self.index.set_meta("stage", self.stage)
-        os.makedirs(self.run.dir, exist_ok=True)
-        self.run._write(remembered, self.stage + "\n")
+        self.run.write_file(self.run.LAST_STAGE, self.stage + "\n")
 
     def _open_index(self, placing: bool, require: bool) -> Index:
         state = self.layout.path("state")
@@ -186,10 +189,10 @@ class Daemon:
     # -- serving --------------------------------------------------------------------
     async def serve(self, ready: Callable[[], None]) -> None:
         """Mount, bind, report *ready*, serve until told to stop, tear down."""
-        self.run.make()
+        mountpoint = self.run.check_mountpoint()
         options = {"fsname=compatfs", "subtype=compatfs", "allow_other", "default_permissions"}
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            pyfuse3.init(self.ops, self.run.mountpoint, options)
+            pyfuse3.init(self.ops, mountpoint, options)
             try:
                 await self._serve(signals, ready)
             finally:
@@ -202,6 +205,7 @@ class Daemon:
                 self.index.close()
                 self.backing.close()
                 self.run.clear()
+                self.run.close()
 
     async def _serve(self, signals, ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -230,7 +234,7 @@ class Daemon:
         """Keep <run dir>/metrics.prom current, for a device agent to ship."""
         while True:
             try:
-                metrics.write(self, self.run.metrics_file)
+                metrics.write(self, self.run)
             except OSError as exc:
                 log.debug("metrics file: %s", exc)
             await trio.sleep(METRICS_SECONDS)

@@ -85,13 +85,13 @@ def running(root: str | Path, run_dir: str | Path, *, stage: str = "observe",
     terminal reaches only the caller, whose tear-down then stops it.
     """
     root, run_dir = Path(root), Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     log = run_dir / f"daemon-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "compatfs", "mount", "--foreground", "--root", str(root),
             "--run-dir", str(run_dir), "--stage", stage, *extra]
     if config is not None:
         argv += ["--config", str(config)]
-    with open(log, "wb") as logf:
+    with open(log, "xb") as logf:   # exclusive: never through a name planted there
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=own_session)
     child = Child(root, run_dir, proc, log, views)

@@ -11,11 +11,11 @@ clock reads and one list increment per request, nothing else on the hot path.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .mounts import RunDir
 
 #: Bucket i counts requests that took less than 2**i microseconds (the last: the rest).
 BUCKETS = 24
@@ -86,10 +86,7 @@ def render(daemon: "Daemon") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(daemon: "Daemon", path: str) -> None:
-    """Write the metrics file atomically (a reader never sees half of it)."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(render(daemon))
-    os.replace(tmp, path)
+def write(daemon: "Daemon", run: "RunDir") -> None:
+    """Replace the metrics file atomically (a reader never sees half of it); the
+    run dir makes the temporary, exclusively and with mode 0644."""
+    run.write_file(run.METRICS, render(daemon))
