@@ -38,6 +38,9 @@ from compatfs.operations import Operations
 from compatfs.resolver import Resolver
 from compatfs.view import View
 
+from .devices import device_root
+from .mounting import mounted
+
 KIB = 1 << 10
 MIB = 1 << 20
 
@@ -60,6 +63,21 @@ def size_attr(size: int) -> pyfuse3.EntryAttributes:
     a = pyfuse3.EntryAttributes()
     a.st_size = size
     return a
+
+
+def model_write(model: bytearray, off: int, data: bytes) -> None:
+    """*data* written at *off* of the file *model* stands for (a gap reads as zeros)."""
+    if off > len(model):
+        model.extend(bytes(off - len(model)))
+    model[off:off + len(data)] = data
+
+
+def model_resize(model: bytearray, size: int) -> None:
+    """The file *model* stands for given *size*."""
+    if size < len(model):
+        del model[size:]
+    else:
+        model.extend(bytes(size - len(model)))
 
 
 def read_all(path: Path | str) -> bytes:
@@ -137,17 +155,6 @@ class Bench:
     async def open(self, flags: int) -> int:
         return (await self.ops.open(await self.ino(), flags, Ctx())).fh
 
-    def _write_model(self, off: int, data: bytes) -> None:
-        if off > len(self.model):
-            self.model.extend(bytes(off - len(self.model)))
-        self.model[off:off + len(data)] = data
-
-    def _resize_model(self, size: int) -> None:
-        if size < len(self.model):
-            del self.model[size:]
-        else:
-            self.model.extend(bytes(size - len(self.model)))
-
     async def step(self) -> None:
         """One random request (or a pause for the copy to move on)."""
         rng, limit = self.rng, max(len(self.model), self.item.bytes) + 256 * KIB
@@ -156,20 +163,20 @@ class Bench:
         if op == "write":
             off, data = rng.randrange(limit), rng.randbytes(rng.choice((1, 512, 4096, 4096, 70000)))
             await self.ops.write(rng.choice(self.handles), off, data)
-            self._write_model(off, data)
+            model_write(self.model, off, data)
             self.log.append(f"write {off} {len(data)}")
         elif op in ("truncate", "truncate-path"):
             size = rng.choice((0, rng.randrange(limit), rng.randrange(64 * KIB)))
             fh = rng.choice(self.handles) if op == "truncate" else None
             await self.ops.setattr(await self.ino(), size_attr(size), size_fields(), fh, Ctx())
-            self._resize_model(size)
+            model_resize(self.model, size)
             self.log.append(f"{op} {size}")
         elif op == "otrunc":
             fh = await self.open(os.O_WRONLY | os.O_TRUNC)
-            self._resize_model(0)
+            model_resize(self.model, 0)
             off, data = rng.randrange(limit), rng.randbytes(rng.choice((1, 4096, 100000)))
             await self.ops.write(fh, off, data)
-            self._write_model(off, data)
+            model_write(self.model, off, data)
             await self.ops.release(fh)
             self.log.append(f"otrunc+write {off} {len(data)}")
         elif op == "reopen":
@@ -286,3 +293,169 @@ async def test_a_file_removed_and_made_again_during_the_copy_is_not_overwritten(
         assert not (tmp_path / "vault/volumes/v.raw.compatfs-tmp").exists()
     finally:
         bench.close()
+
+
+# -- through the kernel, on a real fscrypt vault ---------------------------------------------
+
+@pytest.fixture
+def device(tmp_path):
+    work = tmp_path / "dev"
+    work.mkdir()
+    with device_root(work, size_mb=256) as root:
+        yield root
+
+
+def legacy_volume(root: Path, rng: random.Random, size: int) -> tuple[Path, Path, bytearray]:
+    """A VM volume of *size* random bytes in img/: (its legacy name, where its copy
+    goes in the vault, the model of its content)."""
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "vm", [
+        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw")])
+    devicegen.write_device_state(str(root), [app])
+    legacy = root / "img" / app.legacy_name(0)
+    legacy.parent.mkdir(exist_ok=True)
+    model = bytearray(rng.randbytes(size))
+    legacy.write_bytes(model)
+    return legacy, root / "vault/volumes" / f"{app.drives[0].volume_uuid}#0.raw", model
+
+
+def temporary_of(target: Path) -> Path | None:
+    """The copy under way to *target* (its temporary name), if any."""
+    for p in target.parent.iterdir() if target.parent.is_dir() else ():
+        if p.name.startswith(target.name) and p.name != target.name:
+            return p
+    return None
+
+
+def wait_for(cond, what: str, m, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout:g} s:\n{m.log_text()}")
+        time.sleep(0.05)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def check_after_remount(root: Path, tmp_path: Path, legacy: Path, target: Path,
+                        model: bytearray, what: str) -> None:
+    """The vault file, read with every cache dropped, then through a fresh daemon's
+    view, is the model byte for byte; the legacy original is gone."""
+    drop_caches()
+    got = read_all(target)
+    assert len(got) == len(model), f"{what}: size {len(got)}, model {len(model)}"
+    if got != bytes(model):
+        first = next(i for i, (a, b) in enumerate(zip(got, model)) if a != b)
+        raise AssertionError(f"{what}: the vault copy differs from the model from byte "
+                             f"{first} ({sum(a != b for a, b in zip(got, model))} bytes)")
+    assert not legacy.exists() and temporary_of(target) is None
+    with mounted(root, tmp_path / "run2", stage="migrate"):
+        assert read_all(legacy) == bytes(model), what
+
+
+CONFIG = "migration:\n  throttle_mib_per_s: {rate}\n  rescan_s: 1\n  retry_backoff_s: 1\n"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["truncate", "o_trunc"])
+def test_reported_truncate_during_a_vault_copy_keeps_no_old_bytes(device, tmp_path, how):
+    """The report: a 32 MiB volume copied at 2 MiB/s into the vault; through the view
+    truncate -s0, truncate -s32M and 4 KiB written at the end (or an O_TRUNC open and
+    the write); after the switch and a remount the vault copy reads zeros, not the
+    8 MiB of old data the bulk copy had moved."""
+    root = device
+    size = 32 * MIB
+    legacy, target, model = legacy_volume(root, random.Random(3), size)
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.format(rate=2))
+    tail = random.Random(4).randbytes(4096)
+    with mounted(root, tmp_path / "run", stage="migrate", config=config) as m:
+        def copying() -> bool:
+            tmp = temporary_of(target)
+            return tmp is not None and tmp.stat().st_blocks > 0
+        wait_for(copying, "the copy did not start", m)
+        if how == "truncate":
+            subprocess.run(["truncate", "-s0", str(legacy)], check=True)
+            subprocess.run(["truncate", f"-s{size}", str(legacy)], check=True)
+            fd = os.open(legacy, os.O_WRONLY)
+        else:
+            fd = os.open(legacy, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.pwrite(fd, tail, size - len(tail))
+        finally:
+            os.close(fd)
+        model[:] = bytes(size - len(tail)) + tail
+        wait_for(lambda: target.exists() and temporary_of(target) is None,
+                 "the file did not migrate", m)
+        assert read_all(legacy) == bytes(model)
+    check_after_remount(root, tmp_path, legacy, target, model, how)
+
+
+class ModelWriter:
+    """Random requests through the view on one file, mirrored in a bytearray."""
+
+    def __init__(self, path: Path, model: bytearray, rng: random.Random) -> None:
+        self.path, self.model, self.rng = path, model, rng
+        self.size0 = len(model)
+        self.fd = os.open(path, os.O_RDWR)
+        self.ops: list[str] = []
+
+    def step(self) -> None:
+        rng, limit = self.rng, max(len(self.model), self.size0) + MIB
+        op = rng.choices(["write", "ftruncate", "truncate", "otrunc"], weights=[30, 1, 1, 1])[0]
+        if op == "write":
+            off, data = rng.randrange(limit), rng.randbytes(rng.choice((512, 4096, 65536)))
+            os.pwrite(self.fd, data, off)
+            model_write(self.model, off, data)
+        elif op in ("ftruncate", "truncate"):
+            # shrinks and growths both: old bytes above a shrink show once it grows again
+            size = rng.choice((0, rng.randrange(MIB), rng.randrange(limit), self.size0))
+            (os.ftruncate(self.fd, size) if op == "ftruncate" else os.truncate(self.path, size))
+            model_resize(self.model, size)
+        else:
+            fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
+            model_resize(self.model, 0)
+            off, data = rng.randrange(limit), rng.randbytes(4096)
+            os.pwrite(fd, data, off)
+            os.close(fd)
+            model_write(self.model, off, data)
+        self.ops.append(op)
+        if rng.random() < 0.05:
+            os.fsync(self.fd)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("seed", [int(os.environ.get("COMPATFS_TRUNCATE_SEED", "9000")) + i
+                                  for i in range(2)])
+def test_random_writes_and_size_changes_through_the_view_during_migration(device, tmp_path, seed):
+    """Random pwrite, ftruncate, truncate and O_TRUNC+write through the view while the
+    file is copied into the vault, switched, and written on; compared with the model
+    after the switch, and after a remount with every cache dropped."""
+    root = device
+    rng = random.Random(seed)
+    legacy, target, model = legacy_volume(root, rng, 24 * MIB)
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG.format(rate=4))
+    with mounted(root, tmp_path / "run", stage="migrate", config=config) as m:
+        def copying() -> bool:
+            tmp = temporary_of(target)
+            return tmp is not None and tmp.stat().st_blocks > 0
+        wait_for(copying, "the copy did not start", m)
+        time.sleep(rng.uniform(0, 2))       # land anywhere in the rest of the bulk copy
+        w = ModelWriter(legacy, model, rng)
+        try:
+            deadline = time.monotonic() + 90
+            while not target.exists() and time.monotonic() < deadline:
+                w.step()
+                # a few hundred requests: they leave most of the file as it was, so
+                # stale bytes in the copy have room to show
+                time.sleep(rng.choice((0.002, 0.01, 0.02)))
+            assert target.exists(), f"seed {seed}: not migrated in 90 s\n{m.log_text()}"
+            for _ in range(50):             # on the switched handle and new opens
+                w.step()
+        finally:
+            os.close(w.fd)
+        assert read_all(legacy) == bytes(model), f"seed {seed}: the view after {w.ops}"
+    check_after_remount(root, tmp_path, legacy, target, model, f"seed {seed} after {w.ops}")
