@@ -144,6 +144,11 @@ class Bench:
         self.handles: list[int] = []
         self.log: list[str] = []
 
+    def check(self, when: str) -> None:
+        got = read_all(self.target)
+        assert len(got) == len(self.model) and got == bytes(self.model), \
+            f"{when}: the copy differs from the model after {self.log}"
+
     def close(self) -> None:
         self.ops.close_all()
         self.backing.close()
@@ -201,6 +206,8 @@ class Bench:
             await trio.sleep(self.rng.uniform(0, self.copy_s))
             while not done.is_set():
                 await self.step()
+            if self.target.exists():        # switched: the copy, before anything else writes
+                self.check("at the switch")
             for _ in range(after_switch):   # the switched handles go on
                 await self.step()
         for fh in self.handles:
@@ -234,9 +241,7 @@ async def test_random_size_changes_and_writes_during_the_copy_reach_it(tmp_path,
     try:
         await bench.run(after_switch=rng.randrange(0, 20))
         assert bench.m.index.get("img/v.img").state == "new", seed
-        got = read_all(bench.target)
-        assert len(got) == len(bench.model) and got == bytes(bench.model), \
-            f"seed {seed}: the copy differs from the model after {bench.log}"
+        bench.check(f"seed {seed}, at the end")
         assert not (tmp_path / "img" / "v.img").exists()
     finally:
         bench.close()
@@ -453,6 +458,8 @@ def test_random_writes_and_size_changes_through_the_view_during_migration(device
                 # stale bytes in the copy have room to show
                 time.sleep(rng.choice((0.002, 0.01, 0.02)))
             assert target.exists(), f"seed {seed}: not migrated in 90 s\n{m.log_text()}"
+            # the view serves the copy now: what it holds before anything writes to it
+            assert read_all(legacy) == bytes(model), f"seed {seed}: the copy after {w.ops}"
             for _ in range(50):             # on the switched handle and new opens
                 w.step()
         finally:
