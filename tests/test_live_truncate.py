@@ -300,6 +300,31 @@ async def test_a_file_removed_and_made_again_during_the_copy_is_not_overwritten(
         bench.close()
 
 
+async def test_a_file_renamed_during_the_copy_is_not_switched_under_its_old_name(tmp_path):
+    bench = Bench(tmp_path, random.Random(5), 2 * MIB, throttle_mib=4)
+    try:
+        img = (await bench.ops.lookup(pyfuse3.ROOT_INODE, b"img", Ctx())).st_ino
+        await bench.ops.lookup(img, b"v.img", Ctx())
+
+        async def agent() -> None:
+            await trio.sleep(0.1)
+            await bench.ops.rename(img, b"v.img", img, b"w.img", 0, Ctx())
+
+        with pytest.raises(ExceptionGroup) as raised:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent)
+                await bench.m._copy_file(bench.item)
+        assert raised.group_contains(Converging)
+        bench.m._undo_copy(bench.item)
+        assert not bench.target.exists()
+        assert bench.m.index.get("img/v.img") is None
+        ino = (await bench.ops.lookup(img, b"w.img", Ctx())).st_ino
+        fh = (await bench.ops.open(ino, os.O_RDONLY, Ctx())).fh
+        assert await bench.ops.read(fh, 0, 3 * MIB) == bytes(bench.model)
+    finally:
+        bench.close()
+
+
 # -- through the kernel, on a real fscrypt vault ---------------------------------------------
 
 @pytest.fixture
