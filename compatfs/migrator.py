@@ -27,6 +27,7 @@ leaves something :meth:`Migrator.recover` can finish or undo:
 
 A file open for writing through a view keeps being written while it is
 copied: every write the daemon serves for that file marks a dirty range
+and every size change lowers the size the copy is cut to first
 (:class:`DirtyLog`), dirty ranges are copied again until few are left, and
 the last ones are copied, the copy renamed into place and every open handle
 re-opened on it in one synchronous step of the event loop, so no FUSE
