@@ -491,3 +491,23 @@ def test_random_writes_and_size_changes_through_the_view_during_migration(device
             os.close(w.fd)
         assert read_all(legacy) == bytes(model), f"seed {seed}: the view after {w.ops}"
     check_after_remount(root, tmp_path, legacy, target, model, f"seed {seed} after {w.ops}")
+
+
+@pytest.mark.root
+def test_fallocate_through_a_view_is_refused_and_changes_nothing(tmp_path):
+    """The views offer no fallocate (pyfuse3 has none): the kernel answers EOPNOTSUPP,
+    so no size or hole can change behind the dirty log (docs/migration.md). Should
+    the views ever offer it, it must mark what it changes, and this test says so."""
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    data = random.Random(6).randbytes(100000)
+    (root / "img" / "f.img").write_bytes(data)
+    config = tmp_path / "c.yaml"
+    config.write_text("require_encrypted_vault: false\nvault_wait_s: 0\n")
+    with mounted(root, tmp_path / "run", stage="observe", config=config):
+        path = root / "img" / "f.img"
+        for args in (["-l", "1M"], ["-p", "-o", "0", "-l", "8192"], ["-z", "-o", "0", "-l", "8192"]):
+            proc = subprocess.run(["fallocate", *args, str(path)], capture_output=True, text=True)
+            # EOPNOTSUPP ("Operation not supported"; util-linux words -p its own way)
+            assert proc.returncode != 0 and "supported" in proc.stderr, (args, proc)
+        assert read_all(path) == data
