@@ -27,6 +27,7 @@ leaves something :meth:`Migrator.recover` can finish or undo:
 
 A file open for writing through a view keeps being written while it is
 copied: every write the daemon serves for that file marks a dirty range
+and every size change lowers the size the copy is cut to first
 (:class:`DirtyLog`), dirty ranges are copied again until few are left, and
 the last ones are copied, the copy renamed into place and every open handle
 re-opened on it in one synchronous step of the event loop, so no FUSE
@@ -102,18 +103,27 @@ DIRTY_BLOCK = 64 << 10
 
 
 class DirtyLog:
-    """Blocks written to a file while it is being copied (filled by the FUSE thread).
+    """What changed in a file while it is being copied (filled by the FUSE thread):
+    the 64 KiB blocks written, and the lowest size it was given (:attr:`shrunk_to`,
+    by a truncate, ``O_TRUNC`` or any other size change).
 
-    Once :attr:`mirror` is set (an fd of the copy), the FUSE thread writes
-    every later write to the copy as well, so the set of dirty blocks only
-    shrinks; a write the copy refuses (a full disk) is recorded in
-    :attr:`mirror_error` and ends this attempt, never the guest's write.
+    Whoever brings the copy up to date (:meth:`apply`) gives the copy that size
+    first, then copies the dirty blocks: a byte above it that was not written
+    again reads as zero in the source, and now in the copy too. Old bytes the
+    bulk copy or a pass (worker threads) wrote above a size set meanwhile are
+    wiped by the next :meth:`apply`, and the last one runs in the event loop.
+
+    Once :attr:`mirror` is set (an fd of the copy), the FUSE thread applies
+    every later write and size change to the copy as well, so the set of dirty
+    blocks only shrinks; one the copy refuses (a full disk) is recorded in
+    :attr:`mirror_error` and ends this attempt, never the guest's request.
     """
 
-    __slots__ = ("blocks", "touched", "mirror", "mirror_error")
+    __slots__ = ("blocks", "shrunk_to", "touched", "mirror", "mirror_error")
 
     def __init__(self) -> None:
         self.blocks: set[int] = set()
+        self.shrunk_to: int | None = None   # lowest size given since the last take()
         self.touched = False   # written or resized at all since the copy began
         self.mirror = -1
         self.mirror_error: OSError | None = None
@@ -134,6 +144,23 @@ class DirtyLog:
         except OSError as exc:
             self.mirror_error = exc
 
+    def resize(self, size: int) -> None:
+        """The FUSE thread gave the source the size *size* (shrinking or growing it)."""
+        self.touched = True
+        if self.mirror >= 0:
+            if self.mirror_error is None:
+                try:
+                    os.ftruncate(self.mirror, size)
+                except OSError as exc:
+                    self.mirror_error = exc
+            return
+        if self.shrunk_to is None or size < self.shrunk_to:
+            self.shrunk_to = size
+            # blocks wholly above it read as zeros now: nothing left to copy there
+            first = -(-size // DIRTY_BLOCK)
+            if self.blocks and max(self.blocks) >= first:
+                self.blocks = {b for b in self.blocks if b < first}
+
     def add(self, offset: int, length: int) -> None:
         self.touched = True
         if length > 0:
@@ -143,8 +170,15 @@ class DirtyLog:
     def bytes(self) -> int:
         return len(self.blocks) * DIRTY_BLOCK
 
-    def take(self) -> list[tuple[int, int]]:
-        """The dirty blocks so far as merged (offset, length) ranges; the log starts again."""
+    @property
+    def pending(self) -> bool:
+        """Something to apply to the copy: dirty blocks or a size to give it."""
+        return bool(self.blocks) or self.shrunk_to is not None
+
+    def take(self) -> tuple[int | None, list[tuple[int, int]]]:
+        """The lowest size given and the dirty blocks so far as merged (offset,
+        length) ranges, for :meth:`apply`; the log starts again."""
+        shrunk_to, self.shrunk_to = self.shrunk_to, None
         blocks, self.blocks = sorted(self.blocks), set()
         ranges: list[tuple[int, int]] = []
         for b in blocks:
@@ -153,7 +187,16 @@ class DirtyLog:
                 ranges[-1] = (ranges[-1][0], ranges[-1][1] + DIRTY_BLOCK)
             else:
                 ranges.append((off, DIRTY_BLOCK))
-        return ranges
+        return shrunk_to, ranges
+
+    @staticmethod
+    def apply(src_fd: int, dst_fd: int, shrunk_to: int | None,
+              ranges: list[tuple[int, int]]) -> None:
+        """Bring the copy *dst_fd* up to date with what :meth:`take` returned: the
+        size first, then the blocks (then the source's size, as copy_ranges does)."""
+        if shrunk_to is not None:
+            os.ftruncate(dst_fd, shrunk_to)
+        copier.copy_ranges(src_fd, dst_fd, ranges)
 
 
 @dataclass
@@ -552,9 +595,9 @@ class Migrator:
             passes = 0
             while dirty is not None and dirty.bytes > FINAL_PASS_BYTES and passes < MAX_PASSES:
                 passes += 1
-                ranges = dirty.take()
+                shrunk_to, ranges = dirty.take()
                 log.debug("%s: pass %d over %d dirty ranges", item.vpath, passes, len(ranges))
-                await in_background(lambda: copier.copy_ranges(src_fd, tmp_fd, ranges))
+                await in_background(lambda: DirtyLog.apply(src_fd, tmp_fd, shrunk_to, ranges))
             if dirty is not None and dirty.blocks:
                 await self._converge(item, dirty, src_fd, tmp_fd)
             written = dirty is not None and dirty.touched
@@ -578,7 +621,12 @@ class Migrator:
     async def _converge(self, item: Item, dirty: DirtyLog, src_fd: int, tmp_fd: int) -> None:
         """Mirror new writes, and copy what is still dirty in slices run in the event
         loop: a slice and a FUSE write never interleave, so the copy cannot take an
-        older block after the mirror wrote a newer one."""
+        older block after the mirror wrote a newer one. A size given before the
+        mirror starts is applied first, in the same step (no request in between);
+        later ones the FUSE thread mirrors like writes."""
+        shrunk_to, dirty.shrunk_to = dirty.shrunk_to, None
+        if shrunk_to is not None:
+            os.ftruncate(tmp_fd, shrunk_to)
         dirty.mirror = tmp_fd
         while dirty.blocks:
             if dirty.mirror_error is not None:
@@ -607,12 +655,27 @@ class Migrator:
 
     def _finish_switch(self, item: Item, src: Store, dst: Store, src_fd: int, tmp_fd: int,
                        tmp_rel: str, key: tuple[int, int] | None) -> None:
-        """Last dirty ranges, metadata, rename into place, commit, switch handles."""
+        """Last dirty ranges, metadata, rename into place, commit, switch handles.
+
+        The name must still be the file that was copied, under the record this
+        copy committed: an agent that removed it (and maybe made a new file by
+        that name, placed where the copy would go) or renamed it during the copy
+        keeps what it did; this copy is dropped (:class:`Converging`)."""
         dirty = self.dirty.pop(key, None) if key else None
         if dirty is not None and dirty.mirror_error is not None:
             raise dirty.mirror_error
-        if dirty is not None and dirty.blocks:
-            copier.copy_ranges(src_fd, tmp_fd, dirty.take())
+        st = os.fstat(src_fd)
+        rec = self.index.get(item.vpath)
+        try:
+            named = src.lstat(item.src_rel)
+        except (FileNotFoundError, NotADirectoryError):
+            named = None
+        if rec is None or rec.state != "copying" \
+                or (rec.store, rec.rel) != (item.src_store, item.src_rel) \
+                or named is None or (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+            raise Converging("removed, renamed or replaced while it was copied")
+        if dirty is not None and dirty.pending:
+            DirtyLog.apply(src_fd, tmp_fd, *dirty.take())
         st = os.fstat(src_fd)
         os.ftruncate(tmp_fd, st.st_size)
         copier.finish_file(tmp_fd, st)

@@ -245,17 +245,21 @@ class Operations(pyfuse3.Operations):
             if fd is None:
                 raise
             self._setattr_fd(fd, attr, fields)  # unlinked but still open
-            return self._attrs(inode, os.fstat(fd))
+            st = os.fstat(fd)
+            if fields.update_size and self.dirty:
+                self._resized((st.st_dev, st.st_ino), attr.st_size)
+            return self._attrs(inode, st)
         if fields.update_size:
             if handle is not None:
                 os.ftruncate(handle.fd, attr.st_size)
             else:
                 store.truncate(rel, attr.st_size)
             if self.dirty:
-                st = store.lstat(rel)
-                log = self.dirty.get((st.st_dev, st.st_ino))
-                if log is not None:
-                    log.add(attr.st_size, 0)
+                if handle is not None:
+                    self._resized(handle.backing, attr.st_size)
+                else:
+                    st = store.lstat(rel)
+                    self._resized((st.st_dev, st.st_ino), attr.st_size)
         if fields.update_mode:
             store.chmod(rel, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -265,6 +269,13 @@ class Operations(pyfuse3.Operations):
             store.utime(rel, attr.st_atime_ns if fields.update_atime else None,
                         attr.st_mtime_ns if fields.update_mtime else None)
         return self._attrs(inode, store.lstat(rel))
+
+    def _resized(self, backing: tuple[int, int], size: int) -> None:
+        """The file *backing* was given *size* (truncate, ``O_TRUNC``): a copy of it
+        under way must follow (only called while something migrates)."""
+        log = self.dirty.get(backing)
+        if log is not None:
+            log.resize(size)
 
     @staticmethod
     def _setattr_fd(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
@@ -352,6 +363,8 @@ class Operations(pyfuse3.Operations):
     def _file_info(self, fd: int, ino: int, flags: int, vpath: str) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         st = os.fstat(fd)
+        if flags & os.O_TRUNC and self.dirty:
+            self._resized((st.st_dev, st.st_ino), 0)   # the backing open truncated it
         fi = pyfuse3.FileInfo(fh=self._new_fh(Handle(fd, ino, writable, flags, vpath,
                                                      (st.st_dev, st.st_ino),
                                                      Stream() if writable else None)))
