@@ -33,11 +33,12 @@ import pytest
 from compatfs import devicegen
 from compatfs.config import Config
 from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
+from compatfs.migrator import tmp_name
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 
-from .conftest import legacy_snapshot
+from .conftest import legacy_snapshot, temporaries
 from .devices import device_root
 from .mounting import mounted
 
@@ -134,10 +135,6 @@ def digest(path: Path):
     return out
 
 
-def temporaries(root: Path) -> list[str]:
-    return [str(p) for p in root.rglob("*.compatfs-tmp")]
-
-
 def index_records(root: Path) -> dict[str, tuple[str, str | None, int]]:
     """view -> (state, reason, attempts), read straight from the index database."""
     path = root / "vault/compatfs/index.db"
@@ -185,9 +182,10 @@ def config(tmp_path: Path, name: str, text: str) -> Path:
 
 # -- the device the crash tests run on ------------------------------------------------
 
-def crash_device(root: Path) -> None:
+def crash_device(root: Path, more: tuple[AppDef, ...] = ()) -> None:
     """The demo device plus an app with a clear-text volume (a second rename) and a
-    vault volume, so every fault point is hit more than once."""
+    vault volume, so every fault point is hit more than once (and the apps *more*,
+    whose files the caller writes)."""
     apps = devicegen.make_demo(str(root))
     rng = random.Random(21)
     extra = AppDef(random_uuid(rng), "extra", [
@@ -195,7 +193,7 @@ def crash_device(root: Path) -> None:
                  clear_text=True),
         DriveDef(random_uuid(rng), random_sha(rng), "qcow2", volume_uuid=random_uuid(rng)),
     ])
-    devicegen.write_device_state(str(root), [*apps, extra])
+    devicegen.write_device_state(str(root), [*apps, extra, *more])
     write_random(root / "img" / extra.legacy_name(0), 1 * MIB + 12345, rng)
     devicegen.sparse_file(str(root / "img" / extra.legacy_name(1)), 16 * MIB,
                           {0: rng.randbytes(MIB), 12 * MIB: rng.randbytes(3 * MIB)})
@@ -273,7 +271,7 @@ def test_migrate_killed_mid_copy_of_a_large_file(tmp_path):
         legacy = root / "img" / app.legacy_name(0)
         want = write_random(legacy, 128 * MIB, rng)  # 4 s at 32 MiB/s
         target = root / vol_target(app.drives[0])
-        tmp = Path(str(target) + ".compatfs-tmp")
+        tmp = target.parent / tmp_name(target.name)
         slow = config(tmp_path, "slow.yaml", "migration: {throttle_mib_per_s: 32}\n")
         argv = [sys.executable, "-m", "compatfs", "migrate", "--root", str(root), "--now",
                 "--run-dir", str(run), "--config", str(slow)]
@@ -571,7 +569,7 @@ def test_a_verified_download_that_does_not_match_its_name_is_quarantined(tmp_pat
         state, _, attempts = index_records(root)[bad_rel]
         assert state == "quarantined"
 
-        again = migrate(root, run)  # attempts exhausted: not tried again
+        again = migrate(root, run)  # quarantined: tried again only when asked by name
         assert "migrated 0 of 0 objects" in again.stderr, again.stderr
         assert index_records(root)[bad_rel][2] == attempts
         assert Path(bad_path).read_bytes() == bad
@@ -599,7 +597,9 @@ def failing_device(root: Path, rng: random.Random, blocker_kind: str):
     return app, want, pending, blob
 
 
-def test_a_failing_object_is_retried_then_failed_while_the_others_move(tmp_path):
+def test_a_failing_object_is_retried_on_every_run_while_the_others_move(tmp_path):
+    """A failed object is never given up on: every ``migrate --now`` (like every
+    start of the daemon) tries it again, and once its cause is gone it moves."""
     run = tmp_path / "run"
     cfg = config(tmp_path, "c.yaml", "migration: {retries: 2, retry_backoff_s: 0}\n")
     with device(tmp_path) as root:
@@ -615,20 +615,24 @@ def test_a_failing_object_is_retried_then_failed_while_the_others_move(tmp_path)
         state, reason, attempts = index_records(root)[pending]
         assert (state, attempts) == ("failed", 1) and "ENOTDIR" in reason, reason
 
-        second = migrate(root, run, config=cfg)
-        assert second.returncode == 1 and "migrated 0 of 1 objects" in second.stderr, \
-            second.stderr
-        state, _, attempts = index_records(root)[pending]
-        assert (state, attempts) == ("failed", 2)
-        third = migrate(root, run, config=cfg)  # retries used up: not tried again
-        assert third.returncode == 1 and "migrated 0 of 0 objects" in third.stderr, third.stderr
-        assert f"failed: {pending}:" in third.stderr, third.stderr
-        assert index_records(root)[pending][2] == 2
+        for n in (2, 3):   # past ``retries``: still tried on every run
+            again = migrate(root, run, config=cfg)
+            assert again.returncode == 1 and "migrated 0 of 1 objects" in again.stderr, \
+                again.stderr
+            assert f"failed: {pending}:" in again.stderr, again.stderr
+            state, _, attempts = index_records(root)[pending]
+            assert (state, attempts) == ("failed", n)
 
         assert (root / pending).read_bytes() == blob
         assert temporaries(root) == []
         o = status_of(status(root, run), pending)
         assert o["state"] == "failed" and o["reason"] == reason, o
+
+        (root / "vault/downloader/pending" / pending.split("/")[3]).unlink()  # the cause
+        fixed = migrate(root, run, config=cfg)
+        assert fixed.returncode == 0 and "migrated 1 of 1 objects" in fixed.stderr, fixed.stderr
+        assert not (root / pending).exists()
+        assert {s for s, _, _ in index_records(root).values()} == {"new"}
 
 
 def test_a_destination_blocked_by_a_file_fails_alone(tmp_path):
