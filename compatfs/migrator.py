@@ -90,7 +90,8 @@ MIGRATING_STATES = frozenset({"renaming", "copying", "copied"})
 #: Named points of a migration, in the order a move reaches them, where the test
 #: hook ``COMPATFS_FAULT=<point>`` kills the process (or, with
 #: ``COMPATFS_FAULT_MODE=raise``, raises ``OSError(EIO)``): see :meth:`Migrator._fault`.
-MIGRATE_FAULT_POINTS = ("renaming", "renamed", "copying", "bulk-copied", "copied",
+#: ("pass": the start of a pass, before any object.)
+MIGRATE_FAULT_POINTS = ("pass", "renaming", "renamed", "copying", "bulk-copied", "copied",
                         "renamed-into-place", "switched", "legacy-removed", "set-aside")
 #: The same, of a rollback.
 ROLLBACK_FAULT_POINTS = ("rolling-back", "rolled-back")
@@ -482,6 +483,7 @@ class Migrator:
     async def run_once(self) -> Progress:
         """One pass over everything there is to do now; returns its progress."""
         self._record_unrecorded()
+        self._fault("pass")
         self.view.resolver.refresh()
         now = time.monotonic()
         urgent = set(self.urgent)
@@ -603,8 +605,10 @@ class Migrator:
             self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, state,
                                   reason=reason, attempts=attempts))
         except Exception as exc:  # noqa: BLE001 - full disk, a name sqlite refuses...
-            log.warning("%s: cannot record that it is %s (%s); kept in memory", item.vpath,
-                        state, _why(exc))
+            again = item.vpath in self.unrecorded
+            log.log(logging.DEBUG if again else logging.WARNING,
+                    "%s: cannot record that it is %s (%s); kept in memory", item.vpath,
+                    state, _why(exc))
             self.unrecorded[item.vpath] = (item, state, reason, attempts)
         else:
             self.unrecorded.pop(item.vpath, None)
