@@ -16,12 +16,11 @@ gets an errno and the next one is served.
 from __future__ import annotations
 
 import errno
-import logging
 import json
+import logging
 import os
 import random
 import re
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,10 +30,9 @@ import pyfuse3
 import pytest
 
 from compatfs.migrator import MIGRATE_FAULT_POINTS
-from compatfs.operations import Operations
 
 from .conftest import temporaries
-from .mounting import assert_clean_exit, mounted
+from .mounting import answers_within, assert_clean_exit, mounted
 from .test_migrate_faults import (
     UNFINISHED, config, crash_device, device, digest, file_sha, index_records, moves_of,
     one_app, vol_target, write_random,
@@ -45,27 +43,6 @@ from .test_operations import Ctx, lookup_img, ops  # noqa: F401 - ops is a fixtu
 ANSWER_S = 10.0
 #: How long the object the fault hit may take to end up migrated.
 SETTLE_S = 30.0
-
-
-def within(seconds: float, fn: Callable[[], object]) -> object:
-    """*fn()* in a thread; fails the test if it does not return in *seconds* (a
-    wedged view never answers; the tear-down kills the daemon and frees the thread)."""
-    out: list = []
-
-    def run() -> None:
-        try:
-            out.append(("ok", fn()))
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            out.append(("err", exc))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert out, f"no answer within {seconds:g} s: the views are wedged"
-    kind, value = out[0]
-    if kind == "err":
-        raise value
-    return value
 
 
 def fault_device(root: Path) -> None:
@@ -132,8 +109,8 @@ def test_a_fault_raised_in_the_migrator_never_wedges_the_views(tmp_path, monkeyp
                 assert time.monotonic() < deadline, f"{point} never hit:\n{m.log_text()}"
                 assert m.proc.poll() is None, m.log_text()
                 time.sleep(0.1)
-            within(ANSWER_S, lambda: views_answer(root, volume, before[volume]))
-            progress = within(3 * ANSWER_S, lambda: cli_answers(root, run))
+            answers_within(ANSWER_S, lambda: views_answer(root, volume, before[volume]))
+            progress = answers_within(3 * ANSWER_S, lambda: cli_answers(root, run))
             assert progress["faults"] >= 1, progress
             assert m.proc.poll() is None, m.log_text()
 
@@ -145,7 +122,7 @@ def test_a_fault_raised_in_the_migrator_never_wedges_the_views(tmp_path, monkeyp
                     break
                 assert time.monotonic() < deadline + SETTLE_S, (records, m.log_text())
                 time.sleep(0.3)
-            within(ANSWER_S, lambda: views_answer(root, volume, before[volume]))
+            answers_within(ANSWER_S, lambda: views_answer(root, volume, before[volume]))
             log = m.log_text()
             hit = re.search(rf"(\S+: migration failed \(injected fault at {point}|"
                             rf"\S+: injected fault at {point} \(EIO\) after its move|"
