@@ -1192,6 +1192,7 @@ class Rollback:
             return False  # the move had not happened; the next run starts it again
         if src.remove(rec.rel):
             self.m._fsync_parent(src, rec.rel)
+        _drop_tmp_dir(src)          # the migration's, left empty in the new layout
         legacy.remove(tmp_name(rest))
         _drop_tmp_dir(legacy)
         self.index.delete(rec.view)
