@@ -286,6 +286,8 @@ class Migrator:
         self.bases = bases or {}
         self.on_switch = on_switch
         rate = settings.throttle_mib_per_s * MIB
+        if not math.isfinite(rate) or rate < 0:
+            rate = 0.0                    # NaN or infinite: no limit rather than no copy
         self.throttle = copier.Throttle(rate or None)
         self.progress = Progress()
         self.stop = threading.Event()

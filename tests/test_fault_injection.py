@@ -260,6 +260,23 @@ def test_seconds_clamps_what_trio_cannot_wait_for():
     assert seconds(2.5, 30.0, RESCAN_CAP_S) == 2.5
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+async def test_a_migrator_with_an_unusable_rescan_interval_keeps_running(demo_root, value):
+    """``rescan_s: .nan`` (or infinite, or negative) neither ends the migrator nor stops
+    it from rescanning: the wait is clamped (trio refuses a NaN timeout)."""
+    import trio
+
+    m, backing, index = offline_migrator(demo_root[0], rescan_s=value,
+                                         throttle_mib_per_s=value)
+    try:
+        with trio.move_on_after(1.0):
+            await m.run()
+        assert index.records and {r.state for r in index.records.values()} == {"new"}
+    finally:
+        index.close()
+        backing.close()
+
+
 def test_failed_objects_back_off_to_a_cap_and_are_never_given_up(demo_root):
     from compatfs.migrator import RETRY_CAP_S
 
