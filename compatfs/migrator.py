@@ -293,6 +293,9 @@ class Migrator:
         self.stop = threading.Event()
         self.paused = False
         self.urgent: set[str] = set()
+        #: names asked for by migrate-now: tried in the next pass even if failed
+        #: (whatever their back-off) or quarantined
+        self.asked: set[str] = set()
         self.pending: set[str] = set()
         self.retry_at: dict[str, float] = {}
         self.dirty: dict[tuple[int, int], DirtyLog] = {}
@@ -355,7 +358,7 @@ class Migrator:
             if vpath is None or e.target is None or e.location is None:
                 continue
             rec = self.index.get(vpath)
-            if rec is not None and rec.state == "quarantined" and vpath not in self.urgent:
+            if rec is not None and rec.state == "quarantined" and vpath not in self.asked:
                 continue  # its content does not match its name: only when asked by name
             if rec is not None and rec.state not in ("failed", "quarantined"):
                 continue  # placed, or already under way
@@ -411,7 +414,8 @@ class Migrator:
     def _order(self, items: list[Item]) -> list[Item]:
         """Objects an agent has open first, then small before large."""
         open_paths = self._open_paths()
-        return sorted(items, key=lambda i: (i.vpath not in self.urgent,
+        first = self.urgent | self.asked
+        return sorted(items, key=lambda i: (i.vpath not in first,
                                             i.vpath not in open_paths, i.bytes, i.vpath))
 
     def _open_paths(self) -> set[str]:
@@ -434,7 +438,9 @@ class Migrator:
         self.wake()
 
     def migrate_now(self, vpath: str) -> None:
-        """Move *vpath* to the front of the queue and start a pass now."""
+        """Move *vpath* to the front of the queue and start a pass now (a failed or
+        quarantined object too, whatever its back-off)."""
+        self.asked.add(vpath)
         self.urgent.add(vpath)
         self.retry_at.pop(vpath, None)
         self.wake()
@@ -450,8 +456,8 @@ class Migrator:
         """Migrate forever: work the queue, then rescan every ``rescan_s``.
 
         A pass that raises (a scan or an index that fails) is counted and logged,
-        and the next one starts after a back-off that doubles up to
-        :data:`RETRY_CAP_S`; nothing here ends the daemon's other tasks."""
+        and the next one starts after ``retry_backoff_s``, doubling, at most
+        ``rescan_s`` later; nothing here ends the daemon's other tasks."""
         task_status.started()
         failures = 0
         while True:
@@ -488,10 +494,10 @@ class Migrator:
         self._fault("pass")
         self.view.resolver.refresh()
         now = time.monotonic()
-        urgent = set(self.urgent)
+        asked = set(self.asked)
         work = await trio.to_thread.run_sync(self.work)
         items = [i for i in work if i.vpath not in self.unrecorded
-                 and (i.vpath in urgent or self.retry_at.get(i.vpath, 0) <= now)]
+                 and (i.vpath in asked or self.retry_at.get(i.vpath, 0) <= now)]
         self.pending = {i.vpath for i in items}
         self.progress = Progress(objects_total=len(items), bytes_total=sum(i.bytes for i in items),
                                  faults=self.progress.faults)
@@ -503,7 +509,8 @@ class Migrator:
                 queue = self._order(queue)
                 item = queue.pop(0)
                 nursery.start_soon(self._one, item, limiter)
-        self.urgent -= urgent
+        self.urgent.clear()
+        self.asked -= asked
         return self.progress
 
     async def _one(self, item: Item, limiter: trio.Semaphore) -> None:
