@@ -320,3 +320,30 @@ async def test_a_background_task_that_raises_is_logged_and_started_again(
     assert len(runs) == 3
     assert "the test task failed (RuntimeError: boom 1); starting it again" in caplog.text
     assert "boom 2" in caplog.text and "Traceback" not in caplog.text
+
+
+# -- the last resort of tear-down ------------------------------------------------------------------
+
+@pytest.mark.root
+def test_detach_unmounts_without_looking_and_never_follows_a_link(tmp_path):
+    """What tear-down uses once the FUSE loop is gone: ``umount2(MNT_DETACH)``, no stat
+    of the target (which a dead FUSE view would never answer)."""
+    from compatfs import mounts
+
+    src, target, link = tmp_path / "src", tmp_path / "target", tmp_path / "link"
+    src.mkdir()
+    target.mkdir()
+    (src / "f").write_text("x")
+    link.symlink_to(target)
+    mounts.bind(str(src), str(target))
+    try:
+        assert (target / "f").exists()
+        with pytest.raises(OSError):
+            mounts.detach(str(link))          # a link is not followed
+        assert mounts.mounted_at(str(target)) is not None
+        mounts.detach(str(target))
+        assert mounts.mounted_at(str(target)) is None
+        assert not (target / "f").exists()
+    finally:
+        if mounts.mounted_at(str(target)) is not None:
+            mounts.unmount(str(target), lazy=True)
