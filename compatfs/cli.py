@@ -366,28 +366,41 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr, flush=True)
                 last = time.monotonic()
 
+    pass_error: list[BaseException] = []
+
     async def main() -> None:
         done = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report, done)
-            await migrator.run_once()
-            done.set()
+            try:
+                await migrator.run_once()
+            except Exception as exc:  # noqa: BLE001 - said in one line below
+                pass_error.append(exc)
+            finally:
+                done.set()
 
     try:
         trio.run(main)
     finally:
         if tty:
             print(file=sys.stderr)
-        failed = [r for r in daemon.index.records.values() if r.state in ("failed", "quarantined")]
+        states = {r.view: r.state for r in daemon.index.records.values()}
+        failed = migrator.failures()
         daemon.close()
     p = migrator.progress
     print(f"compatfs: migrated {p.objects_done - p.failed - len(p.waiting)} of "
           f"{p.objects_total} objects", file=sys.stderr)
     for vpath, why in p.waiting.items():
         print(f"compatfs: waiting: {vpath}: {why}", file=sys.stderr)
-    for r in failed:
-        print(f"compatfs: {r.state}: {r.view}: {r.reason}", file=sys.stderr)
-    return 1 if failed or p.waiting else 0
+    for vpath, why in sorted(failed.items()):
+        state = "quarantined" if states.get(vpath) == "quarantined" else "failed"
+        print(f"compatfs: {state}: {vpath}: {why}", file=sys.stderr)
+    if pass_error:
+        exc = pass_error[0]
+        why = f"{exc.strerror or exc}" if isinstance(exc, OSError) else \
+            f"{type(exc).__name__}: {exc}"
+        print(f"compatfs: the migration pass stopped: {why}", file=sys.stderr)
+    return 1 if failed or p.waiting or pass_error else 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

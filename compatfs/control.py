@@ -114,7 +114,8 @@ def _reload(c: "Control", arg: str) -> None:
 COMMANDS: dict[str, tuple[str, Callable[["Control", str], None]]] = {
     "pause": ("stop starting new copies (running ones stop at their next step)", _pause),
     "resume": ("start copying again", _resume),
-    "migrate-now": ("move the named legacy object to the front of the queue", _migrate_now),
+    "migrate-now": ("move the named legacy object to the front of the queue and start "
+                    "now (a failed or quarantined one is tried again at once)", _migrate_now),
     "reload": ("re-read the checkpoint and latch, and look for work", _reload),
 }
 

@@ -13,16 +13,25 @@ Order of set-up: open every backing directory (before anything covers it),
 recover the index, mount FUSE privately, bind the views, check each answers,
 report readiness. Tear-down runs in reverse on SIGTERM, SIGINT or when the
 FUSE session ends.
+
+Nothing but the FUSE loop may end the serving: the background tasks (the
+migrator, the config watcher, the metrics writer) each run under
+:meth:`Daemon._supervised`, which logs an exception, waits, and starts the task
+again. Tear-down never unmounts from the thread that must answer the kernel:
+the views are unbound in a worker thread while ``pyfuse3.main()`` still
+serves (``umount(8)`` stats its target, a FUSE request), and if the loop is
+gone already, the views are detached with ``umount2(MNT_DETACH)`` directly.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -43,6 +52,12 @@ log = logging.getLogger(__name__)
 CONFIG_POLL_SECONDS = 2.0
 #: How often the metrics file is rewritten.
 METRICS_SECONDS = 5.0
+#: The first wait before a background task that raised is started again (doubling).
+RESTART_SECONDS = 1.0
+#: The longest such wait.
+RESTART_CAP_SECONDS = 300.0
+#: How long tear-down waits for the views to be unbound while the loop serves.
+UNBIND_SECONDS = 30.0
 
 
 class DaemonError(Exception):
@@ -196,10 +211,9 @@ class Daemon:
             try:
                 await self._serve(signals, ready)
             finally:
-                try:
-                    self._unbind_views()
-                except Exception as exc:  # noqa: BLE001 - tear-down goes on
-                    log.warning("unbinding views: %s", exc)
+                # The FUSE loop is gone: umount(8) would stat a view nobody answers
+                # and wait for ever. Detach what is still bound, without a stat.
+                self._detach_views()
                 pyfuse3.close(unmount=True)
                 self.ops.close_all()
                 self.index.close()
@@ -210,25 +224,65 @@ class Daemon:
     async def _serve(self, signals, ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._main, nursery)
-            await trio.to_thread.run_sync(self._bind_views)
-            await trio.to_thread.run_sync(self._check_views)
-            self.run.write_info({"root": self.layout.root, "stage": self.stage,
-                                 "views": list(self.views), "pid": os.getpid(),
-                                 "mountpoint": self.run.mountpoint,
-                                 "started": time.time()})
-            log.info("serving %s at %s (stage %s)", ", ".join(self.views),
-                     self.layout.root, self.stage)
-            ready()
-            nursery.start_soon(self._watch_config)
-            nursery.start_soon(self._write_metrics)
-            if self.stage == "migrate":
-                await nursery.start(self.migrator.run)
-            async for signum in signals:
-                log.info("%s: unmounting", signal.Signals(signum).name)
-                break
-            self.migrator.stop.set()  # a copy in a worker thread stops at its next chunk
-            await trio.to_thread.run_sync(self._unbind_views)
-            pyfuse3.terminate()
+            try:
+                await self._serving(nursery, signals, ready)
+            finally:
+                # Whatever ended the serving (a signal, an error here), pyfuse3.main()
+                # still answers the kernel until the nursery cancels it, after this.
+                await self._stop_serving()
+
+    async def _serving(self, nursery: trio.Nursery, signals, ready: Callable[[], None]) -> None:
+        """Bind the views, report *ready*, start the background tasks, wait for a signal."""
+        await trio.to_thread.run_sync(self._bind_views)
+        await trio.to_thread.run_sync(self._check_views)
+        self.run.write_info({"root": self.layout.root, "stage": self.stage,
+                             "views": list(self.views), "pid": os.getpid(),
+                             "mountpoint": self.run.mountpoint,
+                             "started": time.time()})
+        log.info("serving %s at %s (stage %s)", ", ".join(self.views),
+                 self.layout.root, self.stage)
+        ready()
+        nursery.start_soon(self._supervised, "the config watcher", self._watch_config)
+        nursery.start_soon(self._supervised, "the metrics writer", self._write_metrics)
+        if self.stage == "migrate":
+            nursery.start_soon(self._supervised, "the migrator", self.migrator.run)
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            break
+
+    async def _stop_serving(self) -> None:
+        """Unbind the views in a worker thread (the loop answers the stats of
+        ``umount(8)``), then end the FUSE loop. Shielded: a cancelled serving
+        still tears down; bounded: what is not unbound in time is detached later."""
+        self.migrator.stop.set()  # a copy in a worker thread stops at its next chunk
+        with trio.move_on_after(UNBIND_SECONDS) as scope:
+            scope.shield = True
+            try:
+                await trio.to_thread.run_sync(self._unbind_views, abandon_on_cancel=True)
+            except Exception as exc:  # noqa: BLE001 - tear-down goes on
+                log.warning("unbinding views: %s", exc)
+        if scope.cancelled_caught:
+            log.warning("unbinding the views took over %g s; detaching them", UNBIND_SECONDS)
+        pyfuse3.terminate()
+
+    async def _supervised(self, name: str, task: Callable[[], Awaitable[object]]) -> None:
+        """Run the background *task* for as long as the daemon serves: an exception
+        in it is logged (its traceback at debug level) and the task is started
+        again after a back-off, never cancelling the FUSE loop."""
+        wait = RESTART_SECONDS
+        while True:
+            started = time.monotonic()
+            try:
+                await task()
+                log.warning("%s stopped; starting it again in %g s", name, wait)
+            except Exception as exc:  # noqa: BLE001 - the views never depend on it
+                log.warning("%s failed (%s: %s); starting it again in %g s", name,
+                            type(exc).__name__, exc, wait)
+                log.debug("%s failed", name, exc_info=True)
+            if time.monotonic() - started > RESTART_CAP_SECONDS:
+                wait = RESTART_SECONDS     # it ran well for a while: a fresh back-off
+            await trio.sleep(wait)
+            wait = min(wait * 2, RESTART_CAP_SECONDS)
 
     async def _write_metrics(self) -> None:
         """Keep <run dir>/metrics.prom current, for a device agent to ship."""
@@ -274,6 +328,18 @@ class Daemon:
             target = self.bound[-1]
             mounts.unmount(target, lazy=True)
             self.bound.pop()
+
+    def _detach_views(self) -> None:
+        """The last resort, once nothing answers FUSE requests: detach every view still
+        bound with ``umount2(MNT_DETACH)``, which never stats it."""
+        while self.bound:
+            target = self.bound.pop()
+            try:
+                mounts.detach(target)
+                log.info("%s: detached", target)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+                    log.warning("detaching %s: %s", target, exc.strerror)
 
     async def _watch_config(self) -> None:
         """Re-resolve when the controller's config changes; place what became placeable."""

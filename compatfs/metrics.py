@@ -73,6 +73,9 @@ def render(daemon: "Daemon") -> str:
            [("", p.failed)])
     metric("migration_waiting", "gauge", "Objects waiting for room on their destination.",
            [("", len(p.waiting))])
+    metric("migration_faults_total", "counter",
+           "Unexpected errors inside the migrator (the object failed alone; serving went on).",
+           [("", p.faults)])
     metric("faults_total", "counter", "Unexpected errors answered with EIO.",
            [("", daemon.ops.faults)])
     hist = daemon.ops.latency

@@ -9,8 +9,10 @@ leaves something :meth:`Migrator.recover` can finish or undo:
     a same-filesystem move by ``rename(2)`` is under way (novault, no
     encryption boundary); recovery looks at which name exists.
 ``copying``
-    the bytes are being copied to ``<target>.compatfs-tmp``; the legacy
-    object is served and untouched. Recovery deletes the temporary file.
+    the bytes are being copied to a temporary in the destination store's
+    ``.compatfs-tmp/`` directory (:func:`tmp_name`: a name no agent can
+    make, so no agent's file is ever taken for one); the legacy object is
+    served and untouched. Recovery deletes the temporary.
 ``copied``
     the copy is complete under its final name and ``sig`` records the
     source as it was (device, inode, size, mtime). Recovery switches if
@@ -22,8 +24,17 @@ leaves something :meth:`Migrator.recover` can finish or undo:
 ``new``
     done: only the new copy exists.
 ``failed`` / ``quarantined``
-    bounded retries ran out, or a verified download did not match its
-    sha256; the legacy object is still served, and the reason is kept.
+    the last attempt failed (it is tried again after a back-off that doubles
+    up to :data:`RETRY_CAP_S`, at every start, and on ``migrate --now``), or
+    a verified download did not match its sha256 (tried again only when
+    asked by name); the legacy object is still served, and the reason is kept.
+
+An error nobody foresaw (a full index, a name sqlite refuses, a bug) ends the
+attempt at that one object only: :meth:`Migrator._settle` brings its record
+back to a state the views serve (finishing what is past the point of no
+return, undoing the rest), the object is marked ``failed`` (in memory and
+written later when the index cannot be written now), the error is counted in
+``Progress.faults``, and the other objects, the views and the daemon go on.
 
 A file open for writing through a view keeps being written while it is
 copied: every write the daemon serves for that file marks a dirty range
@@ -38,7 +49,9 @@ request sees the file half-switched. Bytes are moved by
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
+import math
 import os
 import signal
 import stat
@@ -56,7 +69,7 @@ from .config import Migration
 from .index import Record
 from .names import is_sha256
 from .plan import make_plan
-from .scan import SET_ASIDE_DIR, TMP_SUFFIX
+from .scan import SET_ASIDE_DIR, TMP_DIR
 from .view import View, split
 
 if TYPE_CHECKING:
@@ -74,6 +87,37 @@ MAX_PASSES = 4
 SLICE_BYTES = 4 * MIB
 
 MIGRATING_STATES = frozenset({"renaming", "copying", "copied"})
+
+#: Named points of a migration, in the order a move reaches them, where the test
+#: hook ``COMPATFS_FAULT=<point>`` kills the process (or, with
+#: ``COMPATFS_FAULT_MODE=raise``, raises ``OSError(EIO)``): see :meth:`Migrator._fault`.
+#: ("pass": the start of a pass, before any object.)
+MIGRATE_FAULT_POINTS = ("pass", "renaming", "renamed", "copying", "bulk-copied", "copied",
+                        "renamed-into-place", "switched", "legacy-removed", "set-aside")
+#: The same, of a rollback.
+ROLLBACK_FAULT_POINTS = ("rolling-back", "rolled-back")
+FAULT_POINTS = MIGRATE_FAULT_POINTS + ROLLBACK_FAULT_POINTS
+
+#: The longest wait before a failed object is tried again: reached after
+#: ``retries`` attempts, and kept as long as the daemon runs (never given up).
+RETRY_CAP_S = 3600.0
+#: The longest wait between two passes (a huge or infinite ``rescan_s``).
+RESCAN_CAP_S = 86400.0
+
+
+def seconds(value: float, default: float, cap: float) -> float:
+    """*value* as a usable delay: NaN or negative gives *default*, more than *cap* gives
+    *cap* (trio refuses a NaN timeout, and an infinite one would never rescan)."""
+    if math.isnan(value) or value < 0:
+        return default
+    return min(value, cap)
+
+
+def tmp_name(rel: str) -> str:
+    """The temporary of *rel* in its store: inside the store's own ``.compatfs-tmp/``
+    (a directory no view creates or lists), named by the sha256 of *rel*: one
+    name per target, of fixed length whatever *rel* is, and never an agent's file."""
+    return f"{TMP_DIR}/{hashlib.sha256(os.fsencode(rel)).hexdigest()}"
 
 
 _niced = threading.local()
@@ -225,6 +269,8 @@ class Progress:
     current: dict[str, tuple[int, int]] = field(default_factory=dict)  # vpath -> (done, total)
     failed: int = 0
     waiting: dict[str, str] = field(default_factory=dict)              # vpath -> why
+    #: unexpected errors inside the migrator since it started (carried from pass to pass)
+    faults: int = 0
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -239,6 +285,7 @@ class Progress:
         return {"objects_total": self.objects_total, "objects_done": self.objects_done,
                 "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
                 "rate": self.rate(), "eta_s": self.eta(), "failed": self.failed,
+                "faults": self.faults,
                 "current": {k: {"done": d, "total": t} for k, (d, t) in self.current.items()},
                 "waiting": dict(self.waiting)}
 
@@ -282,27 +329,50 @@ class Migrator:
         self.bases = bases or {}
         self.on_switch = on_switch
         rate = settings.throttle_mib_per_s * MIB
+        if not math.isfinite(rate) or rate < 0:
+            rate = 0.0                    # NaN or infinite: no limit rather than no copy
         self.throttle = copier.Throttle(rate or None)
         self.progress = Progress()
         self.stop = threading.Event()
         self.paused = False
         self.urgent: set[str] = set()
+        #: names asked for by migrate-now: tried in the next pass even if failed
+        #: (whatever their back-off) or quarantined
+        self.asked: set[str] = set()
         self.pending: set[str] = set()
         self.retry_at: dict[str, float] = {}
         self.dirty: dict[tuple[int, int], DirtyLog] = {}
         self.in_use: dict[str, str] = {}    # last "in use" reason said, per object
+        #: objects whose failure could not be written to the index, or whose record
+        #: could not be put back in order: vpath -> (item, state to record or None,
+        #: reason, attempts), written at the start of every pass until the index takes it
+        self.unrecorded: dict[str, tuple[Item, str | None, str, int]] = {}
         self._wake = trio.Event()
         self._fault_at = os.environ.get("COMPATFS_FAULT") or None
         self._fault_count = int(os.environ.get("COMPATFS_FAULT_SKIP", "0"))
+        times = os.environ.get("COMPATFS_FAULT_TIMES")
+        self._fault_times = int(times) if times else None
+        self._fault_raise = os.environ.get("COMPATFS_FAULT_MODE") == "raise"
+        self._settling = False
 
-    # -- test hook: die at a named point --------------------------------------------
+    # -- test hook: fail at a named point -----------------------------------------------
     def _fault(self, point: str) -> None:
-        """Crash tests set COMPATFS_FAULT=<point> to SIGKILL the process here."""
-        if self._fault_at == point:
-            if self._fault_count > 0:
-                self._fault_count -= 1
+        """Fault tests set COMPATFS_FAULT=<point> (one of :data:`FAULT_POINTS`) to
+        SIGKILL the process here, or with COMPATFS_FAULT_MODE=raise to raise
+        ``OSError(EIO)``; COMPATFS_FAULT_SKIP=N lets the first N hits pass, and
+        COMPATFS_FAULT_TIMES=N fires N times only. Never while settling a failure."""
+        if self._fault_at != point or self._settling:
+            return
+        if self._fault_count > 0:
+            self._fault_count -= 1
+            return
+        if self._fault_times is not None:
+            if self._fault_times <= 0:
                 return
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._fault_times -= 1
+        if self._fault_raise:
+            raise OSError(errno.EIO, f"injected fault at {point}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # -- what there is to do ----------------------------------------------------------
     def _vpath_of(self, path: str) -> str | None:
@@ -331,10 +401,9 @@ class Migrator:
             if vpath is None or e.target is None or e.location is None:
                 continue
             rec = self.index.get(vpath)
-            if rec is not None and rec.state in ("failed", "quarantined") \
-                    and rec.attempts >= self.settings.retries:
-                continue
-            if rec is not None and rec.state not in ("failed",):
+            if rec is not None and rec.state == "quarantined" and vpath not in self.asked:
+                continue  # its content does not match its name: only when asked by name
+            if rec is not None and rec.state not in ("failed", "quarantined"):
                 continue  # placed, or already under way
             top, rest = split(vpath)
             dst_store = e.location
@@ -388,7 +457,8 @@ class Migrator:
     def _order(self, items: list[Item]) -> list[Item]:
         """Objects an agent has open first, then small before large."""
         open_paths = self._open_paths()
-        return sorted(items, key=lambda i: (i.vpath not in self.urgent,
+        first = self.urgent | self.asked
+        return sorted(items, key=lambda i: (i.vpath not in first,
                                             i.vpath not in open_paths, i.bytes, i.vpath))
 
     def _open_paths(self) -> set[str]:
@@ -411,7 +481,9 @@ class Migrator:
         self.wake()
 
     def migrate_now(self, vpath: str) -> None:
-        """Move *vpath* to the front of the queue and start a pass now."""
+        """Move *vpath* to the front of the queue and start a pass now (a failed or
+        quarantined object too, whatever its back-off)."""
+        self.asked.add(vpath)
         self.urgent.add(vpath)
         self.retry_at.pop(vpath, None)
         self.wake()
@@ -424,23 +496,54 @@ class Migrator:
 
     # -- running ----------------------------------------------------------------------
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Migrate forever: work the queue, then rescan every ``rescan_s``."""
+        """Migrate forever: work the queue, then rescan every ``rescan_s``.
+
+        A pass that raises (a scan or an index that fails) is counted and logged,
+        and the next one starts after ``retry_backoff_s``, doubling, at most
+        ``rescan_s`` later; nothing here ends the daemon's other tasks."""
         task_status.started()
+        failures = 0
         while True:
+            wait = seconds(self.settings.rescan_s, Migration.rescan_s, RESCAN_CAP_S)
             if not self.paused:
-                await self.run_once()
-            with trio.move_on_after(self.settings.rescan_s):
+                try:
+                    await self.run_once()
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - the views never depend on a pass
+                    failures += 1
+                    self.progress.faults += 1
+                    wait = min(wait, self._backoff(failures))
+                    log.warning("migration pass failed (%s); next pass in %.0f s",
+                                _why(exc), wait)
+                    log.debug("the migration pass failed", exc_info=True)
+            with trio.move_on_after(wait):
                 await self._wake.wait()
             self._wake = trio.Event()
 
+    def _backoff(self, attempts: int) -> float:
+        """The wait after the *attempts*-th failure in a row: ``retry_backoff_s``,
+        doubling, and :data:`RETRY_CAP_S` from ``retries`` attempts on."""
+        if attempts >= max(1, self.settings.retries):
+            return RETRY_CAP_S
+        return min(self._wait_s() * 2 ** max(0, attempts - 1), RETRY_CAP_S)
+
+    def _wait_s(self) -> float:
+        """The wait before an object that waits (no room, in use, busy) is tried again."""
+        return seconds(self.settings.retry_backoff_s, Migration.retry_backoff_s, RETRY_CAP_S)
+
     async def run_once(self) -> Progress:
         """One pass over everything there is to do now; returns its progress."""
+        self._record_unrecorded()
+        self._fault("pass")
         self.view.resolver.refresh()
         now = time.monotonic()
+        asked = set(self.asked)
         work = await trio.to_thread.run_sync(self.work)
-        items = [i for i in work if self.retry_at.get(i.vpath, 0) <= now]
+        items = [i for i in work if i.vpath not in self.unrecorded
+                 and (i.vpath in asked or self.retry_at.get(i.vpath, 0) <= now)]
         self.pending = {i.vpath for i in items}
-        self.progress = Progress(objects_total=len(items), bytes_total=sum(i.bytes for i in items))
+        self.progress = Progress(objects_total=len(items), bytes_total=sum(i.bytes for i in items),
+                                 faults=self.progress.faults)
         queue = self._order(items)
         limiter = trio.Semaphore(self.settings.concurrency)
         async with trio.open_nursery() as nursery:
@@ -450,18 +553,23 @@ class Migrator:
                 item = queue.pop(0)
                 nursery.start_soon(self._one, item, limiter)
         self.urgent.clear()
+        self.asked -= asked
         return self.progress
 
     async def _one(self, item: Item, limiter: trio.Semaphore) -> None:
         try:
             await self.migrate(item)
+        except Exception as exc:  # noqa: BLE001 - never the pass, the others, the views
+            self.progress.faults += 1
+            log.warning("%s: unexpected error after its migration: %s", item.vpath, _why(exc))
+            log.debug("%s: unexpected error", item.vpath, exc_info=True)
         finally:
             limiter.release()
             self.progress.objects_done += 1
             self.progress.current.pop(item.vpath, None)
 
     async def migrate(self, item: Item) -> None:
-        """Move one object, with retries bounded by the settings."""
+        """Move one object; a failure is retried after a back-off (:meth:`_backoff`)."""
         rec = self.index.get(item.vpath)
         attempts = rec.attempts if rec is not None else 0
         try:
@@ -476,55 +584,111 @@ class Migrator:
             self.retry_at.pop(item.vpath, None)
             log.info("migrated %s to %s/%s", item.vpath, item.dst_store, item.dst_rel)
         except NoSpace as exc:
-            self._undo_copy(item)
+            self._undo(item)
             self.progress.waiting[item.vpath] = str(exc)
-            self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+            self.retry_at[item.vpath] = time.monotonic() + self._wait_s()
             log.info("%s: %s; will retry", item.vpath, exc)
         except Converging as exc:
-            self._undo_copy(item)
-            self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+            self._undo(item)
+            self.retry_at[item.vpath] = time.monotonic() + self._wait_s()
             log.info("%s: %s; will retry", item.vpath, exc)
         except InUse as exc:
-            self._undo_copy(item)
+            self._undo(item)
             self.progress.waiting[item.vpath] = str(exc)
-            self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
+            self.retry_at[item.vpath] = time.monotonic() + self._wait_s()
             # a containerd that keeps running would repeat this every pass: say it once
             # per change of holder
             level = logging.DEBUG if self.in_use.get(item.vpath) == str(exc) else logging.INFO
             self.in_use[item.vpath] = str(exc)
             log.log(level, "%s: %s", item.vpath, exc)
         except copier.CopyAborted:
-            self._undo_copy(item)
+            self._undo(item)
         except Quarantined as exc:
-            self._undo_copy(item)
-            self._keep_legacy(item, "quarantined", str(exc), self.settings.retries)
+            self._undo(item)
+            self._keep_legacy(item, "quarantined", str(exc), attempts + 1)
             self.progress.failed += 1
             log.warning("%s: %s; quarantined, left where it is", item.vpath, exc)
         except Exception as exc:  # noqa: BLE001 - one failure never stops the others
-            self._undo_copy(item)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # a full disk mid-copy: back off and try again, not a failure
-                self.progress.waiting[item.vpath] = f"the destination filled up: {exc.strerror}"
-                self.retry_at[item.vpath] = time.monotonic() + self.settings.retry_backoff_s
-                log.info("%s: destination full mid-copy; will retry", item.vpath)
-                return
-            attempts += 1
-            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) \
-                else f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
+                try:
+                    migrated = self._settle(item)
+                except Exception:  # noqa: BLE001 - the index is full too: a failure
+                    pass
+                else:
+                    if not migrated:
+                        self.progress.waiting[item.vpath] = \
+                            f"the destination filled up: {exc.strerror}"
+                        self.retry_at[item.vpath] = time.monotonic() + self._wait_s()
+                        log.info("%s: destination full mid-copy; will retry", item.vpath)
+                    return
+            self._failed(item, exc, attempts + 1)
+
+    def _failed(self, item: Item, exc: Exception, attempts: int) -> None:
+        """An unforeseen error ended the attempt at *item*: put its record in order,
+        mark it failed (or keep that in memory), count it, and set its next try."""
+        self.progress.faults += 1
+        reason = _why(exc)
+        log.debug("%s: migration failed", item.vpath, exc_info=exc)
+        try:
+            migrated = self._settle(item)
+        except Exception as settle_exc:  # noqa: BLE001 - e.g. the index cannot be written
+            log.warning("%s: migration failed (%s) and its record cannot be put back in "
+                        "order now (%s); will try again", item.vpath, reason, _why(settle_exc))
+            log.debug("%s: settling failed", item.vpath, exc_info=True)
+            self.unrecorded[item.vpath] = (item, "failed", reason, attempts)
+            migrated = False
+        delay = self._backoff(attempts)
+        self.retry_at[item.vpath] = time.monotonic() + delay
+        if migrated:
+            self.retry_at.pop(item.vpath, None)
+            log.warning("%s: %s after its move; the move was finished", item.vpath, reason)
+            return
+        self.progress.failed += 1  # in this pass, whether or not it is retried later
+        if item.vpath not in self.unrecorded:
             self._keep_legacy(item, "failed", reason, attempts)
-            delay = self.settings.retry_backoff_s * (2 ** (attempts - 1))
-            self.retry_at[item.vpath] = time.monotonic() + delay
-            self.progress.failed += 1  # in this pass, whether or not it is retried later
-            if attempts >= self.settings.retries:
-                log.warning("%s: migration failed %d times, giving up: %s", item.vpath,
-                            attempts, reason)
-            else:
-                log.info("%s: migration failed (%s); retry %d in %.0f s", item.vpath, reason,
-                         attempts, delay)
+        log.warning("%s: migration failed (%s); attempt %d, next in %.0f s", item.vpath,
+                    reason, attempts, delay)
 
     def _keep_legacy(self, item: Item, state: str, reason: str, attempts: int) -> None:
-        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, state,
-                              reason=reason, attempts=attempts))
+        """Mark *item* failed or quarantined (served from its legacy place). If the
+        index cannot take it now, it is kept in memory and written on the next pass."""
+        try:
+            self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, state,
+                                  reason=reason, attempts=attempts))
+        except Exception as exc:  # noqa: BLE001 - full disk, a name sqlite refuses...
+            again = item.vpath in self.unrecorded
+            log.log(logging.DEBUG if again else logging.WARNING,
+                    "%s: cannot record that it is %s (%s); kept in memory", item.vpath,
+                    state, _why(exc))
+            self.unrecorded[item.vpath] = (item, state, reason, attempts)
+        else:
+            self.unrecorded.pop(item.vpath, None)
+
+    def _record_unrecorded(self) -> None:
+        """Write the failures the index could not take before (:attr:`unrecorded`)."""
+        for vpath, (item, state, reason, attempts) in list(self.unrecorded.items()):
+            try:
+                migrated = self._settle(item)
+            except Exception as exc:  # noqa: BLE001 - still not writable: next pass
+                log.debug("%s: record still not in order: %s", vpath, _why(exc))
+                continue
+            rec = self.index.get(vpath)
+            if state is None or migrated or \
+                    (rec is not None and rec.state not in ("failed", "quarantined")):
+                self.unrecorded.pop(vpath, None)   # in order; or placed meanwhile
+                continue
+            self._keep_legacy(item, state, reason, attempts)
+            if vpath not in self.unrecorded:
+                log.info("%s: that it is %s is recorded now", vpath, state)
+
+    def failures(self) -> dict[str, str]:
+        """vpath -> reason of every object whose last attempt failed, recorded or not."""
+        out = {r.view: r.reason or r.state for r in self.index.records.values()
+               if r.state in ("failed", "quarantined")}
+        out.update({vpath: f"{reason} (not recorded in the index yet)"
+                    for vpath, (_, state, reason, _) in self.unrecorded.items() if state})
+        return out
 
     # -- space --------------------------------------------------------------------------
     def _check_space(self, dst: Store, need: int) -> None:
@@ -563,7 +727,7 @@ class Migrator:
     async def _copy_file(self, item: Item) -> None:
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
         src_fd = src.open(item.src_rel, os.O_RDONLY)
-        tmp_rel = item.dst_rel + TMP_SUFFIX
+        tmp_rel = tmp_name(item.dst_rel)
         tmp_fd = -1
         key = None
         try:
@@ -576,6 +740,7 @@ class Migrator:
             head = item.dst_rel.rpartition("/")[0]
             if head:
                 dst.makedirs(head, 0o700)
+            dst.makedirs(TMP_DIR, 0o700)
             try:
                 dst.unlink(tmp_rel)
             except FileNotFoundError:
@@ -700,10 +865,10 @@ class Migrator:
                               sig=signature(st)))
 
     def _rename_into_place(self, dst: Store, rel: str) -> None:
-        """``<rel>.compatfs-tmp`` becomes *rel* (an older directory there goes first)."""
+        """The temporary of *rel* becomes *rel* (an older directory there goes first)."""
         if dst.exists(rel) and stat.S_ISDIR(dst.lstat(rel).st_mode):
             dst.remove(rel)
-        dst.rename(rel + TMP_SUFFIX, dst, rel)
+        dst.rename(tmp_name(rel), dst, rel)
         self._fsync_parent(dst, rel)
 
     def _switched(self, vpath: str) -> None:
@@ -744,19 +909,25 @@ class Migrator:
             raise Converging("files inside are open")
         await trio.to_thread.run_sync(self._check_unused, item)
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
-        tmp_rel = item.dst_rel + TMP_SUFFIX
+        tmp_rel = tmp_name(item.dst_rel)
         self._check_space(dst, item.bytes)
         self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copying",
                               target_store=item.dst_store, target_rel=item.dst_rel))
         self._fault("copying")
-        head, _, name = tmp_rel.rpartition("/")
+        head = item.dst_rel.rpartition("/")[0]
         if head:
             dst.makedirs(head, 0o700)
+        dst.makedirs(TMP_DIR, 0o700)
         dst.remove(tmp_rel)
-        with src.parent(item.src_rel) as (sfd, sname), dst.parent(tmp_rel) as (dfd, dname):
-            await in_background(
-                lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
-                                         stop=self.stop, compare=self.settings.verify != "off"))
+        dfd, dname = dst.open_dir(TMP_DIR), tmp_rel.rpartition("/")[2]  # fsync needs a real fd
+        try:
+            with src.parent(item.src_rel) as (sfd, sname):
+                await in_background(
+                    lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
+                                             stop=self.stop,
+                                             compare=self.settings.verify != "off"))
+        finally:
+            os.close(dfd)
         if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
             raise Converging("files inside were opened during the copy")
         self._check_unused(item)   # again, just before the switch (blocking: no await between)
@@ -808,28 +979,77 @@ class Migrator:
         finally:
             os.close(fd)
 
+    def _settle(self, item: Item) -> bool:
+        """After an attempt at *item* ended (an error, an abort): bring its record to
+        a state the views serve, with nothing half-made left. Past the point of no
+        return (renamed, switched, set aside) the move is finished, as
+        :meth:`recover` would; before it, the legacy object stays served and what
+        was copied goes. True if the object ended up migrated.
+
+        Faults of the test hook do not fire here. Index errors are raised (the
+        caller keeps the object in :attr:`unrecorded`); a temporary that cannot be
+        removed is logged, never raised."""
+        self._settling = True
+        try:
+            rec = self.index.get(item.vpath)
+            state = rec.state if rec is not None else None
+            if rec is not None and state == "switched":
+                self._finish_removal(rec)
+                return True
+            if rec is not None and state == "new":
+                if rec.target_store and rec.target_rel:
+                    self._recover_set_aside(rec)
+                return True
+            dst = self.backing.stores.get(item.dst_store)
+            if rec is not None and state == "renaming":
+                src = self.backing.stores.get(item.src_store)
+                if dst is not None and src is not None and dst.exists(item.dst_rel) \
+                        and not src.exists(item.src_rel):
+                    self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind,
+                                          "new"))
+                    self._switched(item.vpath)
+                    return True
+            elif dst is not None:
+                self._drop_copy(item, dst, renamed_into_place=state == "copied")
+            if rec is not None and state in MIGRATING_STATES:
+                if item.src_store == "unresolved":
+                    self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
+                                          "unresolved"))
+                else:
+                    self.index.delete(item.vpath)
+            return False
+        finally:
+            self._settling = False
+
+    def _drop_copy(self, item: Item, dst: Store, renamed_into_place: bool) -> None:
+        """Remove the temporary of *item*; with *renamed_into_place* (``copied``), the
+        copy at the target's name if the temporary is gone (it was renamed)."""
+        tmp = tmp_name(item.dst_rel)
+        try:
+            if not dst.remove(tmp) and renamed_into_place:
+                dst.remove(item.dst_rel)
+        except NotADirectoryError:
+            pass
+        except OSError as exc:
+            # e.g. ELOOP: a symbolic link where the destination directory should be.
+            # The object fails alone; the other objects and the views go on.
+            log.warning("%s: cannot remove its copy in %s: %s", item.vpath, item.dst_store,
+                        exc)
+
+    def _undo(self, item: Item) -> None:
+        """:meth:`_settle` after an attempt that ended as foreseen (no room, in use,
+        aborted); if the index cannot take it, it is tried again on the next pass."""
+        try:
+            self._settle(item)
+        except Exception as exc:  # noqa: BLE001 - e.g. the index's disk is full
+            self.progress.faults += 1
+            log.warning("%s: its record cannot be put back in order now (%s); will try "
+                        "again", item.vpath, _why(exc))
+            self.unrecorded[item.vpath] = (item, None, "", 0)
+
     def _undo_copy(self, item: Item) -> None:
-        """After a failed or aborted copy: no temporary left, the legacy object served."""
-        dst = self.backing.stores.get(item.dst_store)
-        if dst is not None:
-            tmp_rel = item.dst_rel + TMP_SUFFIX
-            try:
-                dst.remove(tmp_rel)
-            except NotADirectoryError:
-                pass
-            except OSError as exc:
-                # e.g. ELOOP: a symbolic link where the destination directory should be.
-                # This runs in the handler of the object's own failure: raising here
-                # would end the whole pass (one failure never stops the others).
-                log.warning("%s: cannot remove %s/%s: %s", item.vpath, item.dst_store,
-                            tmp_rel, exc)
-        rec = self.index.get(item.vpath)
-        if rec is not None and rec.state in MIGRATING_STATES:
-            if item.src_store == "unresolved":
-                self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
-                                      "unresolved"))
-            else:
-                self.index.delete(item.vpath)
+        """After a copy a crash interrupted: no temporary left, the legacy object served."""
+        self._settle(item)
 
     # -- crash recovery -------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -838,8 +1058,8 @@ class Migrator:
         for rec in list(self.index.records.values()):
             try:
                 line = self._recover_one(rec)
-            except OSError as exc:
-                line = f"{rec.view}: not recovered: {exc}"
+            except Exception as exc:  # noqa: BLE001 - one record never stops the others
+                line = f"{rec.view}: not recovered: {_why(exc)}"
             if line:
                 done.append(line)
         return done
@@ -871,7 +1091,7 @@ class Migrator:
                 st = here.lstat(rec.rel)
             except FileNotFoundError:
                 st = None
-            tmp = rec.target_rel + TMP_SUFFIX
+            tmp = tmp_name(rec.target_rel)
             unchanged = st is not None and (stat.S_ISDIR(st.st_mode) or signature(st) == rec.sig)
             if unchanged and (there.exists(tmp) or there.exists(rec.target_rel)):
                 if there.exists(tmp):
@@ -910,8 +1130,8 @@ class Migrator:
                 and self.backing.has(rec.target_store)):
             return None
         legacy = self.backing.get(rec.target_store)
-        tmp = rec.target_rel + TMP_SUFFIX
-        legacy.remove(tmp)
+        legacy.remove(tmp_name(rec.target_rel))
+        _drop_tmp_dir(legacy)
         if self.backing.get(rec.store).exists(rec.rel):
             if legacy.exists(rec.target_rel):
                 # both exist: the move back happened; finish it as rollback would
@@ -921,6 +1141,22 @@ class Migrator:
             return f"{rec.view}: an interrupted rollback was undone; served from {rec.store}"
         self.index.delete(rec.view)
         return f"{rec.view}: an interrupted rollback had finished; served from the legacy store"
+
+
+def _drop_tmp_dir(store: Store) -> None:
+    """Remove the store's temporaries directory if it is empty (a legacy store
+    shows old EVE exactly what it had once a rollback is done)."""
+    try:
+        store.rmdir(TMP_DIR)
+    except OSError:
+        pass
+
+
+def _why(exc: BaseException) -> str:
+    """An error in one line: ``strerror (ENAME)`` for a system call, else its type and text."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 # -- rollback ---------------------------------------------------------------------------
@@ -990,13 +1226,19 @@ class Rollback:
         return self._resume(self.index.get(rec.view))  # type: ignore[arg-type]
 
     async def _copy_back(self, src: Store, rel: str, legacy: Store, rest: str, is_dir: bool) -> None:
-        tmp = rest + TMP_SUFFIX
+        tmp = tmp_name(rest)
+        legacy.makedirs(TMP_DIR, 0o700)
         legacy.remove(tmp)          # what an interrupted rollback left
         if is_dir:
-            with src.parent(rel) as (sfd, sname), legacy.parent(tmp) as (dfd, dname):
-                await trio.to_thread.run_sync(
-                    lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.m.throttle,
-                                             compare=self.m.settings.verify != "off"))
+            dfd, dname = legacy.open_dir(TMP_DIR), tmp.rpartition("/")[2]  # fsync: a real fd
+            try:
+                with src.parent(rel) as (sfd, sname):
+                    await trio.to_thread.run_sync(
+                        lambda: copier.copy_tree(sfd, sname, dfd, dname,
+                                                 throttle=self.m.throttle,
+                                                 compare=self.m.settings.verify != "off"))
+            finally:
+                os.close(dfd)
         else:
             sfd = src.open(rel, os.O_RDONLY)
             try:
@@ -1011,6 +1253,7 @@ class Rollback:
             finally:
                 os.close(sfd)
         legacy.rename(tmp, legacy, rest)
+        _drop_tmp_dir(legacy)
 
     def _resume(self, rec: Record) -> bool:
         """The legacy name is back in place (or was never reached): finish or undo."""
@@ -1021,10 +1264,9 @@ class Rollback:
             return False  # the move had not happened; the next run starts it again
         if src.remove(rec.rel):
             self.m._fsync_parent(src, rec.rel)
-        try:
-            legacy.unlink(rest + TMP_SUFFIX)
-        except (FileNotFoundError, IsADirectoryError):
-            pass
+        _drop_tmp_dir(src)          # the migration's, left empty in the new layout
+        legacy.remove(tmp_name(rest))
+        _drop_tmp_dir(legacy)
         self.index.delete(rec.view)
         return True
 

@@ -150,6 +150,17 @@ def replace_dead(source: str, target: str) -> None:
     _check(_libc.umount2(os.fsencode(target), _MNT_DETACH), "umount2", target)
 
 
+_UMOUNT_NOFOLLOW = 8
+
+
+def detach(path: str) -> None:
+    """Detach the mount at *path* at once (``umount2(MNT_DETACH)``), the last resort
+    when nothing answers its FUSE requests any more: unlike ``umount(8)``, nothing
+    here stats *path* in userspace (which would wait for an answer for ever), and a
+    symbolic link at *path* is not followed."""
+    _check(_libc.umount2(os.fsencode(path), _MNT_DETACH | _UMOUNT_NOFOLLOW), "umount2", path)
+
+
 def is_compatfs(path: str) -> bool:
     entry = mounted_at(path)
     return entry is not None and entry.fstype == FSTYPE

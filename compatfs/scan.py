@@ -19,9 +19,11 @@ from .names import (
     is_uuid, parse_container_volume, parse_obj_type, parse_verified_sha, parse_vm_volume,
 )
 
-#: compatfs' own names inside legacy locations (see compatfs.migrator)
+#: compatfs' own directories at the top of a store (see compatfs.migrator): copies
+#: it set aside, and the temporaries of moves under way (named by a hash of their
+#: target, so no agent's file, whatever its name, is ever taken for one)
 SET_ASIDE_DIR = ".compatfs-set-aside"
-TMP_SUFFIX = ".compatfs-tmp"
+TMP_DIR = ".compatfs-tmp"
 
 KINDS = ("vm-volume", "oci-volume", "pending", "verifier", "verified", "other")
 
@@ -86,8 +88,8 @@ def _entries(path: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
         return []
     out = []
     for entry in entries:
-        if entry.name == SET_ASIDE_DIR or entry.name.endswith(TMP_SUFFIX):
-            continue  # compatfs' own: copies it set aside, a temporary of a move under way
+        if entry.name in (SET_ASIDE_DIR, TMP_DIR):
+            continue  # compatfs' own: copies it set aside, temporaries of moves under way
         try:
             out.append((entry, entry.stat(follow_symlinks=False)))
         except FileNotFoundError:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from compatfs import devicegen
+from compatfs.scan import TMP_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,6 +71,12 @@ def legacy_snapshot(root: Path) -> dict[str, tuple]:
                     content = None
                 snap[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
     return snap
+
+
+def temporaries(root: Path) -> list[str]:
+    """compatfs' temporaries left under *root*: whatever is inside a store's
+    ``.compatfs-tmp/`` directory (the empty directory itself may stay)."""
+    return sorted(str(p) for d in root.rglob(TMP_DIR) if d.is_dir() for p in d.iterdir())
 
 
 @pytest.fixture

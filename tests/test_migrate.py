@@ -15,7 +15,7 @@ import pytest
 
 from compatfs import devicegen
 
-from .conftest import legacy_snapshot, run_cli
+from .conftest import legacy_snapshot, run_cli, temporaries
 from .devices import device_root
 from .mounting import mounted
 
@@ -36,10 +36,6 @@ def sha_tree(root: Path, rel: str) -> dict[str, str]:
             with open(p, "rb") as fh:
                 out[str(p.relative_to(root))] = hashlib.file_digest(fh, "sha256").hexdigest()
     return out
-
-
-def no_temporaries(root: Path) -> list[str]:
-    return [str(p) for p in root.rglob("*.compatfs-tmp")]
 
 
 @pytest.fixture
@@ -90,7 +86,7 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
     assert not (root / "containerd").exists()
     assert {k.removeprefix("vault/containerd/"): v
             for k, v in sha_tree(root, "vault/containerd").items()} == cas_before
-    assert no_temporaries(root) == []
+    assert temporaries(root) == []
     again = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
     assert again.returncode == 0 and "migrated 0 of 0 objects" in again.stderr
     status = json.loads(run_cli("status", "--root", str(root), "--run-dir", run, "--json").stdout)
@@ -142,7 +138,7 @@ def test_rollback_restores_exactly_what_old_eve_expects(device, tmp_path):
     assert sha_tree(root, "vault/volumes") == {} and sha_tree(root, "novault/volumes") == {}
     assert sha_tree(root, "vault/verifier") == {}
     assert not (root / "vault/containerd").exists()
-    assert no_temporaries(root) == []
+    assert temporaries(root) == []
 
 
 def test_live_writes_during_migration_reach_the_new_copy(device, tmp_path):
@@ -204,7 +200,7 @@ def test_live_writes_during_migration_reach_the_new_copy(device, tmp_path):
     with open(target, "rb") as f:
         assert f.read() == bytes(model)
     assert not legacy.exists()
-    assert no_temporaries(root) == []
+    assert temporaries(root) == []
 
 
 def test_containerd_store_in_use_waits_and_moves_once_released(device, tmp_path):
@@ -226,7 +222,7 @@ def test_containerd_store_in_use_waits_and_moves_once_released(device, tmp_path)
             in proc.stderr
         assert sha_tree(root, "containerd") == cas_before
         assert not (root / "vault/containerd").exists()
-        assert no_temporaries(root) == []
+        assert temporaries(root) == []
         # rollback of everything else works; the unmoved store is simply not touched
     finally:
         holder.kill()
@@ -284,7 +280,7 @@ def test_daemon_moves_the_containerd_store_once_released_and_says_so_once(device
         holder.wait()
     assert {k.removeprefix("vault/containerd/"): v
             for k, v in sha_tree(root, "vault/containerd").items()} == cas_before
-    assert no_temporaries(root) == []
+    assert temporaries(root) == []
 
 
 @pytest.mark.parametrize("newer", [True, False], ids=["destination-newer", "destination-older"])
@@ -321,7 +317,7 @@ def test_containerd_store_downgrade_then_upgrade(device, tmp_path, newer):
     else:
         assert now == legacy
         assert not (root / ".compatfs-set-aside").exists()
-    assert no_temporaries(root) == []
+    assert temporaries(root) == []
 
 
 def test_a_held_containerd_store_is_not_set_aside_either(device, tmp_path):

@@ -33,13 +33,14 @@ import pytest
 from compatfs import devicegen
 from compatfs.config import Config
 from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
+from compatfs.migrator import tmp_name
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 
-from .conftest import legacy_snapshot
+from .conftest import legacy_snapshot, temporaries
 from .devices import device_root
-from .mounting import mounted
+from .mounting import answers_within, assert_clean_exit, mounted
 
 pytestmark = pytest.mark.root
 
@@ -134,10 +135,6 @@ def digest(path: Path):
     return out
 
 
-def temporaries(root: Path) -> list[str]:
-    return [str(p) for p in root.rglob("*.compatfs-tmp")]
-
-
 def index_records(root: Path) -> dict[str, tuple[str, str | None, int]]:
     """view -> (state, reason, attempts), read straight from the index database."""
     path = root / "vault/compatfs/index.db"
@@ -185,9 +182,10 @@ def config(tmp_path: Path, name: str, text: str) -> Path:
 
 # -- the device the crash tests run on ------------------------------------------------
 
-def crash_device(root: Path) -> None:
+def crash_device(root: Path, more: tuple[AppDef, ...] = ()) -> None:
     """The demo device plus an app with a clear-text volume (a second rename) and a
-    vault volume, so every fault point is hit more than once."""
+    vault volume, so every fault point is hit more than once (and the apps *more*,
+    whose files the caller writes)."""
     apps = devicegen.make_demo(str(root))
     rng = random.Random(21)
     extra = AppDef(random_uuid(rng), "extra", [
@@ -195,7 +193,7 @@ def crash_device(root: Path) -> None:
                  clear_text=True),
         DriveDef(random_uuid(rng), random_sha(rng), "qcow2", volume_uuid=random_uuid(rng)),
     ])
-    devicegen.write_device_state(str(root), [*apps, extra])
+    devicegen.write_device_state(str(root), [*apps, extra, *more])
     write_random(root / "img" / extra.legacy_name(0), 1 * MIB + 12345, rng)
     devicegen.sparse_file(str(root / "img" / extra.legacy_name(1)), 16 * MIB,
                           {0: rng.randbytes(MIB), 12 * MIB: rng.randbytes(3 * MIB)})
@@ -273,7 +271,7 @@ def test_migrate_killed_mid_copy_of_a_large_file(tmp_path):
         legacy = root / "img" / app.legacy_name(0)
         want = write_random(legacy, 128 * MIB, rng)  # 4 s at 32 MiB/s
         target = root / vol_target(app.drives[0])
-        tmp = Path(str(target) + ".compatfs-tmp")
+        tmp = target.parent / tmp_name(target.name)
         slow = config(tmp_path, "slow.yaml", "migration: {throttle_mib_per_s: 32}\n")
         argv = [sys.executable, "-m", "compatfs", "migrate", "--root", str(root), "--now",
                 "--run-dir", str(run), "--config", str(slow)]
@@ -571,7 +569,7 @@ def test_a_verified_download_that_does_not_match_its_name_is_quarantined(tmp_pat
         state, _, attempts = index_records(root)[bad_rel]
         assert state == "quarantined"
 
-        again = migrate(root, run)  # attempts exhausted: not tried again
+        again = migrate(root, run)  # quarantined: tried again only when asked by name
         assert "migrated 0 of 0 objects" in again.stderr, again.stderr
         assert index_records(root)[bad_rel][2] == attempts
         assert Path(bad_path).read_bytes() == bad
@@ -599,7 +597,9 @@ def failing_device(root: Path, rng: random.Random, blocker_kind: str):
     return app, want, pending, blob
 
 
-def test_a_failing_object_is_retried_then_failed_while_the_others_move(tmp_path):
+def test_a_failing_object_is_retried_on_every_run_while_the_others_move(tmp_path):
+    """A failed object is never given up on: every ``migrate --now`` (like every
+    start of the daemon) tries it again, and once its cause is gone it moves."""
     run = tmp_path / "run"
     cfg = config(tmp_path, "c.yaml", "migration: {retries: 2, retry_backoff_s: 0}\n")
     with device(tmp_path) as root:
@@ -615,20 +615,24 @@ def test_a_failing_object_is_retried_then_failed_while_the_others_move(tmp_path)
         state, reason, attempts = index_records(root)[pending]
         assert (state, attempts) == ("failed", 1) and "ENOTDIR" in reason, reason
 
-        second = migrate(root, run, config=cfg)
-        assert second.returncode == 1 and "migrated 0 of 1 objects" in second.stderr, \
-            second.stderr
-        state, _, attempts = index_records(root)[pending]
-        assert (state, attempts) == ("failed", 2)
-        third = migrate(root, run, config=cfg)  # retries used up: not tried again
-        assert third.returncode == 1 and "migrated 0 of 0 objects" in third.stderr, third.stderr
-        assert f"failed: {pending}:" in third.stderr, third.stderr
-        assert index_records(root)[pending][2] == 2
+        for n in (2, 3):   # past ``retries``: still tried on every run
+            again = migrate(root, run, config=cfg)
+            assert again.returncode == 1 and "migrated 0 of 1 objects" in again.stderr, \
+                again.stderr
+            assert f"failed: {pending}:" in again.stderr, again.stderr
+            state, _, attempts = index_records(root)[pending]
+            assert (state, attempts) == ("failed", n)
 
         assert (root / pending).read_bytes() == blob
         assert temporaries(root) == []
         o = status_of(status(root, run), pending)
         assert o["state"] == "failed" and o["reason"] == reason, o
+
+        (root / "vault/downloader/pending" / pending.split("/")[3]).unlink()  # the cause
+        fixed = migrate(root, run, config=cfg)
+        assert fixed.returncode == 0 and "migrated 1 of 1 objects" in fixed.stderr, fixed.stderr
+        assert not (root / pending).exists()
+        assert {s for s, _, _ in index_records(root).values()} == {"new"}
 
 
 def test_a_destination_blocked_by_a_file_fails_alone(tmp_path):
@@ -703,3 +707,122 @@ def test_status_shows_a_migration_in_progress_then_done(tmp_path):
         assert file_sha(root / vol_target(app.drives[0])) == want
         assert temporaries(root) == []
         assert_idle(root, run)
+
+
+# -- 9. a fault ends one object; failed objects are retried -------------------------------------
+
+def test_a_name_that_is_not_utf8_fails_alone_and_the_views_answer(demo_root, tmp_path):
+    """A pending download whose name is not UTF-8: whatever the index makes of it, the
+    views keep answering, the daemon keeps serving, and ``migrate --now`` says what
+    happened to that one object in one line."""
+    root, _ = demo_root
+    run = tmp_path / "run"
+    cfg = config(tmp_path, "c.yaml", "require_encrypted_vault: false\nvault_wait_s: 0\n"
+                                     "migration: {rescan_s: 1, retry_backoff_s: 1}\n")
+    image = random_uuid(random.Random(16))
+    pending = f"downloads/appImg.obj/pending/{image}"
+    bad = os.path.join(os.fsencode(str(root / pending)), b"\xff\xfe.img")
+    os.makedirs(root / pending)
+    blob = os.urandom(64 << 10)
+    with open(bad, "wb") as f:
+        f.write(blob)
+    shown = "\\udcff\\udcfe.img"            # how the log spells the name
+    with mounted(root, run, stage="migrate", config=cfg) as m:
+        deadline = time.monotonic() + 20
+        while not re.search(rf"{re.escape(pending)}/{re.escape(shown)}: migration failed|"
+                            rf"migrated {re.escape(pending)}/{re.escape(shown)}", m.log_text()):
+            assert time.monotonic() < deadline, m.log_text()
+            assert m.proc.poll() is None, m.log_text()
+            time.sleep(0.1)
+
+        def through_the_views() -> None:
+            assert os.listdir(root / "img")
+            assert os.listdir(os.fsencode(str(root / pending))) == [b"\xff\xfe.img"]
+            with open(bad, "rb") as f:
+                assert f.read() == blob
+
+        answers_within(10, through_the_views)
+        assert status(root, run)["mounted"]
+        time.sleep(1.5)   # a later pass tries it again: still no harm
+        answers_within(10, through_the_views)
+        assert m.proc.poll() is None, m.log_text()
+    assert_clean_exit(m)
+
+    proc = migrate(root, run, config=cfg)
+    assert "internal error" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 1), proc.stderr
+    if proc.returncode == 1:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("compatfs: failed:")]
+        assert len(lines) == 1 and f"{pending}/{shown}" in lines[0], proc.stderr
+    assert re.search(r"compatfs: migrated \d+ of \d+ objects", proc.stderr), proc.stderr
+
+
+def test_an_agents_own_compatfs_tmp_file_is_not_taken_for_a_temporary(tmp_path):
+    """``pending/<id>/X.compatfs-tmp``, written by an agent, lives beside the copy of
+    ``pending/<id>/X`` in the vault: the migrator's temporaries are elsewhere."""
+    run = tmp_path / "run"
+    rng = random.Random(15)
+    with device(tmp_path) as root:
+        devicegen.write_device_state(str(root), [])
+        image = random_uuid(rng)
+        blob = rng.randbytes(300 << 10)
+        devicegen.download_file(str(root), ObjType.APP_IMG, DownloadArea.PENDING, image,
+                                "x.img", blob)
+        name = f"downloads/appImg.obj/pending/{image}"
+        mine = rng.randbytes(5000)
+        with mounted(root, run, stage="redirect"):
+            (root / name / "x.img.compatfs-tmp").write_bytes(mine)   # placed in the vault
+        assert index_records(root)[f"{name}/x.img.compatfs-tmp"][0] == "new"
+        cfg = config(tmp_path, "c.yaml", "migration: {rescan_s: 1}\n")
+        with mounted(root, run, stage="migrate", config=cfg) as m:
+            deadline = time.monotonic() + 20
+            while index_records(root).get(f"{name}/x.img", ("",))[0] != "new":
+                assert time.monotonic() < deadline, m.log_text()
+                time.sleep(0.2)
+            assert (root / name / "x.img").read_bytes() == blob
+            assert (root / name / "x.img.compatfs-tmp").read_bytes() == mine
+            assert sorted(os.listdir(root / name)) == ["x.img", "x.img.compatfs-tmp"]
+        assert temporaries(root) == []
+
+
+def test_failed_objects_are_retried_at_start_and_by_name_quarantined_only_by_name(tmp_path):
+    run = tmp_path / "run"
+    rng = random.Random(17)
+    # a long back-off: only a start or a command explains a new attempt
+    cfg = config(tmp_path, "c.yaml", "migration: {rescan_s: 1, retry_backoff_s: 3600}\n")
+    with device(tmp_path) as root:
+        app, want, pending, blob = failing_device(root, rng, "symlink")
+        bad = rng.randbytes(100 << 10)
+        bad_rel = os.path.relpath(devicegen.download_file(
+            str(root), ObjType.APP_IMG, DownloadArea.VERIFIED,
+            devicegen.sha_of(rng.randbytes(10)), "bad.img", bad), root)
+
+        def attempts(name: str, state: str, n: int, m) -> None:
+            deadline = time.monotonic() + 20
+            while index_records(root).get(name, ("", None, 0))[::2] != (state, n):
+                assert time.monotonic() < deadline, (index_records(root).get(name),
+                                                     m.log_text())
+                time.sleep(0.2)
+
+        with mounted(root, run, stage="migrate", config=cfg) as m:
+            attempts(pending, "failed", 1, m)
+            attempts(bad_rel, "quarantined", 1, m)
+            time.sleep(2.5)   # passes every second: neither is tried again
+            assert index_records(root)[pending][2] == 1
+        with mounted(root, run, stage="migrate", config=cfg) as m:
+            attempts(pending, "failed", 2, m)          # tried again at start
+            time.sleep(1.5)
+            assert index_records(root)[bad_rel][2] == 1  # quarantined: not at start
+            common = ("--root", str(root), "--run-dir", str(run))
+            assert cli("ctl", *common, "migrate-now", bad_rel).returncode == 0
+            attempts(bad_rel, "quarantined", 2, m)      # asked by name: at once
+
+            (root / "vault/downloader/pending" / pending.split("/")[3]).unlink()  # the cause
+            assert cli("ctl", *common, "migrate-now", pending).returncode == 0
+            deadline = time.monotonic() + 20
+            while index_records(root)[pending][0] != "new":
+                assert time.monotonic() < deadline, m.log_text()
+                time.sleep(0.2)
+            assert (root / pending).read_bytes() == blob    # through the view
+            assert (root / bad_rel).read_bytes() == bad
+        assert temporaries(root) == []
