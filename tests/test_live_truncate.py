@@ -33,7 +33,7 @@ from compatfs.backing import Backing
 from compatfs.config import Migration
 from compatfs.index import Index
 from compatfs.layout import Layout
-from compatfs.migrator import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator
+from compatfs.migrator import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator, tmp_name
 from compatfs.operations import Operations
 from compatfs.resolver import Resolver
 from compatfs.view import View
@@ -260,16 +260,17 @@ async def test_the_reported_sequence_truncate_to_zero_grow_write_at_the_end(tmp_
         tail = b"t" * 4096
 
         async def agent() -> None:
-            while not (tmp_path / "vault/volumes/v.raw.compatfs-tmp").exists() \
-                    or os.stat(tmp_path / "vault/volumes/v.raw.compatfs-tmp").st_blocks == 0:
+            tmp = tmp_path / "vault/volumes" / tmp_name("v.raw")
+            while not tmp.exists() or os.stat(tmp).st_blocks == 0:
                 await trio.sleep(0.005)
             await bench.ops.setattr(ino, size_attr(0), size_fields(), None, Ctx())
             await bench.ops.setattr(ino, size_attr(size), size_fields(), None, Ctx())
             await bench.ops.write(fh, size - len(tail), tail)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent)
-            await bench.m._copy_file(bench.item)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent)
+                await bench.m._copy_file(bench.item)
         assert read_all(bench.target) == bytes(size - len(tail)) + tail
     finally:
         bench.close()
@@ -295,7 +296,7 @@ async def test_a_file_removed_and_made_again_during_the_copy_is_not_overwritten(
         bench.m._undo_copy(bench.item)
         fh = await bench.open(os.O_RDONLY)
         assert await bench.ops.read(fh, 0, 100) == b"new file"
-        assert not (tmp_path / "vault/volumes/v.raw.compatfs-tmp").exists()
+        assert not (tmp_path / "vault/volumes" / tmp_name("v.raw")).exists()
     finally:
         bench.close()
 
@@ -350,10 +351,8 @@ def legacy_volume(root: Path, rng: random.Random, size: int) -> tuple[Path, Path
 
 def temporary_of(target: Path) -> Path | None:
     """The copy under way to *target* (its temporary name), if any."""
-    for p in target.parent.iterdir() if target.parent.is_dir() else ():
-        if p.name.startswith(target.name) and p.name != target.name:
-            return p
-    return None
+    tmp = target.parent / tmp_name(target.name)
+    return tmp if tmp.exists() else None
 
 
 def wait_for(cond, what: str, m, timeout: float = 90.0) -> None:
