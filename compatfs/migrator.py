@@ -392,7 +392,7 @@ class Migrator:
 
     async def run_once(self) -> Progress:
         """One pass over everything there is to do now; returns its progress."""
-        self.view.resolver.refresh()
+        await trio.to_thread.run_sync(self.view.resolver.refresh)
         now = time.monotonic()
         work = await trio.to_thread.run_sync(self.work)
         items = [i for i in work if self.retry_at.get(i.vpath, 0) <= now]

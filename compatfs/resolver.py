@@ -22,6 +22,7 @@ run. The rules (``docs/resolution.md``):
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from . import checkpoint, latch
@@ -152,22 +153,52 @@ class _State:
     latch_dir: tuple[int, int] | None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One reading of the device state; replaced whole, never changed."""
+
+    state: _State | None
+    checkpoint_path: str | None
+    config: DeviceConfig
+    map: VolumeMap
+    problems: tuple[str, ...]
+
+
 class Resolver:
     """Resolves legacy names under one :class:`Layout`, re-reading device state on change.
 
-    ``refresh()`` costs two ``stat`` calls when nothing changed; call it from a
-    background task or before a scan, never per request.
+    ``refresh()`` costs two ``lstat`` calls when nothing changed; call it from a
+    background task or before a scan, never per request. In the daemon it runs
+    in a worker thread while the event loop resolves names: it builds a new
+    :class:`Snapshot` and publishes it with one assignment, so a reader sees
+    either the old state or the new one, never a mix.
     """
 
     def __init__(self, layout: Layout, overrides: tuple[Override, ...] = ()) -> None:
         self.layout = layout
         self.overrides = overrides
-        self.checkpoint_path: str | None = None
-        self.config: DeviceConfig = EMPTY_CONFIG
-        self.problems: tuple[str, ...] = ()
-        self._state: _State | None = None
-        self.map = VolumeMap(EMPTY_CONFIG, latch.EMPTY_LATCH, overrides, _NO_CHECKPOINT)
+        self.snapshot = Snapshot(None, None, EMPTY_CONFIG,
+                                 VolumeMap(EMPTY_CONFIG, latch.EMPTY_LATCH, overrides,
+                                           _NO_CHECKPOINT), ())
+        self._lock = threading.Lock()     # one refresh at a time
+        self._forced = False
         self.refresh()
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        return self.snapshot.checkpoint_path
+
+    @property
+    def config(self) -> DeviceConfig:
+        return self.snapshot.config
+
+    @property
+    def map(self) -> VolumeMap:
+        return self.snapshot.map
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self.snapshot.problems
 
     # -- device state ----------------------------------------------------
     def _current_state(self) -> _State:
@@ -183,11 +214,25 @@ class Resolver:
             latch_sig = None
         return _State(sig, latch_sig)
 
+    def invalidate(self) -> None:
+        """Make the next :meth:`refresh` re-read everything, changed or not."""
+        self._forced = True
+
     def refresh(self) -> bool:
-        """Rebuild the map if the checkpoint or the latch changed; True if rebuilt."""
-        state = self._current_state()
-        if state == self._state:
-            return False
+        """Rebuild the map if the checkpoint or the latch changed; True if rebuilt.
+
+        Never blocks on what it reads (:mod:`compatfs.untrusted`) and never
+        raises for a bad checkpoint or latch: those are :attr:`problems`.
+        """
+        with self._lock:
+            forced, self._forced = self._forced, False
+            state = self._current_state()
+            if state == self.snapshot.state and not forced:
+                return False
+            self.snapshot = self._read(state)
+            return True
+
+    def _read(self, state: _State) -> Snapshot:
         problems: list[str] = []
         unusable = None
         cfg = EMPTY_CONFIG
@@ -206,10 +251,7 @@ class Resolver:
         problems.extend(latch_.problems)
         vmap = VolumeMap(cfg, latch_, self.overrides, unusable)
         problems.extend(vmap.problems)
-        self.checkpoint_path, self.config, self.map = path, cfg, vmap
-        self.problems = tuple(problems)
-        self._state = state
-        return True
+        return Snapshot(state, path, cfg, vmap, tuple(problems))
 
     # -- resolution ------------------------------------------------------
     def _volume(self, name: LegacyVolumeName, fmt: str) -> Resolution:
