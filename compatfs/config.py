@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative_path
-from .names import INT64_MAX, KNOWN_FORMATS, is_sha256, is_uuid
+from .names import CONTAINER_FORMAT, INT64_MAX, KNOWN_FORMATS, is_sha256, is_uuid
 from .untrusted import UntrustedFileError, read_regular
 
 STAGES = ("off", "observe", "redirect", "migrate", "rollback")
@@ -46,6 +46,7 @@ class Override:
     volume: str
     generation: int = 0
     clear_text: bool = False
+    format: str | None = None   # the legacy name's format; None: the checkpoint's, else any
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,13 @@ def _str_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise _Bad(f"must be true or false, not {v!r}")
+    return v
+
+
+def _format(v: Any) -> str:
+    if not isinstance(v, str) or v not in KNOWN_FORMATS | {CONTAINER_FORMAT}:
+        raise _Bad(f"must be one of {', '.join(sorted(KNOWN_FORMATS | {CONTAINER_FORMAT}))}, "
+                   f"not {v!r}")
     return v
 
 
@@ -187,6 +195,8 @@ OVERRIDE: dict[str, Key] = {
     "volume": Key(_uuid, None, "Volume UUID it belongs to."),
     "generation": Key(_generation, 0, "Generation counter of the new name."),
     "clear_text": Key(_bool, False, "Place it in novault (not encrypted)."),
+    "format": Key(_format, None, "Format of the volume, as its legacy name's suffix; only a "
+                  "name with this suffix is placed (default: the checkpoint's, else any)."),
 }
 
 REQUIRED_OVERRIDE_KEYS = ("app", "sha", "volume")

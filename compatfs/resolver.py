@@ -16,7 +16,13 @@ run. The rules (``docs/resolution.md``):
 5. a legacy name matches by (app, sha), sha compared case-insensitively, and
    its purge counter must be the one the drive was built with; anything else
    stays where it is, with the reason;
-6. an operator override for (app, sha) wins over all of the above.
+6. its format must be the drive's: a VM volume's suffix is the drive image's
+   format (else its content tree's), lower case, as volumemgr named the file;
+   a container directory needs a container drive. A config without a format
+   confirms no suffix, so several names for one drive never become several
+   volumes;
+7. an operator override for (app, sha) wins over all of the above (its
+   ``format``, else the checkpoint's for that drive, else any, is required).
 """
 
 from __future__ import annotations
@@ -66,12 +72,27 @@ class _Binding:
     index: int
     sha: str | None       # lower case
     purge: int            # the purge counter its legacy name carries
+    fmt: str | None       # the format its legacy name carries, None if the config gives none
     target: VolumeTarget | None
     reason: str | None    # why it cannot be placed, when target is None
 
 
 def _short(sha: str) -> str:
     return sha[:12] + "…" if len(sha) > 12 else sha
+
+
+def _format_of(name: LegacyVolumeName) -> str:
+    """The format a legacy name says its volume has (a directory: a container)."""
+    return name.fmt if name.fmt is not None else CONTAINER_FORMAT
+
+
+def _what(fmt: str) -> str:
+    return "a container directory" if fmt == CONTAINER_FORMAT else f"suffix .{fmt}"
+
+
+def _mismatch(name: LegacyVolumeName, expected: str, where: str) -> str:
+    return (f"format {_format_of(name)} does not match the config: {where} is {expected} "
+            f"(legacy name: {_what(expected)})")
 
 
 class VolumeMap:
@@ -83,8 +104,8 @@ class VolumeMap:
         self.problems: list[str] = []
         self._apps: dict[str, tuple[_Binding, ...]] = {}
         self._overrides = {
-            (o.app.lower(), o.sha.lower()): VolumeTarget(o.volume.lower(), o.generation,
-                                                         o.clear_text, "override")
+            (o.app.lower(), o.sha.lower()): (VolumeTarget(o.volume.lower(), o.generation,
+                                                          o.clear_text, "override"), o.format)
             for o in overrides
         }
         for app in config.apps:
@@ -100,24 +121,26 @@ class VolumeMap:
         purge = app.purge if index == 0 else 0
         ref = app.volume_refs[index] if index < len(app.volume_refs) else None
         vol = config.volumes.get(ref.uuid) if ref is not None else None
+        tree = config.content_trees.get(vol.content_tree) \
+            if vol is not None and vol.content_tree else None
         sha = drive.sha or latch_.lookup(app.uuid, drive.image_uuid, purge)
-        if not sha and vol is not None and vol.content_tree:
-            tree = config.content_trees.get(vol.content_tree)
-            sha = tree.sha if tree is not None else None
+        if not sha and tree is not None:
+            sha = tree.sha
         sha = sha.lower() if sha else None
+        fmt = drive.fmt or (tree.fmt if tree is not None else None)
         where = f"drive {index} of app {app.uuid}"
         if ref is None:
-            return _Binding(index, sha, purge, None, f"{where} has no volumeRefList entry")
+            return _Binding(index, sha, purge, fmt, None, f"{where} has no volumeRefList entry")
         if not is_uuid(ref.uuid):
-            return _Binding(index, sha, purge, None,
+            return _Binding(index, sha, purge, fmt, None,
                             f"{where} refers to volume {ref.uuid!r}, not a UUID")
         if vol is None:
-            return _Binding(index, sha, purge, None,
+            return _Binding(index, sha, purge, fmt, None,
                             f"{where} refers to volume {ref.uuid}, which the config does not define")
         if ref.generation < 0:
-            return _Binding(index, sha, purge, None,
+            return _Binding(index, sha, purge, fmt, None,
                             f"{where}: negative generation counter {ref.generation}")
-        return _Binding(index, sha, purge,
+        return _Binding(index, sha, purge, fmt,
                         VolumeTarget(ref.uuid, ref.generation, vol.clear_text, "checkpoint"), None)
 
     def volume_for(self, name: LegacyVolumeName) -> VolumeTarget | str:
@@ -125,7 +148,13 @@ class VolumeMap:
         app, sha = name.app_lower, name.sha_lower
         override = self._overrides.get((app, sha))
         if override is not None:
-            return override
+            target, fmt = override
+            if fmt is None:
+                fmt = next((b.fmt for b in self._apps.get(app, ())
+                            if b.sha == sha and b.purge == name.purge), None)
+            if fmt is not None and _format_of(name) != fmt:
+                return _mismatch(name, fmt, f"the override for app {app} sha {_short(sha)}")
+            return target
         if self.unusable is not None:
             return self.unusable
         bindings = self._apps.get(app)
@@ -138,7 +167,15 @@ class VolumeMap:
             return f"sha {_short(sha)} matches no drive of app {app} ({known})"
         for b in same_sha:
             if b.purge == name.purge:
-                return b.target if b.target is not None else str(b.reason)
+                if b.target is None:
+                    return str(b.reason)
+                where = f"drive {b.index} of app {app}"
+                if b.fmt is None:
+                    return (f"the config gives no format for {where}: "
+                            f"{_what(_format_of(name))} cannot be confirmed")
+                if _format_of(name) != b.fmt:
+                    return _mismatch(name, b.fmt, where)
+                return b.target
         expected = ", ".join(str(b.purge) for b in same_sha)
         return (f"purge counter {name.purge} is stale: drive {same_sha[0].index} of app {app} "
                 f"is at purge counter {expected}")
@@ -265,6 +302,9 @@ class Resolver:
     def resolve_vm(self, name: LegacyVolumeName) -> Resolution:
         """A parsed ``img/<sha>-<app>[#<purge>].<fmt>``."""
         assert name.fmt is not None
+        if name.fmt == CONTAINER_FORMAT:
+            return Resolution(None, "a container volume is a directory in the prepared "
+                                    "location, never a file named .container")
         return self._volume(name, name.fmt)
 
     def resolve_container(self, name: LegacyVolumeName) -> Resolution:

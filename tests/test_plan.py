@@ -260,3 +260,23 @@ def test_demo_command_runs(tmp_path):
     assert (tmp_path / "d" / "checkpoint/lastconfig").exists()
     again = run_cli("demo", "--dir", str(tmp_path / "d"))
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_four_suffixes_for_one_drive_place_only_the_configured_format(tmp_path):
+    rng = __import__("random").Random(9)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "fmt",
+                           [devicegen.DriveDef(devicegen.random_uuid(rng),
+                                               devicegen.random_sha(rng), "qcow2")])
+    devicegen.write_device_state(str(tmp_path), [app])
+    stem = app.legacy_name(0)[:-len(".qcow2")]
+    for suffix in ("qcow2", "raw", "vhdx", "img"):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{stem}.{suffix}").write_bytes(suffix.encode())
+    plan = plan_of(tmp_path)
+    entries = by_legacy(plan)
+    placed = [rel for rel, e in entries.items() if e.target is not None]
+    assert placed == [f"img/{stem}.qcow2"]
+    for suffix in ("raw", "vhdx", "img"):
+        e = entries[f"img/{stem}.{suffix}"]
+        assert e.action == "keep" and "qcow2" in e.reason
+        assert f"stays: format {suffix} does not match" in render_text(plan)

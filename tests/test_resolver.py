@@ -238,11 +238,72 @@ def test_clear_text_means_novault_and_generation_comes_from_volume_ref(tmp_path,
 
 
 def test_format_of_new_name_is_the_legacy_suffix(tmp_path, ids):
-    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    drive = DriveDef(ids.uuid(), ids.sha(), "vmdk")
     app = AppDef(ids.uuid(), "fmt", [drive])
     r = resolver_for(tmp_path, [app])
     assert vm(r, f"{drive.sha}-{app.uuid}.vmdk").target == \
         vault(tmp_path, f"{drive.volume_uuid}#0.vmdk")
+
+
+# -- rule 6: the format must be the drive's ----------------------------------------
+
+def test_only_the_suffix_of_the_drives_format_is_placed(tmp_path, ids):
+    """Four suffixes for one drive: one volume, three names left with the reason."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "fmt", [drive])
+    r = resolver_for(tmp_path, [app])
+    assert vm(r, f"{drive.sha}-{app.uuid}.qcow2").target == \
+        vault(tmp_path, f"{drive.volume_uuid}#0.qcow2")
+    for other in ("raw", "vhdx", "img", "qcow"):
+        assert_unresolved(vm(r, f"{drive.sha}-{app.uuid}.{other}"),
+                          f"format {other} does not match", "drive 0 of app", "qcow2")
+
+
+def test_format_comes_from_the_content_tree_when_the_image_has_none(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "raw", sha_in_image=False, content_tree=True)
+    app = AppDef(ids.uuid(), "tree", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].drives[0].image.iformat = 0   # FmtUnknown
+    write_config(tmp_path, resp)
+    r = Resolver(Layout(str(tmp_path)))
+    assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{drive.volume_uuid}#0.raw")
+    assert_unresolved(vm(r, f"{drive.sha}-{app.uuid}.qcow2"), "is raw")
+
+
+def test_no_format_in_the_config_places_no_suffix(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "raw")
+    app = AppDef(ids.uuid(), "nofmt", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].drives[0].image.iformat = 0
+    write_config(tmp_path, resp)
+    r = Resolver(Layout(str(tmp_path)))
+    assert_unresolved(vm(r, app.legacy_name(0)), "gives no format", "drive 0", ".raw")
+
+
+def test_container_directory_and_container_file_need_a_container_drive(tmp_path, ids):
+    disk = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    pod = DriveDef(ids.uuid(), ids.sha(), "container")
+    app = AppDef(ids.uuid(), "mixed", [disk, pod])
+    r = resolver_for(tmp_path, [app])
+    as_dir = r.resolve_container(parse_container_volume(f"{disk.sha}-{app.uuid}"))
+    assert_unresolved(as_dir, "format container does not match", "qcow2")
+    assert r.resolve_container(parse_container_volume(f"{pod.sha}-{app.uuid}")).resolved
+    # a file named .container would collide with the directory's new name
+    assert_unresolved(vm(r, f"{pod.sha}-{app.uuid}.container"), "directory")
+
+
+def test_override_format(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    stranger, sha, vol = ids.uuid(), ids.sha(), ids.uuid()
+    r = resolver_for(tmp_path, [app], overrides=[
+        Override(app.uuid, drive.sha, vol),                   # format from the checkpoint
+        Override(stranger, sha, vol, 1, format="vhdx"),       # format given
+    ])
+    assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{vol}#0.qcow2")
+    assert_unresolved(vm(r, f"{drive.sha}-{app.uuid}.raw"), "the override", "qcow2")
+    assert vm(r, f"{sha}-{stranger}.vhdx").target == vault(tmp_path, f"{vol}#1.vhdx")
+    assert_unresolved(vm(r, f"{sha}-{stranger}.raw"), "does not match", "vhdx")
 
 
 def test_container_name_resolves_to_container_volume(tmp_path, ids):
@@ -326,7 +387,7 @@ def test_app_without_valid_uuid_is_a_problem(tmp_path, ids):
     assert any("not-a-uuid" in p for p in r.problems)
 
 
-# -- rule 6: overrides -------------------------------------------------------------
+# -- rule 7: overrides -------------------------------------------------------------
 
 def test_override_wins_over_checkpoint(tmp_path, ids):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", generation=1)
