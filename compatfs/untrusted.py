@@ -15,7 +15,6 @@ opened is a regular file, and reads at most a stated number of bytes.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
@@ -52,9 +51,15 @@ def read_regular(path: str, limit: int, *, follow_symlinks: bool = False) -> byt
     except FileNotFoundError:
         raise
     except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow_symlinks and os.path.islink(path):
+        try:   # say what is there when that is why (a socket gives ENXIO, a link ELOOP)
+            mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if stat.S_ISLNK(mode):
             raise UntrustedFileError(f"{path}: is a symbolic link, not a regular file "
                                      "(not followed)") from None
+        if not stat.S_ISREG(mode):
+            raise UntrustedFileError(f"{path}: is {kind(mode)}, not a regular file") from None
         raise UntrustedFileError(f"{path}: cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
