@@ -280,3 +280,22 @@ def test_four_suffixes_for_one_drive_place_only_the_configured_format(tmp_path):
         e = entries[f"img/{stem}.{suffix}"]
         assert e.action == "keep" and "qcow2" in e.reason
         assert f"stays: format {suffix} does not match" in render_text(plan)
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_fifo_checkpoint_is_a_problem_reported_promptly(demo_root, command):
+    """A FIFO at checkpoint/lastconfig used to block open(2) for reading forever."""
+    import sys
+
+    root, (web, *_rest) = demo_root
+    lastconfig = root / "checkpoint" / "lastconfig"
+    lastconfig.unlink()
+    os.mkfifo(lastconfig)
+    env = {k: v for k, v in os.environ.items() if k != "COMPATFS_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "compatfs", command, "--root", str(root)],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (f"problem: checkpoint unusable: {lastconfig}: is a FIFO, not a regular file"
+            in proc.stdout)
+    assert "checkpoint unusable" in proc.stdout.split(web.legacy_name(0))[1].splitlines()[1]

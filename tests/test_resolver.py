@@ -448,6 +448,56 @@ def test_corrupt_checkpoint_is_unusable_and_reported(tmp_path, ids, content):
     assert str(path) in r.problems[0]
 
 
+@pytest.mark.parametrize("make", ["fifo", "symlink-out"])
+def test_checkpoint_that_is_not_a_regular_file_is_a_problem_not_a_hang(tmp_path, ids, make):
+    """A FIFO at lastconfig would block open(2) forever; a link out of the root is not
+    followed. Either is reported; a later real checkpoint is picked up."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    devicegen.write_device_state(str(tmp_path), [app])
+    path = tmp_path / "checkpoint" / "lastconfig"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir(exist_ok=True)
+    os.replace(path, outside / "lastconfig")
+    if make == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(outside / "lastconfig")
+    r = Resolver(Layout(str(tmp_path)))      # returns: nothing blocks
+    assert_unresolved(vm(r, app.legacy_name(0)), "checkpoint unusable", "not a regular file")
+    assert len(r.problems) == 1 and str(path) in r.problems[0]
+    assert r.refresh() is False              # unchanged: not read again
+    os.unlink(path)
+    devicegen.write_atomic(str(path), (outside / "lastconfig").read_bytes())
+    assert r.refresh() is True
+    assert vm(r, app.legacy_name(0)).resolved and r.problems == ()
+
+
+def test_latch_file_that_is_a_fifo_is_a_problem(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", sha_in_image=False, in_latch=True)
+    other = DriveDef(ids.uuid(), ids.sha(), "raw", sha_in_image=False, in_latch=True)
+    app = AppDef(ids.uuid(), "app", [drive, other])
+    devicegen.write_device_state(str(tmp_path), [app])
+    fifo = Path(latch_dir(tmp_path)) / f"{app.uuid}.{drive.image_uuid}.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    r = Resolver(Layout(str(tmp_path)))
+    assert vm(r, app.legacy_name(1)).resolved
+    assert not vm(r, app.legacy_name(0)).resolved
+    assert len(r.problems) == 1 and str(fifo) in r.problems[0] and "FIFO" in r.problems[0]
+
+
+def test_ctl_reload_rereads_an_unchanged_checkpoint(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    r = resolver_for(tmp_path, [app])
+    before = r.snapshot
+    assert r.refresh() is False and r.snapshot is before
+    r.invalidate()
+    assert r.refresh() is True and r.snapshot is not before
+    assert r.snapshot.config == before.config
+
+
 def test_latch_problems_are_listed(tmp_path, ids):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
     app = AppDef(ids.uuid(), "app", [drive])
