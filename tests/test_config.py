@@ -206,6 +206,9 @@ ERRORS = [
     pytest.param(_ov(generation="true"), 5, "overrides[0].generation", id="override-bool-gen"),
     pytest.param(_ov(generation=1.5), 5, "overrides[0].generation", id="override-float-gen"),
     pytest.param(_ov(clear_text="yes please"), 5, "overrides[0].clear_text", id="override-bad-clear"),
+    pytest.param(_ov(format="img"), 5, "overrides[0].format", id="override-unknown-format"),
+    pytest.param(_ov(format="QCOW2"), 5, "overrides[0].format", id="override-upper-format"),
+    pytest.param(_ov(format=3), 5, "overrides[0].format", id="override-int-format"),
     # structure
     pytest.param("- stage: observe\n- root: /p\n", 1, "top level", id="top-level-list"),
     pytest.param("just a string\n", 1, "top level", id="top-level-scalar"),
@@ -503,3 +506,9 @@ def test_parse_setting_refuses_what_the_file_refuses(text: str) -> None:
         config.parse_setting(key, text, "throttle_mib_per_s")
     assert str(info.value).startswith("throttle_mib_per_s: ")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "vhdx", "container"])
+def test_override_format(fmt: str) -> None:
+    assert parse(_ov(format=fmt), SRC).overrides[0].format == fmt
+    assert parse(_ov(), SRC).overrides[0].format is None
