@@ -405,7 +405,8 @@ def _setting_text(section: str, key: str, value: object) -> tuple[str, int, str]
 
 
 def test_every_number_key_has_a_range() -> None:
-    numeric = {("", k) for k, spec in config.TOP.items() if spec.check.__qualname__.startswith("_number")}
+    numeric = {("", k) for k, spec in config.TOP.items()
+               if spec.check.__qualname__.startswith("_number")}
     numeric |= {("migration", k) for k, spec in config.MIGRATION.items()
                 if spec.check.__qualname__.startswith(("_number", "_whole"))}
     assert numeric == set(RANGES)

@@ -125,4 +125,5 @@ def test_settings_are_checked_as_the_config_file_checks_them(live):
     proc = run_cli("ctl", *common, "set", "throttle_mib_per_s", "nan")
     assert proc.returncode == 1 and "bad value" in proc.stderr
     run_cli("ctl", *common, "set", "throttle_mib_per_s", "100000", check=True)
-    assert run_cli("ctl", *common, "get", "throttle_mib_per_s", check=True).stdout.strip() == "100000.0"
+    got = run_cli("ctl", *common, "get", "throttle_mib_per_s", check=True).stdout.strip()
+    assert got == "100000.0"
