@@ -231,8 +231,8 @@ def signature(path: str) -> FileSignature | None:
     return FileSignature(path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def read(path: str) -> DeviceConfig:
-    """Read and decode the checkpoint at *path*.
+def read(path: str, beneath: str | None = None) -> DeviceConfig:
+    """Read and decode the checkpoint at *path* (with no link below *beneath*).
 
     Raises :class:`CheckpointError` naming the file for anything but absence
     (``FileNotFoundError`` is passed through: no checkpoint is not an error).
@@ -240,7 +240,7 @@ def read(path: str) -> DeviceConfig:
     blocking (see :mod:`compatfs.untrusted`).
     """
     try:
-        data = read_regular(path, MAX_CHECKPOINT_BYTES)
+        data = read_regular(path, MAX_CHECKPOINT_BYTES, beneath=beneath)
     except UntrustedFileError as exc:
         raise CheckpointError(str(exc)) from None
     try:

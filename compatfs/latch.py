@@ -62,8 +62,11 @@ def expected_file_name(app_uuid: str, image_uuid: str, purge: int) -> str:
     return key + ".json"
 
 
-def load(directory: str) -> Latch:
-    """Read every latch file in *directory*; absence of the directory is an empty latch."""
+def load(directory: str, beneath: str | None = None) -> Latch:
+    """Read every latch file in *directory*; absence of the directory is an empty latch.
+
+    With *beneath*, no file is read through a symbolic link below that directory.
+    """
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except FileNotFoundError:
@@ -77,7 +80,7 @@ def load(directory: str) -> Latch:
             continue
         where = os.path.join(directory, entry.name)
         try:
-            data = read_regular(where, MAX_LATCH_FILE)
+            data = read_regular(where, MAX_LATCH_FILE, beneath=beneath)
             key, sha = _parse_entry(data)
             if entry.name.lower() != expected_file_name(*key).lower():
                 raise ValueError(f"contents are for {expected_file_name(*key)}")

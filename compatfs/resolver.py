@@ -278,13 +278,13 @@ class Resolver:
             unusable = _NO_CHECKPOINT
         else:
             try:
-                cfg = checkpoint.read(path)
+                cfg = checkpoint.read(path, beneath=self.layout.root)
             except FileNotFoundError:
                 unusable = _NO_CHECKPOINT
             except CheckpointError as exc:
                 unusable = f"checkpoint unusable: {exc}"
                 problems.append(unusable)
-        latch_ = latch.load(self.layout.path("latch"))
+        latch_ = latch.load(self.layout.path("latch"), beneath=self.layout.root)
         problems.extend(latch_.problems)
         vmap = VolumeMap(cfg, latch_, self.overrides, unusable)
         problems.extend(vmap.problems)

@@ -10,11 +10,16 @@ at once), ``O_NOFOLLOW`` unless the caller allows a link (the last component
 is never followed: on EVE ``checkpoint/lastconfig`` and the latch files are
 regular files that zedagent and zedmanager rename into place, so a link
 there was put there by someone else), checks with ``fstat`` that what it
-opened is a regular file, and reads at most a stated number of bytes.
+opened is a regular file, and reads at most a stated number of bytes. Given
+the root the file must lie *beneath*, no component of the path below the root
+is followed either (``openat2(2)`` with ``RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS``, as the backing store resolves every path): a linked
+``checkpoint/`` directory cannot lead the reading out of the root.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -35,19 +40,36 @@ def kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_regular(path: str, limit: int, *, follow_symlinks: bool = False) -> bytes:
+def _open(path: str, flags: int, beneath: str | None) -> int:
+    if beneath is None:
+        return os.open(path, flags)
+    from .backing import openat2   # the one openat2 wrapper
+
+    rel = os.path.relpath(path, beneath)
+    if rel == os.curdir or rel.split(os.sep, 1)[0] == os.pardir:
+        raise UntrustedFileError(f"{path}: not beneath {beneath}")
+    root = os.open(beneath, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return openat2(root, rel, flags)
+    finally:
+        os.close(root)
+
+
+def read_regular(path: str, limit: int, *, follow_symlinks: bool = False,
+                 beneath: str | None = None) -> bytes:
     """The bytes of the regular file *path*, at most *limit* of them.
 
     ``FileNotFoundError`` passes through (absence often means "not yet");
     anything else that makes the file unusable raises
     :class:`UntrustedFileError`: not a regular file, a symbolic link (unless
-    *follow_symlinks*), larger than *limit*, or unreadable.
+    *follow_symlinks*; with *beneath*, a link anywhere below that directory),
+    larger than *limit*, or unreadable.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = _open(path, flags, beneath)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -60,6 +82,9 @@ def read_regular(path: str, limit: int, *, follow_symlinks: bool = False) -> byt
                                      "(not followed)") from None
         if not stat.S_ISREG(mode):
             raise UntrustedFileError(f"{path}: is {kind(mode)}, not a regular file") from None
+        if beneath is not None and exc.errno in (errno.ELOOP, errno.EXDEV):
+            raise UntrustedFileError(f"{path}: its path below {beneath} goes through a "
+                                     "symbolic link; not followed") from None
         raise UntrustedFileError(f"{path}: cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

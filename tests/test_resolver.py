@@ -473,6 +473,24 @@ def test_checkpoint_that_is_not_a_regular_file_is_a_problem_not_a_hang(tmp_path,
     assert vm(r, app.legacy_name(0)).resolved and r.problems == ()
 
 
+def test_linked_checkpoint_and_latch_directories_are_not_followed(tmp_path, ids):
+    """A link on the way (checkpoint/ or the latch directory) may lead out of the
+    root: nothing is read through it."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", sha_in_image=False, in_latch=True)
+    app = AppDef(ids.uuid(), "app", [drive])
+    root = tmp_path / "persist"
+    devicegen.write_device_state(str(root), [app])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rel in ("checkpoint", "status/zedmanager/AppAndImageToHash"):
+        os.rename(root / rel, outside / os.path.basename(rel))
+        (root / rel).symlink_to(outside / os.path.basename(rel))
+    r = Resolver(Layout(str(root)))
+    assert_unresolved(vm(r, app.legacy_name(0)), "checkpoint unusable", "symbolic link")
+    assert len(r.problems) == 2, r.problems
+    assert all("goes through a symbolic link; not followed" in p for p in r.problems)
+
+
 def test_latch_file_that_is_a_fifo_is_a_problem(tmp_path, ids):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", sha_in_image=False, in_latch=True)
     other = DriveDef(ids.uuid(), ids.sha(), "raw", sha_in_image=False, in_latch=True)
