@@ -11,6 +11,7 @@ The modules, each owning one thing:
 - :mod:`compatfs.scan`: finding legacy objects on disk;
 - :mod:`compatfs.plan`: the migration plan and its report;
 - :mod:`compatfs.config`: the YAML configuration and its schema;
+- :mod:`compatfs.untrusted`: reading files compatfs does not own, never blocking;
 - :mod:`compatfs.fscrypt`: the kernel's fscrypt ioctls;
 - :mod:`compatfs.devicegen`: device-like trees for the demo, tests, benchmarks;
 - :mod:`compatfs.cli`: the ``compatfs`` command.

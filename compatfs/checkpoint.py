@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from .proto import eve_auth_pb2, eve_config_pb2
+from .untrusted import UntrustedFileError, read_regular
 
 #: Enum Format number -> the lower-case suffix EVE writes (None when it has none).
 FORMAT_SUFFIX: dict[int, str | None] = {
@@ -23,7 +24,10 @@ FORMAT_SUFFIX: dict[int, str | None] = {
     6: "ova", 7: "vhdx", 8: "container", 9: "iso", 10: "pvc",
 }
 
-#: A checkpoint larger than this is refused rather than read into memory.
+#: A checkpoint larger than this is refused rather than read into memory. Real
+#: ones are a few MiB at most (a config with hundreds of apps and their
+#: certificates); 64 MiB leaves room for growth and still bounds the memory a
+#: planted file can cost.
 MAX_CHECKPOINT_BYTES = 64 * 1024 * 1024
 
 
@@ -219,29 +223,26 @@ class FileSignature:
 
 
 def signature(path: str) -> FileSignature | None:
-    """The signature of *path*, or None when it does not exist."""
+    """The signature of *path* itself (a link is not followed), or None when absent."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
     return FileSignature(path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def read(path: str) -> DeviceConfig:
-    """Read and decode the checkpoint at *path*.
+def read(path: str, beneath: str | None = None) -> DeviceConfig:
+    """Read and decode the checkpoint at *path* (with no link below *beneath*).
 
     Raises :class:`CheckpointError` naming the file for anything but absence
     (``FileNotFoundError`` is passed through: no checkpoint is not an error).
+    Only a regular file is read, never through a symbolic link, and never
+    blocking (see :mod:`compatfs.untrusted`).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CHECKPOINT_BYTES + 1)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(data) > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(f"{path}: larger than {MAX_CHECKPOINT_BYTES} bytes")
+        data = read_regular(path, MAX_CHECKPOINT_BYTES, beneath=beneath)
+    except UntrustedFileError as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         return decode(data)
     except CheckpointError as exc:

@@ -8,6 +8,7 @@ same table validates files, fills defaults and is rendered in
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,13 +17,20 @@ from typing import Any, Callable
 import yaml
 
 from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative_path
-from .names import INT64_MAX, is_sha256, is_uuid
+from .names import CONTAINER_FORMAT, INT64_MAX, KNOWN_FORMATS, is_sha256, is_uuid
+from .untrusted import UntrustedFileError, read_regular
 
 STAGES = ("off", "observe", "redirect", "migrate", "rollback")
 #: How a copy is checked against its source (``migration.verify``): ``copy``
 #: reads every piece back as it is written (YAML ``true``), ``readback`` also
 #: re-reads the whole copy from disk at the end, ``off`` (YAML ``false``) neither.
 VERIFY_MODES = ("copy", "readback", "off")
+#: A configuration file larger than this is refused unread (real ones are a
+#: few hundred bytes; a list of overrides for every app of a device is a few KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+#: Deepest nesting of mappings and lists accepted; the schema needs three
+#: (``overrides`` -> item -> value). Deeper YAML is refused before it is built.
+MAX_DEPTH = 32
 
 
 class ConfigError(Exception):
@@ -38,6 +46,7 @@ class Override:
     volume: str
     generation: int = 0
     clear_text: bool = False
+    format: str | None = None   # the legacy name's format; None: the checkpoint's, else any
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,13 @@ def _bool(v: Any) -> bool:
     return v
 
 
+def _format(v: Any) -> str:
+    if not isinstance(v, str) or v not in KNOWN_FORMATS | {CONTAINER_FORMAT}:
+        raise _Bad(f"must be one of {', '.join(sorted(KNOWN_FORMATS | {CONTAINER_FORMAT}))}, "
+                   f"not {v!r}")
+    return v
+
+
 def _verify(v: Any) -> str:
     if v is True:
         return "copy"
@@ -125,12 +141,12 @@ def _sha(v: Any) -> str:
     return v.lower()
 
 
-def _number(low: float, high: float | None = None) -> Callable[[Any], float]:
+def _number(low: float, high: float) -> Callable[[Any], float]:
+    """A finite number from *low* to *high* (NaN and infinity are refused)."""
     def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low \
-                or (high is not None and v > high):
-            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise _Bad(f"must be a number {bound}, not {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or (isinstance(v, float) and not math.isfinite(v)) or not low <= v <= high:
+            raise _Bad(f"must be a number from {low:g} to {high:g}, not {v!r}")
         return float(v)
     return check
 
@@ -163,7 +179,7 @@ TOP: dict[str, Key] = {
     "require_encrypted_vault": Key(_bool, True,
                                    "Refuse to put vault-bound data in a directory the kernel "
                                    "does not report as fscrypt-encrypted."),
-    "vault_wait_s": Key(_number(0), 30.0,
+    "vault_wait_s": Key(_number(0, 3600), 30.0,
                         "How long a redirect or migrate daemon waits for the vault to be "
                         "unlocked before serving in observe instead."),
     "mount_prepared": Key(_bool, False,
@@ -179,21 +195,23 @@ OVERRIDE: dict[str, Key] = {
     "volume": Key(_uuid, None, "Volume UUID it belongs to."),
     "generation": Key(_generation, 0, "Generation counter of the new name."),
     "clear_text": Key(_bool, False, "Place it in novault (not encrypted)."),
+    "format": Key(_format, None, "Format of the volume, as its legacy name's suffix; only a "
+                  "name with this suffix is placed (default: the checkpoint's, else any)."),
 }
 
 REQUIRED_OVERRIDE_KEYS = ("app", "sha", "volume")
 
 MIGRATION: dict[str, Key] = {
-    "throttle_mib_per_s": Key(_number(0), 16.0,
+    "throttle_mib_per_s": Key(_number(0, 100_000), 16.0,
                               "Copy rate limit over all copies, MiB/s; 0 means unlimited."),
     "concurrency": Key(_whole(1, 16), 2, "How many objects are copied at once."),
     "reserve_percent": Key(_number(0, 50), 5.0,
                            "Free space a copy must leave on the destination, % of its size."),
     "retries": Key(_whole(1, 100), 3, "Attempts before an object is marked failed."),
-    "retry_backoff_s": Key(_number(0), 10.0, "Wait before the first retry; doubles each time."),
+    "retry_backoff_s": Key(_number(0, 86400), 10.0, "Wait before the first retry; doubles each time."),
     "verify": Key(_verify, "copy", "Check each copy against its source before switching to it: "
                   "true, false or readback."),
-    "rescan_s": Key(_number(1), 30.0, "How often the legacy locations are scanned for work."),
+    "rescan_s": Key(_number(1, 86400), 30.0, "How often the legacy locations are scanned for work."),
 }
 
 
@@ -204,7 +222,23 @@ class _Loader(yaml.SafeLoader):
 
     YAML 1.1 also reads yes/no/on/off as booleans, which would turn
     ``stage: off`` into ``False``; here they stay strings.
+
+    Mappings and lists nest at most :data:`MAX_DEPTH` deep: the composer
+    recurses once per level, so deeper input would exhaust Python's stack.
     """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -324,15 +358,45 @@ def parse(text: str, source: str = "<config>") -> Config:
                   source=source, **keys)
 
 
+def parse_setting(key: Key, text: str, name: str) -> Any:
+    """*text* as the value of *key* (``compatfs ctl set``): read as a YAML scalar,
+    checked as the same key in a file would be; raises :class:`ConfigError`."""
+    loader = None
+    try:
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        if key.check in (dict, list) or not isinstance(node, yaml.ScalarNode):
+            raise ConfigError(f"{name}: must be a single value, not {text!r}")
+        value = loader.construct_object(node, deep=True)
+    except yaml.YAMLError:
+        raise ConfigError(f"{name}: not a value: {text!r}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    try:
+        return key.check(value)
+    except _Bad as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def load(path: str | None) -> Config:
-    """Load the config file at *path*; ``None`` means all defaults."""
+    """Load the config file at *path*; ``None`` means all defaults.
+
+    The file is the operator's, named on the command line: a symbolic link to
+    it is followed (a config kept elsewhere and linked is common), but only a
+    regular file of at most :data:`MAX_CONFIG_BYTES` is read, never blocking
+    (a FIFO is refused, see :mod:`compatfs.untrusted`).
+    """
     if path is None:
         return Config()
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
+        data = read_regular(path, MAX_CONFIG_BYTES, follow_symlinks=True)
+    except FileNotFoundError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UntrustedFileError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     return parse(text, path)

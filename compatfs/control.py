@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pyfuse3
 
+from . import config
+
 if TYPE_CHECKING:
     from .daemon import Daemon
 
@@ -49,13 +51,16 @@ class Key:
     set: Callable[["Control", str], None] | None = None
 
 
-def _set_throttle(c: "Control", value: str) -> None:
+def _setting(table: dict[str, config.Key], name: str, value: str) -> Any:
+    """*value* checked as the configuration file's key *name* is (one registry of ranges)."""
     try:
-        rate = float(value)
-    except ValueError:
-        raise ControlError(errno.EINVAL, f"not a number: {value!r}") from None
-    if rate < 0:
-        raise ControlError(errno.EINVAL, "must be 0 (unlimited) or more")
+        return config.parse_setting(table[name], value, name)
+    except config.ConfigError as exc:
+        raise ControlError(errno.EINVAL, str(exc)) from None
+
+
+def _set_throttle(c: "Control", value: str) -> None:
+    rate = _setting(config.MIGRATION, "throttle_mib_per_s", value)
     c.daemon.migrator.throttle.set_rate(rate * (1 << 20) or None)
     c.throttle_mib_per_s = rate
 
@@ -107,7 +112,8 @@ def _migrate_now(c: "Control", arg: str) -> None:
 
 
 def _reload(c: "Control", arg: str) -> None:
-    c.daemon.resolver.refresh()
+    # read in the daemon's config watcher, off the event loop, within its poll period
+    c.daemon.resolver.invalidate()
     c.daemon.migrator.wake()
 
 

@@ -342,11 +342,16 @@ class Daemon:
                     log.warning("detaching %s: %s", target, exc.strerror)
 
     async def _watch_config(self) -> None:
-        """Re-resolve when the controller's config changes; place what became placeable."""
+        """Re-resolve when the controller's config changes; place what became placeable.
+
+        The checkpoint and latch are read in a worker thread: they are not
+        compatfs' files, and the event loop must keep answering the kernel
+        however long reading them takes.
+        """
         while True:
             await trio.sleep(CONFIG_POLL_SECONDS)
             try:
-                if not self.resolver.refresh():
+                if not await trio.to_thread.run_sync(self.resolver.refresh):
                     continue
                 log.info("checkpoint or latch changed; re-resolving")
                 for problem in self.resolver.problems:

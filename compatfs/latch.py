@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 from .names import UINT32_MAX, is_sha256, is_uuid
+from .untrusted import UntrustedFileError, read_regular
 
 #: A latch file larger than this is not JSON zedmanager wrote.
 MAX_LATCH_FILE = 64 * 1024
@@ -61,8 +62,11 @@ def expected_file_name(app_uuid: str, image_uuid: str, purge: int) -> str:
     return key + ".json"
 
 
-def load(directory: str) -> Latch:
-    """Read every latch file in *directory*; absence of the directory is an empty latch."""
+def load(directory: str, beneath: str | None = None) -> Latch:
+    """Read every latch file in *directory*; absence of the directory is an empty latch.
+
+    With *beneath*, no file is read through a symbolic link below that directory.
+    """
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except FileNotFoundError:
@@ -76,17 +80,14 @@ def load(directory: str) -> Latch:
             continue
         where = os.path.join(directory, entry.name)
         try:
-            if not entry.is_file(follow_symlinks=False):
-                raise ValueError("not a regular file")
-            with open(where, "rb") as f:
-                data = f.read(MAX_LATCH_FILE + 1)
-            if len(data) > MAX_LATCH_FILE:
-                raise ValueError("too large")
+            data = read_regular(where, MAX_LATCH_FILE, beneath=beneath)
             key, sha = _parse_entry(data)
             if entry.name.lower() != expected_file_name(*key).lower():
                 raise ValueError(f"contents are for {expected_file_name(*key)}")
-        except OSError as exc:
-            problems.append(f"latch {where}: cannot read: {exc.strerror}")
+        except FileNotFoundError:
+            continue   # removed since the listing
+        except UntrustedFileError as exc:
+            problems.append(f"latch {exc}; ignored")
             continue
         except ValueError as exc:
             problems.append(f"latch {where}: {exc}; ignored")

@@ -535,7 +535,7 @@ class Migrator:
         """One pass over everything there is to do now; returns its progress."""
         self._record_unrecorded()
         self._fault("pass")
-        self.view.resolver.refresh()
+        await trio.to_thread.run_sync(self.view.resolver.refresh)
         now = time.monotonic()
         asked = set(self.asked)
         work = await trio.to_thread.run_sync(self.work)

@@ -193,8 +193,9 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
         need_per_fs[d.device] = need_per_fs.get(d.device, 0) + d.copy_bytes
     for d in dests.values():
         d.fits = need_per_fs[d.device] <= d.free
-    return Plan(layout, entries, dests, resolver.checkpoint_path,
-                resolver.config.config_hash, list(resolver.problems))
+    snap = resolver.snapshot
+    return Plan(layout, entries, dests, snap.checkpoint_path, snap.config.config_hash,
+                list(snap.problems))
 
 
 # -- rendering ----------------------------------------------------------------

@@ -16,12 +16,19 @@ run. The rules (``docs/resolution.md``):
 5. a legacy name matches by (app, sha), sha compared case-insensitively, and
    its purge counter must be the one the drive was built with; anything else
    stays where it is, with the reason;
-6. an operator override for (app, sha) wins over all of the above.
+6. its format must be the drive's: a VM volume's suffix is the drive image's
+   format (else its content tree's), lower case, as volumemgr named the file;
+   a container directory needs a container drive. A config without a format
+   confirms no suffix, so several names for one drive never become several
+   volumes;
+7. an operator override for (app, sha) wins over all of the above (its
+   ``format``, else the checkpoint's for that drive, else any, is required).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from . import checkpoint, latch
@@ -65,12 +72,27 @@ class _Binding:
     index: int
     sha: str | None       # lower case
     purge: int            # the purge counter its legacy name carries
+    fmt: str | None       # the format its legacy name carries, None if the config gives none
     target: VolumeTarget | None
     reason: str | None    # why it cannot be placed, when target is None
 
 
 def _short(sha: str) -> str:
     return sha[:12] + "…" if len(sha) > 12 else sha
+
+
+def _format_of(name: LegacyVolumeName) -> str:
+    """The format a legacy name says its volume has (a directory: a container)."""
+    return name.fmt if name.fmt is not None else CONTAINER_FORMAT
+
+
+def _what(fmt: str) -> str:
+    return "a container directory" if fmt == CONTAINER_FORMAT else f"suffix .{fmt}"
+
+
+def _mismatch(name: LegacyVolumeName, expected: str, where: str) -> str:
+    return (f"format {_format_of(name)} does not match the config: {where} is {expected} "
+            f"(legacy name: {_what(expected)})")
 
 
 class VolumeMap:
@@ -82,8 +104,8 @@ class VolumeMap:
         self.problems: list[str] = []
         self._apps: dict[str, tuple[_Binding, ...]] = {}
         self._overrides = {
-            (o.app.lower(), o.sha.lower()): VolumeTarget(o.volume.lower(), o.generation,
-                                                         o.clear_text, "override")
+            (o.app.lower(), o.sha.lower()): (VolumeTarget(o.volume.lower(), o.generation,
+                                                          o.clear_text, "override"), o.format)
             for o in overrides
         }
         for app in config.apps:
@@ -99,24 +121,26 @@ class VolumeMap:
         purge = app.purge if index == 0 else 0
         ref = app.volume_refs[index] if index < len(app.volume_refs) else None
         vol = config.volumes.get(ref.uuid) if ref is not None else None
+        tree = config.content_trees.get(vol.content_tree) \
+            if vol is not None and vol.content_tree else None
         sha = drive.sha or latch_.lookup(app.uuid, drive.image_uuid, purge)
-        if not sha and vol is not None and vol.content_tree:
-            tree = config.content_trees.get(vol.content_tree)
-            sha = tree.sha if tree is not None else None
+        if not sha and tree is not None:
+            sha = tree.sha
         sha = sha.lower() if sha else None
+        fmt = drive.fmt or (tree.fmt if tree is not None else None)
         where = f"drive {index} of app {app.uuid}"
         if ref is None:
-            return _Binding(index, sha, purge, None, f"{where} has no volumeRefList entry")
+            return _Binding(index, sha, purge, fmt, None, f"{where} has no volumeRefList entry")
         if not is_uuid(ref.uuid):
-            return _Binding(index, sha, purge, None,
+            return _Binding(index, sha, purge, fmt, None,
                             f"{where} refers to volume {ref.uuid!r}, not a UUID")
         if vol is None:
-            return _Binding(index, sha, purge, None,
+            return _Binding(index, sha, purge, fmt, None,
                             f"{where} refers to volume {ref.uuid}, which the config does not define")
         if ref.generation < 0:
-            return _Binding(index, sha, purge, None,
+            return _Binding(index, sha, purge, fmt, None,
                             f"{where}: negative generation counter {ref.generation}")
-        return _Binding(index, sha, purge,
+        return _Binding(index, sha, purge, fmt,
                         VolumeTarget(ref.uuid, ref.generation, vol.clear_text, "checkpoint"), None)
 
     def volume_for(self, name: LegacyVolumeName) -> VolumeTarget | str:
@@ -124,7 +148,13 @@ class VolumeMap:
         app, sha = name.app_lower, name.sha_lower
         override = self._overrides.get((app, sha))
         if override is not None:
-            return override
+            target, fmt = override
+            if fmt is None:
+                fmt = next((b.fmt for b in self._apps.get(app, ())
+                            if b.sha == sha and b.purge == name.purge), None)
+            if fmt is not None and _format_of(name) != fmt:
+                return _mismatch(name, fmt, f"the override for app {app} sha {_short(sha)}")
+            return target
         if self.unusable is not None:
             return self.unusable
         bindings = self._apps.get(app)
@@ -137,7 +167,15 @@ class VolumeMap:
             return f"sha {_short(sha)} matches no drive of app {app} ({known})"
         for b in same_sha:
             if b.purge == name.purge:
-                return b.target if b.target is not None else str(b.reason)
+                if b.target is None:
+                    return str(b.reason)
+                where = f"drive {b.index} of app {app}"
+                if b.fmt is None:
+                    return (f"the config gives no format for {where}: "
+                            f"{_what(_format_of(name))} cannot be confirmed")
+                if _format_of(name) != b.fmt:
+                    return _mismatch(name, b.fmt, where)
+                return b.target
         expected = ", ".join(str(b.purge) for b in same_sha)
         return (f"purge counter {name.purge} is stale: drive {same_sha[0].index} of app {app} "
                 f"is at purge counter {expected}")
@@ -152,22 +190,52 @@ class _State:
     latch_dir: tuple[int, int] | None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One reading of the device state; replaced whole, never changed."""
+
+    state: _State | None
+    checkpoint_path: str | None
+    config: DeviceConfig
+    map: VolumeMap
+    problems: tuple[str, ...]
+
+
 class Resolver:
     """Resolves legacy names under one :class:`Layout`, re-reading device state on change.
 
-    ``refresh()`` costs two ``stat`` calls when nothing changed; call it from a
-    background task or before a scan, never per request.
+    ``refresh()`` costs two ``lstat`` calls when nothing changed; call it from a
+    background task or before a scan, never per request. In the daemon it runs
+    in a worker thread while the event loop resolves names: it builds a new
+    :class:`Snapshot` and publishes it with one assignment, so a reader sees
+    either the old state or the new one, never a mix.
     """
 
     def __init__(self, layout: Layout, overrides: tuple[Override, ...] = ()) -> None:
         self.layout = layout
         self.overrides = overrides
-        self.checkpoint_path: str | None = None
-        self.config: DeviceConfig = EMPTY_CONFIG
-        self.problems: tuple[str, ...] = ()
-        self._state: _State | None = None
-        self.map = VolumeMap(EMPTY_CONFIG, latch.EMPTY_LATCH, overrides, _NO_CHECKPOINT)
+        self.snapshot = Snapshot(None, None, EMPTY_CONFIG,
+                                 VolumeMap(EMPTY_CONFIG, latch.EMPTY_LATCH, overrides,
+                                           _NO_CHECKPOINT), ())
+        self._lock = threading.Lock()     # one refresh at a time
+        self._forced = False
         self.refresh()
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        return self.snapshot.checkpoint_path
+
+    @property
+    def config(self) -> DeviceConfig:
+        return self.snapshot.config
+
+    @property
+    def map(self) -> VolumeMap:
+        return self.snapshot.map
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self.snapshot.problems
 
     # -- device state ----------------------------------------------------
     def _current_state(self) -> _State:
@@ -183,11 +251,25 @@ class Resolver:
             latch_sig = None
         return _State(sig, latch_sig)
 
+    def invalidate(self) -> None:
+        """Make the next :meth:`refresh` re-read everything, changed or not."""
+        self._forced = True
+
     def refresh(self) -> bool:
-        """Rebuild the map if the checkpoint or the latch changed; True if rebuilt."""
-        state = self._current_state()
-        if state == self._state:
-            return False
+        """Rebuild the map if the checkpoint or the latch changed; True if rebuilt.
+
+        Never blocks on what it reads (:mod:`compatfs.untrusted`) and never
+        raises for a bad checkpoint or latch: those are :attr:`problems`.
+        """
+        with self._lock:
+            forced, self._forced = self._forced, False
+            state = self._current_state()
+            if state == self.snapshot.state and not forced:
+                return False
+            self.snapshot = self._read(state)
+            return True
+
+    def _read(self, state: _State) -> Snapshot:
         problems: list[str] = []
         unusable = None
         cfg = EMPTY_CONFIG
@@ -196,20 +278,17 @@ class Resolver:
             unusable = _NO_CHECKPOINT
         else:
             try:
-                cfg = checkpoint.read(path)
+                cfg = checkpoint.read(path, beneath=self.layout.root)
             except FileNotFoundError:
                 unusable = _NO_CHECKPOINT
             except CheckpointError as exc:
                 unusable = f"checkpoint unusable: {exc}"
                 problems.append(unusable)
-        latch_ = latch.load(self.layout.path("latch"))
+        latch_ = latch.load(self.layout.path("latch"), beneath=self.layout.root)
         problems.extend(latch_.problems)
         vmap = VolumeMap(cfg, latch_, self.overrides, unusable)
         problems.extend(vmap.problems)
-        self.checkpoint_path, self.config, self.map = path, cfg, vmap
-        self.problems = tuple(problems)
-        self._state = state
-        return True
+        return Snapshot(state, path, cfg, vmap, tuple(problems))
 
     # -- resolution ------------------------------------------------------
     def _volume(self, name: LegacyVolumeName, fmt: str) -> Resolution:
@@ -223,6 +302,9 @@ class Resolver:
     def resolve_vm(self, name: LegacyVolumeName) -> Resolution:
         """A parsed ``img/<sha>-<app>[#<purge>].<fmt>``."""
         assert name.fmt is not None
+        if name.fmt == CONTAINER_FORMAT:
+            return Resolution(None, "a container volume is a directory in the prepared "
+                                    "location, never a file named .container")
         return self._volume(name, name.fmt)
 
     def resolve_container(self, name: LegacyVolumeName) -> Resolution:

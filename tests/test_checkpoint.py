@@ -354,11 +354,11 @@ def test_read_missing_file_raises_file_not_found(tmp_path):
 
 def test_read_unreadable_path_names_it(tmp_path):
     path = tmp_path / "lastconfig"
-    path.mkdir()  # a directory where the file should be: open() fails even for root
+    path.mkdir()  # a directory where the file should be
     with pytest.raises(CheckpointError) as info:
         checkpoint.read(str(path))
     assert str(path) in str(info.value)
-    assert "cannot read" in str(info.value)
+    assert "is a directory, not a regular file" in str(info.value)
 
 
 def test_read_oversize_file_names_it(tmp_path):
@@ -392,6 +392,39 @@ def test_read_corrupt_file_names_it(tmp_path):
 
 
 # -- the generated modules -----------------------------------------------------
+
+@pytest.mark.parametrize("make", ["fifo", "socket", "dev-zero", "symlink-out", "symlink-in",
+                                  "dangling"])
+def test_read_refuses_what_is_not_a_regular_file_without_blocking(tmp_path, make):
+    """A FIFO would block open(2) for reading; a link may lead anywhere: both refused."""
+    import os
+    import socket
+
+    good = tmp_path / "elsewhere" / "real"
+    good.parent.mkdir()
+    good.write_bytes(devicegen.encode_checkpoint(devicegen.build_config(sample_apps())))
+    path = tmp_path / "checkpoint" / "lastconfig"
+    path.parent.mkdir()
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    elif make == "dev-zero":
+        os.mknod(path, 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 5))
+    elif make == "symlink-out":
+        path.symlink_to(good)
+    elif make == "symlink-in":
+        (path.parent / "config").write_bytes(good.read_bytes())
+        path.symlink_to("config")
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.read(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: is ") and "not a regular file" in message, message
+    assert checkpoint.signature(str(path)) is not None   # it is there: a problem, not absence
+
 
 def test_generated_modules_are_up_to_date():
     proc = subprocess.run([sys.executable, "-m", "compatfs.proto.generate", "--check"],

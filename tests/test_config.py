@@ -206,6 +206,9 @@ ERRORS = [
     pytest.param(_ov(generation="true"), 5, "overrides[0].generation", id="override-bool-gen"),
     pytest.param(_ov(generation=1.5), 5, "overrides[0].generation", id="override-float-gen"),
     pytest.param(_ov(clear_text="yes please"), 5, "overrides[0].clear_text", id="override-bad-clear"),
+    pytest.param(_ov(format="img"), 5, "overrides[0].format", id="override-unknown-format"),
+    pytest.param(_ov(format="QCOW2"), 5, "overrides[0].format", id="override-upper-format"),
+    pytest.param(_ov(format=3), 5, "overrides[0].format", id="override-int-format"),
     # structure
     pytest.param("- stage: observe\n- root: /p\n", 1, "top level", id="top-level-list"),
     pytest.param("just a string\n", 1, "top level", id="top-level-scalar"),
@@ -379,3 +382,134 @@ def test_cli_config_with_control_character(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("compatfs: error:")
     assert f"{bad}:2:" in lines[0]
+
+
+# -- numbers are finite and in range; size and nesting are bounded ----------------
+
+#: Every number the schema accepts, with its stated range (docs/configuration.md).
+RANGES = {
+    ("", "vault_wait_s"): (0, 3600),
+    ("migration", "throttle_mib_per_s"): (0, 100_000),
+    ("migration", "concurrency"): (1, 16),
+    ("migration", "reserve_percent"): (0, 50),
+    ("migration", "retries"): (1, 100),
+    ("migration", "retry_backoff_s"): (0, 86400),
+    ("migration", "rescan_s"): (1, 86400),
+}
+
+
+def _setting_text(section: str, key: str, value: object) -> tuple[str, int, str]:
+    if section:
+        return f"{section}:\n  {key}: {value}\n", 2, f"{section}.{key}"
+    return f"{key}: {value}\n", 1, key
+
+
+def test_every_number_key_has_a_range() -> None:
+    numeric = {("", k) for k, spec in config.TOP.items()
+               if spec.check.__qualname__.startswith("_number")}
+    numeric |= {("migration", k) for k, spec in config.MIGRATION.items()
+                if spec.check.__qualname__.startswith(("_number", "_whole"))}
+    assert numeric == set(RANGES)
+
+
+@pytest.mark.parametrize("section, key", sorted(RANGES))
+@pytest.mark.parametrize("value", [".nan", ".NaN", ".inf", "-.inf", "+.inf", "1.0e+400",
+                                   "99999999999999999999999999", "-1", "low-1", "high+1"])
+def test_numbers_must_be_finite_and_in_range(section: str, key: str, value: str) -> None:
+    low, high = RANGES[(section, key)]
+    value = {"low-1": low - 1, "high+1": high + 1}.get(value, value)
+    text, line, name = _setting_text(section, key, value)
+    with pytest.raises(ConfigError) as info:
+        parse(text, SRC)
+    message = str(info.value)
+    assert message.startswith(f"{SRC}:{line}: {name}: must be a "), message
+    assert f"from {low} to {high}" in message   # the range is stated
+
+
+@pytest.mark.parametrize("section, key", sorted(RANGES))
+def test_the_default_and_the_bounds_are_accepted(section: str, key: str) -> None:
+    low, high = RANGES[(section, key)]
+    spec = (config.MIGRATION if section else config.TOP)[key]
+    for value in (spec.default, low, high):
+        cfg = parse(_setting_text(section, key, value)[0], SRC)
+        assert getattr(cfg.migration if section else cfg, key) == value
+
+
+def test_yaml_nested_deeper_than_the_bound_is_one_line(tmp_path: Path) -> None:
+    for text in ("a: " + "[" * 5000 + "]" * 5000 + "\n",
+                 "".join("  " * i + f"k{i}:\n" for i in range(5000)) + "  " * 5000 + "v\n",
+                 "overrides:\n  - " + "[" * (config.MAX_DEPTH) + "]" * config.MAX_DEPTH + "\n"):
+        with pytest.raises(ConfigError) as info:
+            parse(text, SRC)
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"{SRC}:") and f"nested deeper than {config.MAX_DEPTH}" in message
+    # the schema's own depth is far below the bound
+    assert parse(FULL, SRC).overrides
+
+
+def test_oversize_config_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("# " + "x" * config.MAX_CONFIG_BYTES + "\nstage: observe\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value).startswith(f"{path}: too large: ")
+
+
+@pytest.mark.parametrize("make", ["fifo", "socket", "chardev"])
+def test_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, make: str) -> None:
+    import socket
+
+    path = tmp_path / "c.yaml"
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    else:
+        path = Path("/dev/null")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert "not a regular file" in str(info.value) and str(path) in str(info.value)
+
+
+def test_config_through_a_symbolic_link_is_read(tmp_path: Path) -> None:
+    real = tmp_path / "real.yaml"
+    real.write_text("stage: redirect\n")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(real)
+    assert load(str(link)).stage == "redirect"
+
+
+def test_cli_fifo_config_is_a_one_line_error_not_a_hang(tmp_path: Path) -> None:
+    root = tmp_path / "persist"
+    root.mkdir()
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    for command in ("plan", "status"):
+        proc = _compatfs(command, "--root", str(root), "--config", str(fifo), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert lines == [f"compatfs: error: {fifo}: is a FIFO, not a regular file"], proc.stderr
+
+
+@pytest.mark.parametrize("text, expected", [("12.5", 12.5), ("0", 0.0), ("100000", 100000.0)])
+def test_parse_setting_accepts_what_the_file_accepts(text: str, expected: float) -> None:
+    key = config.MIGRATION["throttle_mib_per_s"]
+    assert config.parse_setting(key, text, "throttle_mib_per_s") == expected
+
+
+@pytest.mark.parametrize("text", ["nan", ".nan", "inf", ".inf", "-1", "1e400", "100001", "",
+                                  "[1]", "{a: 1}", "fast", "1\n---\n2", "\0"])
+def test_parse_setting_refuses_what_the_file_refuses(text: str) -> None:
+    key = config.MIGRATION["throttle_mib_per_s"]
+    with pytest.raises(ConfigError) as info:
+        config.parse_setting(key, text, "throttle_mib_per_s")
+    assert str(info.value).startswith("throttle_mib_per_s: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "vhdx", "container"])
+def test_override_format(fmt: str) -> None:
+    assert parse(_ov(format=fmt), SRC).overrides[0].format == fmt
+    assert parse(_ov(), SRC).overrides[0].format is None

@@ -107,3 +107,23 @@ def test_metrics_file_in_prometheus_text_format(live):
     requests = next(float(v) for n, v in (s.rsplit(" ", 1) for s in samples)
                     if n == "compatfs_fuse_requests_total")
     assert requests > 0
+
+
+def test_settings_are_checked_as_the_config_file_checks_them(live):
+    """One registry of ranges: what the YAML refuses, ctl set refuses (EINVAL)."""
+    root, run, _ = live
+    ctl = root / "img" / ".compatfs"
+    key = "user.compatfs.throttle_mib_per_s"
+    os.setxattr(ctl, key, b"7.5")
+    for bad in (b"nan", b".nan", b"inf", b".inf", b"-.inf", b"1.0e+400", b"-1", b"100001",
+                b"99999999999999999999999", b"[1]", b"", b"\xff"):
+        with pytest.raises(OSError) as exc:
+            os.setxattr(ctl, key, bad)
+        assert exc.value.errno == errno.EINVAL, bad
+    assert os.getxattr(ctl, key) == b"7.5"
+    common = ("--root", str(root), "--run-dir", str(run))
+    proc = run_cli("ctl", *common, "set", "throttle_mib_per_s", "nan")
+    assert proc.returncode == 1 and "bad value" in proc.stderr
+    run_cli("ctl", *common, "set", "throttle_mib_per_s", "100000", check=True)
+    got = run_cli("ctl", *common, "get", "throttle_mib_per_s", check=True).stdout.strip()
+    assert got == "100000.0"

@@ -260,3 +260,42 @@ def test_demo_command_runs(tmp_path):
     assert (tmp_path / "d" / "checkpoint/lastconfig").exists()
     again = run_cli("demo", "--dir", str(tmp_path / "d"))
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_four_suffixes_for_one_drive_place_only_the_configured_format(tmp_path):
+    rng = __import__("random").Random(9)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "fmt",
+                           [devicegen.DriveDef(devicegen.random_uuid(rng),
+                                               devicegen.random_sha(rng), "qcow2")])
+    devicegen.write_device_state(str(tmp_path), [app])
+    stem = app.legacy_name(0)[:-len(".qcow2")]
+    for suffix in ("qcow2", "raw", "vhdx", "img"):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "img" / f"{stem}.{suffix}").write_bytes(suffix.encode())
+    plan = plan_of(tmp_path)
+    entries = by_legacy(plan)
+    placed = [rel for rel, e in entries.items() if e.target is not None]
+    assert placed == [f"img/{stem}.qcow2"]
+    for suffix in ("raw", "vhdx", "img"):
+        e = entries[f"img/{stem}.{suffix}"]
+        assert e.action == "keep" and "qcow2" in e.reason
+        assert f"stays: format {suffix} does not match" in render_text(plan)
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_fifo_checkpoint_is_a_problem_reported_promptly(demo_root, command):
+    """A FIFO at checkpoint/lastconfig used to block open(2) for reading forever."""
+    import sys
+
+    root, (web, *_rest) = demo_root
+    lastconfig = root / "checkpoint" / "lastconfig"
+    lastconfig.unlink()
+    os.mkfifo(lastconfig)
+    env = {k: v for k, v in os.environ.items() if k != "COMPATFS_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "compatfs", command, "--root", str(root)],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (f"problem: checkpoint unusable: {lastconfig}: is a FIFO, not a regular file"
+            in proc.stdout)
+    assert "checkpoint unusable" in proc.stdout.split(web.legacy_name(0))[1].splitlines()[1]

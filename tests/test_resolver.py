@@ -238,11 +238,72 @@ def test_clear_text_means_novault_and_generation_comes_from_volume_ref(tmp_path,
 
 
 def test_format_of_new_name_is_the_legacy_suffix(tmp_path, ids):
-    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    drive = DriveDef(ids.uuid(), ids.sha(), "vmdk")
     app = AppDef(ids.uuid(), "fmt", [drive])
     r = resolver_for(tmp_path, [app])
     assert vm(r, f"{drive.sha}-{app.uuid}.vmdk").target == \
         vault(tmp_path, f"{drive.volume_uuid}#0.vmdk")
+
+
+# -- rule 6: the format must be the drive's ----------------------------------------
+
+def test_only_the_suffix_of_the_drives_format_is_placed(tmp_path, ids):
+    """Four suffixes for one drive: one volume, three names left with the reason."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "fmt", [drive])
+    r = resolver_for(tmp_path, [app])
+    assert vm(r, f"{drive.sha}-{app.uuid}.qcow2").target == \
+        vault(tmp_path, f"{drive.volume_uuid}#0.qcow2")
+    for other in ("raw", "vhdx", "img", "qcow"):
+        assert_unresolved(vm(r, f"{drive.sha}-{app.uuid}.{other}"),
+                          f"format {other} does not match", "drive 0 of app", "qcow2")
+
+
+def test_format_comes_from_the_content_tree_when_the_image_has_none(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "raw", sha_in_image=False, content_tree=True)
+    app = AppDef(ids.uuid(), "tree", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].drives[0].image.iformat = 0   # FmtUnknown
+    write_config(tmp_path, resp)
+    r = Resolver(Layout(str(tmp_path)))
+    assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{drive.volume_uuid}#0.raw")
+    assert_unresolved(vm(r, f"{drive.sha}-{app.uuid}.qcow2"), "is raw")
+
+
+def test_no_format_in_the_config_places_no_suffix(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "raw")
+    app = AppDef(ids.uuid(), "nofmt", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].drives[0].image.iformat = 0
+    write_config(tmp_path, resp)
+    r = Resolver(Layout(str(tmp_path)))
+    assert_unresolved(vm(r, app.legacy_name(0)), "gives no format", "drive 0", ".raw")
+
+
+def test_container_directory_and_container_file_need_a_container_drive(tmp_path, ids):
+    disk = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    pod = DriveDef(ids.uuid(), ids.sha(), "container")
+    app = AppDef(ids.uuid(), "mixed", [disk, pod])
+    r = resolver_for(tmp_path, [app])
+    as_dir = r.resolve_container(parse_container_volume(f"{disk.sha}-{app.uuid}"))
+    assert_unresolved(as_dir, "format container does not match", "qcow2")
+    assert r.resolve_container(parse_container_volume(f"{pod.sha}-{app.uuid}")).resolved
+    # a file named .container would collide with the directory's new name
+    assert_unresolved(vm(r, f"{pod.sha}-{app.uuid}.container"), "directory")
+
+
+def test_override_format(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    stranger, sha, vol = ids.uuid(), ids.sha(), ids.uuid()
+    r = resolver_for(tmp_path, [app], overrides=[
+        Override(app.uuid, drive.sha, vol),                   # format from the checkpoint
+        Override(stranger, sha, vol, 1, format="vhdx"),       # format given
+    ])
+    assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{vol}#0.qcow2")
+    assert_unresolved(vm(r, f"{drive.sha}-{app.uuid}.raw"), "the override", "qcow2")
+    assert vm(r, f"{sha}-{stranger}.vhdx").target == vault(tmp_path, f"{vol}#1.vhdx")
+    assert_unresolved(vm(r, f"{sha}-{stranger}.raw"), "does not match", "vhdx")
 
 
 def test_container_name_resolves_to_container_volume(tmp_path, ids):
@@ -326,7 +387,7 @@ def test_app_without_valid_uuid_is_a_problem(tmp_path, ids):
     assert any("not-a-uuid" in p for p in r.problems)
 
 
-# -- rule 6: overrides -------------------------------------------------------------
+# -- rule 7: overrides -------------------------------------------------------------
 
 def test_override_wins_over_checkpoint(tmp_path, ids):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", generation=1)
@@ -385,6 +446,74 @@ def test_corrupt_checkpoint_is_unusable_and_reported(tmp_path, ids, content):
     assert len(r.problems) == 1
     assert r.problems[0].startswith("checkpoint unusable")
     assert str(path) in r.problems[0]
+
+
+@pytest.mark.parametrize("make", ["fifo", "symlink-out"])
+def test_checkpoint_that_is_not_a_regular_file_is_a_problem_not_a_hang(tmp_path, ids, make):
+    """A FIFO at lastconfig would block open(2) forever; a link out of the root is not
+    followed. Either is reported; a later real checkpoint is picked up."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    devicegen.write_device_state(str(tmp_path), [app])
+    path = tmp_path / "checkpoint" / "lastconfig"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir(exist_ok=True)
+    os.replace(path, outside / "lastconfig")
+    if make == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(outside / "lastconfig")
+    r = Resolver(Layout(str(tmp_path)))      # returns: nothing blocks
+    assert_unresolved(vm(r, app.legacy_name(0)), "checkpoint unusable", "not a regular file")
+    assert len(r.problems) == 1 and str(path) in r.problems[0]
+    assert r.refresh() is False              # unchanged: not read again
+    os.unlink(path)
+    devicegen.write_atomic(str(path), (outside / "lastconfig").read_bytes())
+    assert r.refresh() is True
+    assert vm(r, app.legacy_name(0)).resolved and r.problems == ()
+
+
+def test_linked_checkpoint_and_latch_directories_are_not_followed(tmp_path, ids):
+    """A link on the way (checkpoint/ or the latch directory) may lead out of the
+    root: nothing is read through it."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", sha_in_image=False, in_latch=True)
+    app = AppDef(ids.uuid(), "app", [drive])
+    root = tmp_path / "persist"
+    devicegen.write_device_state(str(root), [app])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for rel in ("checkpoint", "status/zedmanager/AppAndImageToHash"):
+        os.rename(root / rel, outside / os.path.basename(rel))
+        (root / rel).symlink_to(outside / os.path.basename(rel))
+    r = Resolver(Layout(str(root)))
+    assert_unresolved(vm(r, app.legacy_name(0)), "checkpoint unusable", "symbolic link")
+    assert len(r.problems) == 2, r.problems
+    assert all("goes through a symbolic link; not followed" in p for p in r.problems)
+
+
+def test_latch_file_that_is_a_fifo_is_a_problem(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", sha_in_image=False, in_latch=True)
+    other = DriveDef(ids.uuid(), ids.sha(), "raw", sha_in_image=False, in_latch=True)
+    app = AppDef(ids.uuid(), "app", [drive, other])
+    devicegen.write_device_state(str(tmp_path), [app])
+    fifo = Path(latch_dir(tmp_path)) / f"{app.uuid}.{drive.image_uuid}.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    r = Resolver(Layout(str(tmp_path)))
+    assert vm(r, app.legacy_name(1)).resolved
+    assert not vm(r, app.legacy_name(0)).resolved
+    assert len(r.problems) == 1 and str(fifo) in r.problems[0] and "FIFO" in r.problems[0]
+
+
+def test_ctl_reload_rereads_an_unchanged_checkpoint(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    r = resolver_for(tmp_path, [app])
+    before = r.snapshot
+    assert r.refresh() is False and r.snapshot is before
+    r.invalidate()
+    assert r.refresh() is True and r.snapshot is not before
+    assert r.snapshot.config == before.config
 
 
 def test_latch_problems_are_listed(tmp_path, ids):

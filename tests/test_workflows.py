@@ -504,6 +504,8 @@ def test_crafted_names_stay_in_the_legacy_store(device, tmp_path, rng):
         f"{d.sha}-{app}.qcow2.tmp",                # a temporary next to a volume
         "..qcow2", "notes.txt",
     ]
+    # well-formed, but the drive is qcow2: not its volume; parked as unresolved
+    other_formats = [f"{d.sha}-{app}.{fmt}" for fmt in ("raw", "vhdx", "img")]
     dl = root / "downloads" / OBJ
     bad_dirs = [("pending", "not-a-uuid"), ("verifier", app[:-1]), ("verified", d.sha[:63]),
                 ("verified", d.sha + "0")]
@@ -512,6 +514,8 @@ def test_crafted_names_stay_in_the_legacy_store(device, tmp_path, rng):
         for n in crafted:
             (root / "img" / n).write_bytes(n.encode())
         (root / "img" / good).write_bytes(b"good")  # control: a real name is placed
+        for n in other_formats:
+            (root / "img" / n).write_bytes(n.encode())
         for area, directory in bad_dirs:
             os.makedirs(dl / area / directory)
             (dl / area / directory / "f").write_bytes(directory.encode())
@@ -519,13 +523,16 @@ def test_crafted_names_stay_in_the_legacy_store(device, tmp_path, rng):
         assert files_under(legacy_img) == set(crafted)
         assert files_under(legacy_dl) == {f"{OBJ}/{a}/{dd}/f" for a, dd in bad_dirs}
         assert files_in(root / "vault" / "volumes") == {f"{d.volume_uuid}#0.qcow2"}
-        assert files_in(root / "vault" / "compatfs" / "unresolved") == set()
+        assert files_in(root / "vault" / "compatfs" / "unresolved") == \
+            {f"img/{n}" for n in other_formats}
         assert files_in(root / "vault" / "downloader") == set()
         assert files_in(root / "vault" / "verifier") == set()
-        assert set(index_rows(root)) == {f"img/{good}"}
-        for n in crafted:
+        rows = index_rows(root)
+        assert set(rows) == {f"img/{good}"} | {f"img/{n}" for n in other_formats}
+        assert {rows[f"img/{n}"][2] for n in other_formats} == {"unresolved"}
+        for n in crafted + other_formats:
             assert (root / "img" / n).read_bytes() == n.encode()
-        assert sorted(os.listdir(root / "img")) == sorted(crafted + [good])
+        assert sorted(os.listdir(root / "img")) == sorted(crafted + other_formats + [good])
 
 
 def test_a_planted_symlink_is_served_as_a_link_and_does_not_stop_the_mount(device, tmp_path, rng):
