@@ -187,7 +187,7 @@ def _safe_rel(value: object) -> bool:
 
 def check_record(rec: Record, raw: tuple = ()) -> str | None:
     """Why *rec* is not a record compatfs writes, or None. *raw* is the row as stored."""
-    for field, value in zip(_FIELDS, raw):
+    for field, value in zip(_FIELDS, raw) if bytes in map(type, raw) else ():
         if isinstance(value, bytes):
             if field not in _NAME_FIELDS:
                 return f"{field} is a BLOB"
@@ -357,7 +357,7 @@ class Index:
         records: dict[str, Record] = {}
         self.records, self.children = records, {}
         for raw in rows:
-            rec = Record(*(_decode(v) for v in raw))  # type: ignore[arg-type]
+            rec = Record(*(map(_decode, raw) if bytes in map(type, raw) else raw))
             why = check_record(rec, raw)
             if why is None and rec.view in records:
                 why = "a second record for the same name"
