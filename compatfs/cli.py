@@ -309,6 +309,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
+        # legacy names are bytes: print each as it is on disk, whatever the locale
+        sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
         sys.stdout.write(render_text(doc))
     code = exit_status(doc)
     if index.problem:

@@ -355,17 +355,19 @@ class Index:
         except sqlite3.DatabaseError as exc:
             raise IndexRefused(f"{self.name}: {exc}; {ASIDE_HINT}") from None
         records: dict[str, Record] = {}
-        self.records, self.children = records, {}
+        children: dict[str, set[str]] = {}
         for raw in rows:
             rec = Record(*(map(_decode, raw) if bytes in map(type, raw) else raw))
             why = check_record(rec, raw)
             if why is None and rec.view in records:
                 why = "a second record for the same name"
-            if why is not None:
-                self.records, self.children = {}, {}
+            if why is not None:   # what was read before stays (a read-only reader)
                 raise IndexRefused(f"{self.name}: the record of {rec.view!r} is not one compatfs "
                                    f"writes ({why}): the index was altered; {ASIDE_HINT}")
-            self._remember(rec)
+            records[rec.view] = rec
+            head, name = _parent(rec.view)
+            children.setdefault(head, set()).add(name)
+        self.records, self.children = records, children
 
     @classmethod
     def open_in(cls, state_dir: str) -> "Index":

@@ -13,6 +13,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,39 @@ def test_status_reports_dead_views_and_still_lists_every_object(tmp_path, rng):
             assert code == EXIT_OK
             assert doc["views"] == {"img": "serving", "downloads": "serving"}
             assert {o["legacy"] for o in doc["objects"]} == set(states)
+
+
+# -- names that are not UTF-8 -------------------------------------------------------------------
+
+def test_a_name_that_is_not_utf8_is_placed_kept_and_reported(tmp_path, rng):
+    root, run = tmp_path / "persist", tmp_path / "run"
+    web, config = device(root, rng)
+    image_id = devicegen.random_uuid(rng)
+    pending = os.fsencode(root / "downloads" / "appImg.obj" / "pending" / image_id)
+    name = b"\xff\xfe-part.img"
+    with mounted(root, run, stage="redirect", config=config) as m:
+        os.makedirs(pending)
+        with open(os.path.join(pending, name), "wb") as f:
+            f.write(b"bytes of a download")
+        assert os.listdir(pending) == [name]
+        m.kill(signal.SIGTERM)
+        assert_clean_exit(m)
+    # placed in the vault under its exact bytes, and the index kept it
+    placed = os.path.join(os.fsencode(root / "vault" / "downloader" / "pending"),
+                          image_id.encode(), name)
+    with open(placed, "rb") as f:
+        assert f.read() == b"bytes of a download"
+    with mounted(root, run, stage="redirect", config=config):
+        assert os.listdir(pending) == [name]
+        with open(os.path.join(pending, name), "rb") as f:
+            assert f.read() == b"bytes of a download"
+        code, doc, _ = status(root, run, config)
+        assert code == EXIT_OK
+        legacy = os.fsdecode(b"downloads/appImg.obj/pending/" + image_id.encode() + b"/" + name)
+        assert {o["legacy"]: o["state"] for o in doc["objects"]}[legacy] == "new"
+        text = subprocess.run([sys.executable, "-m", "compatfs", "status", "--root", str(root),
+                               "--run-dir", str(run), "--config", str(config)],
+                              capture_output=True, timeout=120,
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+        assert text.returncode == EXIT_OK, text.stderr
+        assert b"/" + name + b"  [" in text.stdout      # the name's own bytes
