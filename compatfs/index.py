@@ -369,13 +369,6 @@ class Index:
             children.setdefault(head, set()).add(name)
         self.records, self.children = records, children
 
-    @classmethod
-    def open_in(cls, state_dir: str) -> "Index":
-        """The index in *state_dir*, created if missing (tests and tools; the
-        daemon uses :func:`open_index`)."""
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        return cls(os.path.join(state_dir, DB_NAME))
-
     # -- memory mirror --------------------------------------------------------
     def _remember(self, rec: Record) -> None:
         self.records[rec.view] = rec
@@ -574,8 +567,9 @@ def _open_state_dir(root_fd: int, rel: str, shown: str, create: bool) -> int | N
                 os.close(parent)
         fd = openat2(root_fd, rel, flags, resolve=resolve)
     except OSError as exc:
-        why = "a symbolic link is on the way" if exc.errno in (errno.ELOOP, errno.EXDEV) \
-            else exc.strerror
+        why = {errno.ELOOP: "a symbolic link is on the way",
+               errno.EXDEV: "a symbolic link is on the way",
+               errno.EACCES: "permission denied (run as root)"}.get(exc.errno or 0, exc.strerror)
         raise IndexRefused(f"{shown}: {why}; refusing to look for the index there") from None
     try:
         _check_owned(os.fstat(fd), shown)

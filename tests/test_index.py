@@ -469,6 +469,33 @@ def test_a_failed_directory_rename_changes_nothing(root):
         index.close()
 
 
+def test_an_io_error_is_eio_and_a_full_disk_behind_it_enospc(small_fs):
+    """SQLite reports any failed write (a quota, a full disk) as an I/O error;
+    a probe write beside the index tells which it was."""
+    root = small_fs / "persist"
+    root.mkdir()
+    made(root, [vol(1)])
+    index = open_index(str(root), STATE, create=True)
+    try:
+        real = index.db
+        index.db = Failing(real, "INSERT", sqlite_error(10 | (3 << 8), "disk I/O error"))
+        with pytest.raises(OSError) as err:
+            index.put(vol(2))
+        assert err.value.errno == errno.EIO
+        filler = fill(small_fs)
+        index.db = Failing(real, "INSERT", sqlite_error(10 | (3 << 8), "disk I/O error"))
+        with pytest.raises(OSError) as err:
+            index.put(vol(2))
+        assert err.value.errno == errno.ENOSPC
+        filler.unlink()
+        assert not (root / STATE / (DB_NAME + "-probe")).exists()
+        index.db = real
+        index.put(vol(2))
+        assert set(index.records) == {vol(1).view, vol(2).view}
+    finally:
+        index.close()
+
+
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A 1 MiB tmpfs: a disk that fills."""

@@ -140,6 +140,18 @@ def test_mount_refuses_a_broken_index_and_status_says_why(tmp_path, rng, how):
     assert not (state / "index.db.new").exists()
 
 
+def test_status_beside_a_running_daemon_reports_an_index_altered_under_it(tmp_path, rng):
+    root, run, config, web = placed_device(tmp_path, rng)
+    with mounted(root, run, stage="redirect", config=config):
+        code, doc, _ = status(root, run, config)
+        assert code == EXIT_OK and doc["mounted"] and doc["index"]["records"] == 1
+        craft_record(root / "vault" / "compatfs")
+        code, doc, stderr = status(root, run, config)
+        assert code == EXIT_INDEX_REFUSED and doc["mounted"]
+        assert "unknown store 'nostore'" in doc["index"]["problem"]
+        assert "unknown store 'nostore'" in stderr
+
+
 def test_status_of_a_sound_index_exits_0(tmp_path, rng):
     root, run, config, web = placed_device(tmp_path, rng)
     code, doc, _ = status(root, run, config)
