@@ -597,6 +597,12 @@ def _check_file(st: os.stat_result, shown: str) -> None:
     _check_owned(st, shown)
 
 
+def _is_id(value: object) -> bool:
+    """An index id as compatfs makes them: 32 lower-case hex digits."""
+    return isinstance(value, str) and len(value) == 32 \
+        and all(c in "0123456789abcdef" for c in value)
+
+
 def _read_marker(state_fd: int, shown: str) -> str | None:
     """The id in the marker, or None when there is none."""
     try:
@@ -615,8 +621,7 @@ def _read_marker(state_fd: int, shown: str) -> str | None:
     finally:
         os.close(fd)
     fields = data.decode("ascii", "replace").split()
-    if len(fields) != 2 or fields[0] != _MARKER_MAGIC or len(fields[1]) != 32 \
-            or any(c not in "0123456789abcdef" for c in fields[1]):
+    if len(fields) != 2 or fields[0] != _MARKER_MAGIC or not _is_id(fields[1]):
         raise IndexRefused(f"{shown} is not a marker compatfs wrote; restore it from a backup, "
                            f"or {ASIDE_HINT}")
     return fields[1]
@@ -757,6 +762,9 @@ def _check_identity(index: Index, marker: str | None, root: str, state_fd: int,
             log.info("index: %s is from an older compatfs; marked as this root's (id %s)",
                      index.name, index_id)
         return
+    if not _is_id(index_id):
+        raise IndexRefused(f"{index.name}: its id {index_id!r} is not one compatfs wrote; "
+                           f"{ASIDE_HINT}")
     if digest != root_digest(root):
         raise IndexRefused(f"{index.name} was made for another root, not {root}: it was copied "
                            f"here, or the root moved; serve it at the root it was made for, "

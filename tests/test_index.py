@@ -240,6 +240,7 @@ def test_a_corrupt_page_fails_the_integrity_check(root):
     ("UPDATE meta SET value='00' WHERE key='root'", "was made for another root"),
     ("UPDATE meta SET value='0123456789abcdef0123456789abcdef' WHERE key='id'",
      "is not the index compatfs made here"),
+    ("UPDATE meta SET value='x\nfoo' WHERE key='id'", "is not one compatfs wrote"),
 ])
 def test_an_altered_index_is_refused(root, change, expected):
     state = made(root, [vol(1)])
