@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from compatfs.index import (
@@ -555,3 +555,58 @@ def test_a_full_disk_is_enospc_and_leaves_the_index_as_it_was(small_fs):
         assert again.records == kept
     finally:
         again.close()
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["put", "put", "delete", "move", "rename"]),
+                         st.integers(0, 3), st.integers(0, 3),
+                         st.one_of(st.none(), st.sampled_from(["BEGIN", "DELETE", "INSERT",
+                                                               "UPDATE", "COMMIT"])),
+                         st.sampled_from([13, 10, 11])),
+               min_size=1, max_size=25)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+@example(ops=[("put", 0, 0, None, 13), ("move", 0, 1, "INSERT", 13)])
+@example(ops=[("put", 0, 0, None, 13), ("put", 3, 0, None, 13), ("rename", 0, 1, "COMMIT", 10)])
+@example(ops=[("put", 0, 0, None, 13), ("delete", 0, 0, "COMMIT", 13),
+              ("put", 0, 0, "INSERT", 11)])
+def test_memory_equals_disk_after_any_sequence_of_failed_and_good_writes(tmp_path_factory, ops):
+    """Random changes, each maybe failing at one of its statements: after every
+    one, the memory copy is what a fresh reader finds on disk."""
+    root = tmp_path_factory.mktemp("seq")
+    index = open_index(str(root), STATE, create=True)
+    real = index.db
+    dirs = [f"downloads/appImg.obj/pending/d{i}" for i in range(3)]
+
+    def rec(i: int) -> Record:
+        d = dirs[i % 3]
+        return Record(f"{d}/f{i}\udcff", "downloader", f"pending/x/f{i}", "pending", "new")
+
+    try:
+        for op, a, b, fail, code in ops:
+            if fail is not None:
+                index.db = Failing(real, fail, sqlite_error(code, "injected"))
+            try:
+                if op == "put":
+                    index.put(rec(a))
+                elif op == "delete":
+                    index.delete(rec(a).view)
+                elif op == "move":
+                    index.move(rec(a).view, dataclasses.replace(rec(b), view=rec(b).view + "m"))
+                else:
+                    index.rename_prefix(dirs[a % 3], dirs[b % 3] + "r")
+            except OSError as exc:
+                assert fail is not None and exc.errno in (errno.ENOSPC, errno.EIO)
+            finally:
+                index.db = real
+            assert not real.in_transaction
+            fresh = open_index(str(root), STATE, create=False, read_only=True)
+            try:
+                assert fresh.records == index.records
+                assert fresh.children == index.children
+            finally:
+                fresh.close()
+    finally:
+        index.close()

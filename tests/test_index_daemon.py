@@ -209,6 +209,12 @@ def test_a_full_disk_is_enospc_through_the_view_and_the_daemon_keeps_serving(sma
         assert sorted(os.listdir(root / "img")) == [web.legacy_name(0)]
         assert first.read_bytes() == b"first" * 100
         assert not second.exists()
+        # a rename of a placed name is one index change too: refused whole
+        with pytest.raises(OSError) as err:
+            os.rename(first, root / "img" / "renamed.txt")
+        assert err.value.errno == errno.ENOSPC
+        assert sorted(os.listdir(root / "img")) == [web.legacy_name(0)]
+        assert first.read_bytes() == b"first" * 100
         log = m.log_text()
         assert "Traceback" not in log and "unexpected error" not in log, log
         assert "index" in log and "ENOSPC" in log
