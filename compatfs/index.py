@@ -489,6 +489,9 @@ class Index:
         """A directory rename: every record below *old_dir* moves below *new_dir*."""
         prefix = old_dir + "/"
         moved = [r for v, r in self.records.items() if v.startswith(prefix)]
+        taken = [r.view for r in moved if new_dir + r.view[len(old_dir):] in self.records]
+        if taken:   # the views answer this before asking; the index never merges two names
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new_dir)
         with self._transaction("rename"):
             for r in moved:
                 self.db.execute("UPDATE objects SET view=? WHERE view=?",
