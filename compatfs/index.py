@@ -9,8 +9,8 @@ encrypted with the data it describes.
 
 Moves are logged before they are made: a row names the new backing and, in
 ``prev_store``/``prev_rel``, the old one until the move is done. After a
-crash, :meth:`Index.recover` finishes or rolls back each half-done move by
-looking at which of the two exists.
+crash, the views' recovery (:meth:`compatfs.view.View.recover`) finishes or
+rolls back each half-done move by looking at which of the two exists.
 
 The whole table is mirrored in memory (:attr:`Index.records`,
 :attr:`Index.children`), so FUSE requests never query SQLite; only changes
