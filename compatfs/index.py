@@ -674,6 +674,9 @@ def _build(state_fd: int, root: str) -> str:
         finally:
             db.close()
         os.fsync(fd)
+    except sqlite3.Error as exc:   # a full disk on a first start; the next start builds again
+        full = ((getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF) == _SQLITE_FULL
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"making the index: {exc}") from None
     finally:
         os.close(fd)
     os.rename(_BUILD_NAME, DB_NAME, src_dir_fd=state_fd, dst_dir_fd=state_fd)
@@ -740,6 +743,12 @@ def open_index(root: str, state_rel: str, *, create: bool, read_only: bool = Fal
         index.check_integrity()
         _check_identity(index, marker, root, state_fd, not read_only)
         return index
+    except sqlite3.Error as exc:
+        if index is not None:
+            index.close()
+        else:
+            os.close(state_fd)
+        raise IndexRefused(f"{shown}: {exc}; {ASIDE_HINT}") from None
     except BaseException:
         if index is not None:
             index.close()   # closes state_fd too

@@ -616,3 +616,21 @@ def test_memory_equals_disk_after_any_sequence_of_failed_and_good_writes(tmp_pat
                 fresh.close()
     finally:
         index.close()
+
+
+@pytest.mark.root
+def test_a_first_start_on_a_full_disk_fails_and_the_next_one_builds(small_fs):
+    root = small_fs / "persist"
+    (root / STATE).mkdir(parents=True)
+    filler = fill(small_fs)
+    with pytest.raises(OSError) as err:
+        open_index(str(root), STATE, create=True)
+    assert err.value.errno == errno.ENOSPC
+    assert not (root / STATE / DB_NAME).exists() and not (root / STATE / MARKER_NAME).exists()
+    filler.unlink()
+    index = open_index(str(root), STATE, create=True)
+    try:
+        index.put(vol(1))
+    finally:
+        index.close()
+    assert sorted(p.name for p in (root / STATE).iterdir() if ".new" in p.name) == []
