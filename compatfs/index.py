@@ -369,6 +369,14 @@ class Index:
             children.setdefault(head, set()).add(name)
         self.records, self.children = records, children
 
+    @classmethod
+    def open_in(cls, state_dir: str) -> "Index":
+        """The index file in *state_dir*, as it is, created if missing: for tests
+        and tools. The daemon, ``status`` and the debug view use
+        :func:`open_index`, which proves the index of a root sound."""
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        return cls(os.path.join(state_dir, DB_NAME))
+
     # -- memory mirror --------------------------------------------------------
     def _remember(self, rec: Record) -> None:
         self.records[rec.view] = rec
