@@ -248,7 +248,12 @@ def cmd_debug_mount(args: argparse.Namespace) -> int:
     _setup_logging("info")
     import trio
 
-    inspector = Inspector(cfg, root, args.mountpoint)
+    from .index import IndexRefused
+
+    try:
+        inspector = Inspector(cfg, root, args.mountpoint)
+    except IndexRefused as exc:
+        raise CommandError(f"index refused: {exc}") from None
 
     def ready() -> None:
         if args.ready_fd is not None:
@@ -293,21 +298,35 @@ def _ask_daemon(layout, key: str) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import as_json, collect, render_text
+    """The report, always; its exit status says whether something needs the
+    operator (compatfs/status.py: dead views 3, a refused index 4)."""
+    from .status import as_json, collect, exit_status, render_text, view_states
 
     cfg, root = _config_and_root(args)
     layout = cfg.layout(root)
-    stage = _ask_daemon(layout, "stage")
+    views = view_states(layout, ("img", "downloads", "prepared") if cfg.mount_prepared
+                        else ("img", "downloads"))
+    serving = "serving" in views.values()
+    stage = _ask_daemon(layout, "stage") if serving else None
     migration = _ask_daemon(layout, "migration") if stage == "migrate" else None
-    plan, objects = collect(layout, Resolver(layout, cfg.overrides), True)
+    dead = [v for v, state in views.items() if state == "dead"]
+    plan, objects, index = collect(layout, Resolver(layout, cfg.overrides), True, dead)
     doc = as_json(stage or cfg.stage, stage is not None, plan, objects,
-                  json.loads(migration) if migration else None)
+                  json.loads(migration) if migration else None, index, views)
     if args.json:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
+        # legacy names are bytes: print each as it is on disk, whatever the locale
+        sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
         sys.stdout.write(render_text(doc))
-    return 0
+    code = exit_status(doc)
+    if index.problem:
+        print(f"compatfs: error: index refused: {index.problem}", file=sys.stderr)
+    if dead:
+        print(f"compatfs: warning: views dead: {', '.join(dead)}; 'compatfs mount' replaces "
+              "them", file=sys.stderr)
+    return code
 
 
 def _offline(args: argparse.Namespace, stage: str):

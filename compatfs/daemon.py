@@ -37,10 +37,10 @@ import pyfuse3
 import trio
 
 from . import fscrypt, metrics, mounts
-from .backing import Backing
+from .backing import ROOT_STORE, Backing
 from .config import Config
 from .control import Control
-from .index import Index
+from .index import Index, IndexRefused, open_index
 from .migrator import Migrator
 from .operations import Operations
 from .resolver import Resolver
@@ -181,20 +181,22 @@ class Daemon:
         self.run.write_file(self.run.LAST_STAGE, self.stage + "\n")
 
     def _open_index(self, placing: bool, require: bool) -> Index:
+        """The index, proven sound (:func:`compatfs.index.open_index`): made on a
+        first start in a placing stage; in observe, an empty in-memory one when
+        none was ever made."""
         state = self.layout.path("state")
-        if not placing and not os.path.isdir(state):
-            return Index(None)  # observe on a device that never placed anything
         try:
-            if placing:
-                os.makedirs(state, mode=0o700, exist_ok=True)
-                if require and not fscrypt.path_is_encrypted(state):
-                    raise DaemonError(f"{state} is not encrypted; refusing to keep the index "
-                                      "there (require_encrypted_vault)")
-            return Index.open_in(state)
-        except DaemonError:
-            raise
-        except Exception as exc:
-            raise DaemonError(f"cannot open the index in {state}: {exc}") from None
+            if placing and require and os.path.isdir(state) \
+                    and not fscrypt.path_is_encrypted(state):
+                raise DaemonError(f"{state} is not encrypted; refusing to keep the index "
+                                  "there (require_encrypted_vault)")
+            index = open_index(self.layout.root, self.layout.rel("state"), create=placing,
+                               root_fd=self.backing.get(ROOT_STORE).fd)
+        except IndexRefused as exc:
+            raise DaemonError(str(exc)) from None
+        except OSError as exc:
+            raise DaemonError(f"cannot open the index in {state}: {exc.strerror or exc}") from None
+        return index if index is not None else Index(None)  # observe, nothing ever placed
 
     def close(self) -> None:
         """Close what :meth:`prepare` opened (for work without mounting)."""

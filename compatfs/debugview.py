@@ -33,7 +33,7 @@ from pyfuse3 import FUSEError
 from .backing import Backing
 from .config import Config
 from .daemon import views_for
-from .index import DB_NAME, Index
+from .index import Index, open_index
 from .operations import Operations, _boundary
 from .resolver import Resolver
 from .status import ObjectStatus, _view_path, collect
@@ -106,8 +106,13 @@ class Inspector:
         if not present:
             self.backing.close()
             raise OSError(errno.ENOENT, f"no legacy location under {self.layout.root}")
-        db = os.path.join(self.layout.path("state"), DB_NAME)
-        self.index = Index(db if os.path.exists(db) else None, read_only=True)
+        try:   # proven sound as mount proves it: a refused index is not shown as empty
+            index = open_index(self.layout.root, self.layout.rel("state"), create=False,
+                               read_only=True)
+        except BaseException:
+            self.backing.close()
+            raise
+        self.index = index if index is not None else Index(None)
         self.resolver = Resolver(self.layout, cfg.overrides)
         self.view = View(self.layout, self.backing, self.index, self.resolver, "observe", present)
         self.ops = InspectionOperations(self.view, self.statuses)
@@ -121,7 +126,7 @@ class Inspector:
             try:
                 if self.index.path is not None:
                     self.index.reload()
-                _, objects = collect(self.layout, self.resolver, "prepared" in self.view.views)
+                _, objects, _ = collect(self.layout, self.resolver, "prepared" in self.view.views)
             except Exception as exc:  # noqa: BLE001 - inspection keeps serving old data
                 log.warning("reading the device state failed: %s", exc)
                 return self._statuses

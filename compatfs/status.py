@@ -4,17 +4,25 @@ Built from the plan (which scans the legacy names; through the views when
 they are mounted, so placed objects are seen under their legacy names) and
 the index (which says which legacy names live in the new layout). Works the
 same with the daemon running or not: it only reads.
+
+It reports what the next ``mount`` would refuse: the index is opened with the
+same checks (:func:`compatfs.index.open_index`), and one that is refused is
+reported with the reason, not ignored. Views left by a daemon that died
+(``ENOTCONN``) are reported as dead, and the legacy directories under them
+are read through a clone of the root's mount without them, so the report
+still shows every object on disk.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .backing import ROOT_STORE, store_path
-from .index import DB_NAME, Index, IndexError_
+from . import mounts
+from .backing import ROOT_STORE, RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2, store_path
+from .index import IndexRefused, Record, open_index
 from .layout import Layout
 from .plan import Plan, human, make_plan
 from .resolver import Resolver
@@ -60,32 +68,123 @@ def _legacy_rel(layout: Layout, vpath: str) -> str:
     return os.path.join(layout.rel(top), rest) if rest else layout.rel(top)
 
 
-def read_index(layout: Layout) -> Index | None:
-    path = os.path.join(layout.path("state"), DB_NAME)
-    if not os.path.exists(path):
-        return None
+@dataclass
+class IndexReport:
+    """What status found of the index: ``sound``, ``none`` (never made: nothing
+    was placed) or ``refused`` (``problem`` says why and what to do)."""
+
+    state: str
+    problem: str | None = None
+    records: dict[str, Record] = field(default_factory=dict)
+
+    def as_json(self, layout: Layout) -> dict[str, Any]:
+        return {"path": os.path.join(layout.rel("state"), "index.db"), "state": self.state,
+                "records": len(self.records), "problem": self.problem}
+
+
+def read_index(layout: Layout) -> IndexReport:
+    """The index, read-only and proven sound as ``mount`` would prove it."""
     try:
-        return Index(path, read_only=True)
-    except IndexError_:
-        return None
-
-
-def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple[Plan, list[ObjectStatus]]:
-    plan = make_plan(layout, resolver, include_prepared)
-    index = read_index(layout)
-    records = dict(index.records) if index is not None else {}
-    if index is not None:
+        index = open_index(layout.root, layout.rel("state"), create=False, read_only=True)
+    except IndexRefused as exc:
+        return IndexReport("refused", str(exc))
+    except OSError as exc:
+        return IndexReport("refused", f"{layout.path('state')}: cannot read the index: "
+                                      f"{exc.strerror or exc}")
+    if index is None:
+        return IndexReport("none")
+    try:
+        return IndexReport("sound", records=dict(index.records))
+    finally:
         index.close()
+
+
+def view_states(layout: Layout, views: tuple[str, ...] = _VIEW_KEYS) -> dict[str, str]:
+    """Each view: ``serving``, ``dead`` (a daemon that died left it: ENOTCONN),
+    or ``not mounted``."""
+    out = {}
+    for view in views:
+        path = layout.path(view)
+        entry = mounts.mounted_at(path)
+        if entry is None or entry.fstype != mounts.FSTYPE:
+            out[view] = "not mounted"
+        else:
+            out[view] = "dead" if mounts.is_dead(path) else "serving"
+    return out
+
+
+class DeadViewBases:
+    """The legacy directories under dead views, each opened through one clone
+    of the root's mount without submounts (the dead views are not in it)."""
+
+    def __init__(self, layout: Layout, dead: list[str]) -> None:
+        self.fds: dict[str, int] = {}
+        self.problem: str | None = None
+        if not dead:
+            return
+        try:
+            root = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                clone = mounts.clone_without_submounts(root)
+            finally:
+                os.close(root)
+        except OSError as exc:
+            self.problem = (f"the legacy directories under the dead views cannot be read "
+                            f"({exc.strerror}; run status as root): only placed objects "
+                            "are listed for them")
+            return
+        try:
+            for view in dead:
+                try:
+                    self.fds[view] = openat2(clone, layout.rel(view),
+                                             os.O_RDONLY | os.O_DIRECTORY,
+                                             resolve=RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+                except OSError:
+                    pass      # nothing under it: nothing legacy to list
+        finally:
+            os.close(clone)
+
+    @property
+    def bases(self) -> dict[str, str]:
+        return {view: f"/proc/self/fd/{fd}" for view, fd in self.fds.items()}
+
+    def legacy_rel(self, layout: Layout, path: str) -> str:
+        """*path* (maybe below a base) relative to the root, as the layout names it."""
+        for view, base in self.bases.items():
+            if path == base or path.startswith(base + "/"):
+                return layout.rel(view) + path[len(base):]
+        return layout.relpath(path)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def collect(layout: Layout, resolver: Resolver, include_prepared: bool,
+            dead: list[str] | None = None) -> tuple[Plan, list[ObjectStatus], IndexReport]:
+    """The plan, every object's status and the index's state. The legacy
+    directories of the views in *dead* are read from under their dead mounts."""
+    under = DeadViewBases(layout, dead or [])
+    try:
+        plan = make_plan(layout, resolver, include_prepared, bases=under.bases or None)
+        legacies = [under.legacy_rel(layout, e.obj.path) for e in plan.entries]
+    finally:
+        under.close()
+    if under.problem:
+        plan.problems.append(under.problem)
+    report = read_index(layout)
+    records = report.records
     out = []
     seen = set()
-    for e in plan.entries:
-        legacy = layout.relpath(e.obj.path)
+    for e, legacy in zip(plan.entries, legacies):
         vpath = _view_path(layout, legacy)
         rec = records.get(vpath) if vpath else None
         target = layout.relpath(e.target) if e.target else None
         if rec is not None:
             seen.add(vpath)
-            location = os.path.relpath(os.path.join(store_path(layout, rec.store), rec.rel), layout.root)
+            location = os.path.relpath(os.path.join(store_path(layout, rec.store), rec.rel),
+                                       layout.root)
             state = _REPORTED.get(rec.state, "new")
             reason = rec.reason if rec.reason else (None if state == "new" else e.reason)
             if rec.state in ("copying", "copied", "renaming") and rec.target_store:
@@ -114,19 +213,38 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool) -> tuple
                                 os.path.relpath(location, layout.root) if state == "new" else None,
                                 state, rec.reason, size))
     out.sort(key=lambda o: o.legacy)
-    return plan, out
+    return plan, out, report
+
+
+#: Exit statuses of ``compatfs status`` (docs/operations.md): the report was
+#: made in every case; these say whether something needs the operator.
+EXIT_OK = 0
+EXIT_VIEWS_DEAD = 3       # a daemon died and left its views: a new mount replaces them
+EXIT_INDEX_REFUSED = 4    # mount would refuse the index
+
+
+def exit_status(doc: dict[str, Any]) -> int:
+    if doc["index"]["state"] == "refused":
+        return EXIT_INDEX_REFUSED
+    if "dead" in doc["views"].values():
+        return EXIT_VIEWS_DEAD
+    return EXIT_OK
 
 
 def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
-            progress: dict | None = None) -> dict[str, Any]:
+            progress: dict | None = None, index: IndexReport | None = None,
+            views: dict[str, str] | None = None) -> dict[str, Any]:
     totals: dict[str, Any] = {s: {"objects": 0, "bytes": 0} for s in STATES}
     for o in objects:
         totals[o.state]["objects"] += 1
         totals[o.state]["bytes"] += o.bytes
+    index = index or IndexReport("none")
     return {
         "root": plan.layout.root,
         "stage": stage,
         "mounted": mounted,
+        "views": views or {},
+        "index": index.as_json(plan.layout),
         "problems": plan.problems,
         "objects": [dict(o.__dict__, progress=(progress or {}).get("current", {}).get(
             _view_path(plan.layout, o.legacy) or "")) for o in objects],
@@ -139,6 +257,16 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
 def render_text(doc: dict[str, Any]) -> str:
     lines = [f"compatfs status for {doc['root']}: stage {doc['stage']}, "
              f"{'mounted' if doc['mounted'] else 'not mounted'}"]
+    dead = [v for v, state in doc.get("views", {}).items() if state == "dead"]
+    if dead:
+        lines.append(f"views dead: {', '.join(dead)} (the daemon serving them died; agents get "
+                     "ENOTCONN until 'compatfs mount' replaces them; objects below are read "
+                     "from disk)")
+    index = doc.get("index") or {}
+    if index.get("state") == "refused":
+        lines.append(f"index refused: {index['problem']}")
+        lines.append("mount would refuse to start; objects placed in the new layout are "
+                     "not listed")
     for p in doc["problems"]:
         lines.append(f"problem: {p}")
     lines.append("")
