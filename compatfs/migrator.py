@@ -56,7 +56,7 @@ from .index import Record
 from .names import is_sha256
 from .plan import make_plan
 from .scan import SET_ASIDE_DIR, TMP_SUFFIX
-from .view import View, split
+from .view import KEPT_LEGACY, View, split
 
 if TYPE_CHECKING:
     from .operations import Operations
@@ -291,8 +291,8 @@ class Migrator:
             if rec is not None and rec.state in ("failed", "quarantined") \
                     and rec.attempts >= self.settings.retries:
                 continue
-            if rec is not None and rec.state not in ("failed",):
-                continue  # placed, or already under way
+            if rec is not None and rec.state not in ("failed", KEPT_LEGACY):
+                continue  # placed, or already under way (a kept legacy copy is not)
             top, rest = split(vpath)
             dst_store = e.location
             if e.location == "cas":       # the CAS tree is one name in its parent directory
