@@ -170,3 +170,102 @@ def test_an_unlink_whose_index_write_fails_still_happened(device, views, monkeyp
     with pytest.raises(FileNotFoundError):
         view.lstat(web0)
     assert web0 not in view.listdir("img")
+
+
+# -- for real: chattr +i and a full filesystem, through the views ---------------------------
+
+@contextmanager
+def immutable(path: Path):
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def fill(root: Path) -> Path:
+    """Fill the filesystem of *root* to the last block (root's reserve too)."""
+    filler = root / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for size in (1 << 20, 4096):
+            chunk = b"\1" * size
+            while True:
+                try:
+                    os.write(fd, chunk)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
+def device_views(tmp_path):
+    """A device on ext4 with an fscrypt vault, served in stage redirect."""
+    (tmp_path / "dev").mkdir()
+    with ext4_image(tmp_path / "dev", size_mb=64) as root:
+        make_vault(root, "vault")
+        (root / "novault").mkdir()
+        devicegen.make_demo(str(root))
+        with mounted(root, tmp_path / "run", stage="redirect") as m:
+            yield root, m
+
+
+def download(root: Path, uuid: str) -> tuple[Path, Path]:
+    pending = root / "downloads" / OBJ / "pending" / uuid
+    verifier = root / "downloads" / OBJ / "verifier" / uuid
+    pending.mkdir(parents=True)
+    verifier.mkdir(parents=True)
+    (pending / "f").write_bytes(b"blob" * 1000)
+    return pending / "f", verifier / "f"
+
+
+UUID = "0b5d7f0e-4a53-4c3b-9a55-0f0b6b1a9c11"
+
+
+@pytest.mark.root
+def test_a_rename_into_an_immutable_directory_fails_and_changes_nothing(device_views):
+    root, m = device_views
+    src, dst = download(root, UUID)
+    assert (root / "vault" / "downloader" / "pending" / UUID / "f").exists()   # placed
+    before = tree(root / "vault")
+    with immutable(root / "vault" / "verifier" / "verifier"):
+        with pytest.raises(OSError) as info:
+            os.rename(src, dst)
+        assert info.value.errno == errno.EPERM
+        assert src.read_bytes() == b"blob" * 1000        # the old name, the same bytes
+        assert not dst.exists() and os.listdir(dst.parent) == []
+        assert tree(root / "vault") == before            # no record moved, nothing made
+    os.rename(src, dst)                                  # and then it works
+    assert dst.read_bytes() == b"blob" * 1000 and not src.exists()
+    assert "Traceback" not in m.log_text()
+
+
+@pytest.mark.root
+def test_a_full_filesystem_fails_changes_with_enospc_and_changes_nothing(device_views):
+    root, m = device_views
+    src, dst = download(root, UUID)
+    other = root / "downloads" / OBJ / "pending" / "1c0b7d2e-9f3a-4b1c-8d2e-3f4a5b6c7d8e"
+    other.mkdir()
+    before = tree(root / "vault")
+    filler = fill(root)
+    try:
+        with pytest.raises(OSError) as info:
+            os.rename(src, dst)        # vault/verifier/verifier/<uuid> cannot be made
+        assert info.value.errno == errno.ENOSPC
+        assert src.read_bytes() == b"blob" * 1000 and not dst.exists()
+        with pytest.raises(OSError) as info:
+            (other / "g").write_bytes(b"x")   # vault/downloader/pending/<uuid2> either
+        assert info.value.errno == errno.ENOSPC
+        assert not (other / "g").exists()
+        assert tree(root / "vault") == before
+    finally:
+        filler.unlink()
+    os.rename(src, dst)
+    assert dst.read_bytes() == b"blob" * 1000
+    (other / "g").write_bytes(b"x")
+    assert (other / "g").read_bytes() == b"x"
+    assert "Traceback" not in m.log_text()
