@@ -416,13 +416,6 @@ class View:
         dst = dst_in or self.plain_place(new)
         src_store.rename(src_rel, self.backing.get(dst.store), dst.rel)
 
-    def _exists(self, vpath: str) -> bool:
-        try:
-            self.lstat(vpath)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        return True
-
     def _drop_replaced(self, new: str, replaced: Record | None, shadow: bool, is_dir: bool,
                        keep: tuple[str, str]) -> None:
         """After a rename over *new* committed: remove what *new* named before
@@ -543,7 +536,7 @@ class View:
     def link(self, old: str, new: str) -> None:
         src_store, src_rel, src_rec = self.locate(old)
         p = self.placement(new, is_dir=False)
-        if src_rec is not None or not p.is_legacy:
+        if self._placed(src_rec, old) or not p.is_legacy:
             raise OSError(errno.EXDEV, "hard links only within the legacy store", new)
         new_top, new_rest = split(new)
         src_store.link(src_rel, self.backing.get(new_top), new_rest)
