@@ -239,6 +239,11 @@ def test_a_rename_into_an_immutable_directory_fails_and_changes_nothing(device_v
         assert src.read_bytes() == b"blob" * 1000        # the old name, the same bytes
         assert not dst.exists() and os.listdir(dst.parent) == []
         assert tree(root / "vault") == before            # no record moved, nothing made
+    with immutable(root / "vault" / "downloader" / "pending" / UUID):
+        with pytest.raises(OSError) as info:
+            os.unlink(src)
+        assert info.value.errno == errno.EPERM
+        assert src.read_bytes() == b"blob" * 1000
     os.rename(src, dst)                                  # and then it works
     assert dst.read_bytes() == b"blob" * 1000 and not src.exists()
     assert "Traceback" not in m.log_text()
