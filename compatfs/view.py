@@ -277,7 +277,7 @@ class View:
             try:
                 fd = store.open(p.rel, flags | os.O_CREAT | os.O_EXCL, mode)
             except Exception:
-                _undo(vpath, self.index.delete, vpath)
+                self._forget(vpath)
                 raise
         except Exception:
             store.remove_made(made)
@@ -295,7 +295,7 @@ class View:
             try:
                 store.mkdir(p.rel, mode)
             except Exception:
-                _undo(vpath, self.index.delete, vpath)
+                self._forget(vpath)
                 raise
         except Exception:
             store.remove_made(made)
@@ -308,10 +308,10 @@ class View:
         return rec is not None and rec.store != split(vpath)[0]
 
     def _forget(self, vpath: str) -> None:
-        """Drop the record of *vpath* after the change it describes happened.
-        The syscall was the commit point: if the index cannot be written now
-        (a full disk), the record goes from memory and the next start drops
-        it from disk (its bytes are gone), so the agent sees what happened."""
+        """Drop the record of *vpath*, whose bytes are not (or no longer) at
+        its place. Never raises: if the index cannot be written now (a full
+        disk), the record goes from memory, so the agent sees what is true,
+        and the next start drops the row on disk (its bytes are not there)."""
         try:
             self.index.delete(vpath)
         except Exception as exc:  # noqa: BLE001 - the change has happened
@@ -457,13 +457,13 @@ class View:
                 self.index.delete(new)
             if below:
                 self.index.rename_prefix(old, new)
-            if src_rec is not None:          # kept for its state only: it does not follow
-                self.index.delete(old)
         except Exception:
             _undo(old, new_store.rename, new_rest, old_store, old_rest)
             if replaced is not None and new not in self.index.records:
                 _undo(new, self.index.put, replaced)
             raise
+        if src_rec is not None:      # kept for its state only: it does not follow the name
+            self._forget(old)
         self._drop_replaced(new, replaced, False, is_dir, keep=(new_top, new_rest))
 
     def _rename_placed(self, rec: Record, new: str, is_dir: bool, dst_exists: bool,
@@ -515,8 +515,8 @@ class View:
         try:
             self.index.put(Record(new, want.store, want.rel, want.kind, want.state))
         except Exception as exc:  # noqa: BLE001 - moved; the next start drops prev
-            log.warning("%s: moved, but its record keeps the old place until the next "
-                        "start: %s", new, exc)
+            log.warning("%s: moved; its record names the old place as prev until the "
+                        "next start: %s", new, exc)
         self._drop_replaced(new, replaced, shadow, is_dir, keep=(want.store, want.rel))
         self._tidy_new_dirs(rec.store, rec.rel)
 
