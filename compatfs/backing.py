@@ -19,12 +19,20 @@ import errno
 import os
 import shutil
 import stat
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 from .fscrypt import is_encrypted
 from .layout import Layout
 from .mounts import clone_without_submounts
+from .scan import SET_ASIDE_DIR
+
+
+def aside_name(rel: str) -> str:
+    """A fresh name in the set-aside directory (compatfs' own in any store:
+    the scan skips it, compatfs never deletes from it) for the object at *rel*."""
+    return f"{SET_ASIDE_DIR}/{rel.replace('/', '%')}.{time.time_ns()}"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
@@ -152,18 +160,50 @@ class Store:
         with self.parent(rel) as (fd, name):
             os.mkdir(name, mode, dir_fd=fd)
 
-    def makedirs(self, rel: str, mode: int = 0o755) -> None:
-        """``mkdir -p`` of *rel* below the store, component by component."""
+    def makedirs(self, rel: str, mode: int = 0o755) -> list[str]:
+        """``mkdir -p`` of *rel* below the store, component by component.
+
+        Returns the directories it made, outermost first, so a caller whose
+        next step fails can take them away again (:meth:`remove_made`)."""
+        made: list[str] = []
         if not rel:
-            return
+            return made
         done = ""
-        for part in rel.split("/"):
-            done = f"{done}/{part}" if done else part
+        try:
+            for part in rel.split("/"):
+                done = f"{done}/{part}" if done else part
+                try:
+                    self.mkdir(done, mode)
+                    made.append(done)
+                except FileExistsError:
+                    if not stat.S_ISDIR(self.lstat(done).st_mode):
+                        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                                 done) from None
+        except BaseException:
+            self.remove_made(made)      # all or nothing: no half-made chain is left
+            raise
+        return made
+
+    def remove_made(self, made: list[str]) -> None:
+        """Remove directories :meth:`makedirs` made, innermost first, if still
+        empty (never raises: this runs while another error is on its way)."""
+        for rel in reversed(made):
             try:
-                self.mkdir(done, mode)
-            except FileExistsError:
-                if not stat.S_ISDIR(self.lstat(done).st_mode):
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), done)
+                self.rmdir(rel)
+            except OSError:
+                return
+
+    def move_aside(self, rel: str, where: str | None = None) -> str:
+        """Rename *rel* into the store's set-aside directory (made when missing)
+        and return its name there, relative to the store. Kept, never deleted:
+        an operator decides what to do with it. *where* repeats a move a crash
+        interrupted; if it is already there, nothing is done."""
+        where = where or aside_name(rel)
+        if self.exists(where) and not self.exists(rel):
+            return where
+        self.makedirs(SET_ASIDE_DIR, 0o700)
+        self.rename(rel, self, where)
+        return where
 
     def symlink(self, target: str, rel: str) -> None:
         with self.parent(rel) as (fd, name):
@@ -241,6 +281,39 @@ class VaultNotEncrypted(Exception):
     """A vault-bound location is not encrypted and the config requires it."""
 
 
+def _refuse_plain_vault(root: "Store", layout: Layout) -> None:
+    """Raise :class:`VaultNotEncrypted` if a vault-bound location would be (or
+    is) a directory the kernel does not encrypt.
+
+    Checked before anything is made: for each vault-bound location, the
+    deepest directory of its path that exists already decides, since a
+    directory made below it inherits its policy (or its lack of one). So a
+    refused plain vault is left exactly as it was found."""
+    cas_parent = os.path.dirname(layout.rel("cas"))
+    for key, rel in [(k, layout.rel(k)) for k in VAULT_STORES - {CAS_PARENT}] \
+            + [(CAS_PARENT, cas_parent)]:
+        parts = rel.split("/") if rel else []
+        while True:
+            try:
+                fd = root.open_dir("/".join(parts))
+            except (FileNotFoundError, NotADirectoryError):
+                if not parts:
+                    raise
+                parts.pop()
+                continue
+            try:
+                encrypted = is_encrypted(fd)
+            finally:
+                os.close(fd)
+            break
+        if not encrypted:
+            path = os.path.join(layout.root, *parts)
+            raise VaultNotEncrypted(
+                f"{path} is not encrypted (the kernel reports no fscrypt policy); "
+                f"refusing to place vault-bound data ({key}) there. Unlock or create the "
+                "vault, or set require_encrypted_vault: false")
+
+
 class Backing:
     """Every store compatfs serves from, opened before mounting."""
 
@@ -275,6 +348,8 @@ class Backing:
                      os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         clone: Store | None = None    # the root without submounts, for covered views
         try:
+            if create_new and require_encrypted and not read_only:
+                _refuse_plain_vault(root, layout)   # before anything is created
             for view in views:
                 key = VIEW_STORES[view]
                 if read_only:

@@ -70,7 +70,7 @@ from .index import Record
 from .names import is_sha256
 from .plan import make_plan
 from .scan import SET_ASIDE_DIR, TMP_DIR
-from .view import View, split
+from .view import KEPT_LEGACY, View, split
 
 if TYPE_CHECKING:
     from .operations import Operations
@@ -403,8 +403,8 @@ class Migrator:
             rec = self.index.get(vpath)
             if rec is not None and rec.state == "quarantined" and vpath not in self.asked:
                 continue  # its content does not match its name: only when asked by name
-            if rec is not None and rec.state not in ("failed", "quarantined"):
-                continue  # placed, or already under way
+            if rec is not None and rec.state not in ("failed", "quarantined", KEPT_LEGACY):
+                continue  # placed, or already under way (a kept legacy copy is not)
             top, rest = split(vpath)
             dst_store = e.location
             if e.location == "cas":       # the CAS tree is one name in its parent directory

@@ -31,7 +31,7 @@ from .scan import tree_bytes
 STATES = ("legacy", "new", "migrating", "failed", "unresolved")
 
 #: index state -> the state status reports
-_REPORTED = {"new": "new", "switched": "new", "unresolved": "unresolved",
+_REPORTED = {"legacy": "legacy", "new": "new", "switched": "new", "unresolved": "unresolved",
              "renaming": "migrating", "copying": "migrating", "copied": "migrating",
              "rolling-back": "migrating",
              "failed": "failed", "quarantined": "failed"}

@@ -29,7 +29,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .backing import Backing, Store
+from .backing import Backing, Store, aside_name
 from .index import Index, Record
 from .layout import Layout
 from .names import (
@@ -44,6 +44,34 @@ log = logging.getLogger(__name__)
 PLACING_STAGES = frozenset({"redirect", "migrate"})
 
 _AREA_KIND = {"pending": "pending", "verifier": "verifier", "verified": "verified"}
+
+
+#: The state of a record kept only for its reason: the bytes are at the legacy
+#: path (a reconcile found the legacy copy newer; the placed one was set
+#: aside). Served, listed and migrated like a legacy object with no record.
+KEPT_LEGACY = "legacy"
+
+
+def _age(store: Store, rel: str, st: os.stat_result) -> tuple[int, int]:
+    """How new an object's data is, for choosing between two copies: the
+    newest (mtime_ns, ctime_ns) of the object and, for a directory (a
+    container volume), of everything below it. Compared as a pair: mtime
+    first, ctime on a tie."""
+    newest = (st.st_mtime_ns, st.st_ctime_ns)
+    if not stat.S_ISDIR(st.st_mode):
+        return newest
+    fd = store.open_dir(rel)
+    try:
+        for _, dirs, files, dfd in os.fwalk(".", dir_fd=fd):
+            for name in dirs + files:
+                try:
+                    s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                newest = max(newest, (s.st_mtime_ns, s.st_ctime_ns))
+    finally:
+        os.close(fd)
+    return newest
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +97,27 @@ def split(vpath: str) -> tuple[str, str]:
 
 def join(vdir: str, name: str) -> str:
     return f"{vdir}/{name}" if vdir else name
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (os.fsdecode made lone
+    surrogates of them): no legacy name format allows one, so it is served as
+    a plain legacy file where it is, never placed."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _undo(vpath: str, step, *args) -> None:  # type: ignore[no-untyped-def]
+    """One step of undoing a change that failed: never raises (the failure
+    that made the undo necessary is what the agent gets), logs if it fails."""
+    try:
+        step(*args)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("%s: undoing a failed change: %s failed: %s", vpath,
+                    getattr(step, "__name__", step), exc)
 
 
 class View:
@@ -138,8 +187,8 @@ class View:
             return inside
         top, rest = split(vpath)
         legacy = Placement(top, rest)
-        if self.stage not in PLACING_STAGES:
-            return legacy
+        if self.stage not in PLACING_STAGES or not is_utf8(rest):
+            return legacy   # a name no EVE component could have made is not parsed
         parts = rest.split("/")
         try:
             if top == "img" and len(parts) == 1 and not is_dir:
@@ -200,40 +249,75 @@ class View:
         top, rest = split(vpath)
         return Placement(top, rest)
 
-    def _prepare(self, p: Placement) -> Store:
+    def _prepare(self, p: Placement) -> tuple[Store, list[str]]:
+        """The store of *p*, with the directories above a new-layout name made;
+        returns the store and the directories made (to undo on failure)."""
         store = self.backing.get(p.store)
         head = p.rel.rpartition("/")[0]
         if not p.is_legacy and head:
-            store.makedirs(head, 0o700)
-        return store
+            return store, store.makedirs(head, 0o700)
+        return store, []
 
     # -- changes ------------------------------------------------------------------
+    # Every change is all or nothing as the agent sees it: until its commit
+    # point (the index write or the one syscall that makes it visible) a
+    # failure undoes what was done (directories made, index rows written) and
+    # raises the failure's own errno; after it, only clean-up is left, which
+    # logs instead of failing a change that has happened. A crash (nothing
+    # runs after it: BaseException in tests) is left to recover().
+
     def create(self, vpath: str, flags: int, mode: int) -> tuple[int, Placement]:
         """Create and open the file *vpath*; returns (fd, where it went)."""
         p = self.place_new(vpath, is_dir=False)
-        store = self._prepare(p)
         if p.is_legacy:
-            return store.open(p.rel, flags | os.O_CREAT, mode), p
-        self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
+            return self.backing.get(p.store).open(p.rel, flags | os.O_CREAT, mode), p
+        store, made = self._prepare(p)
         try:
-            fd = store.open(p.rel, flags | os.O_CREAT | os.O_EXCL, mode)
-        except BaseException:
-            self.index.delete(vpath)
+            self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
+            try:
+                fd = store.open(p.rel, flags | os.O_CREAT | os.O_EXCL, mode)
+            except Exception:
+                self._forget(vpath)
+                raise
+        except Exception:
+            store.remove_made(made)
             raise
         return fd, p
 
     def mkdir(self, vpath: str, mode: int) -> Placement:
         p = self.place_new(vpath, is_dir=True)
-        store = self._prepare(p)
-        if not p.is_legacy:
-            self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
+        if p.is_legacy:
+            self.backing.get(p.store).mkdir(p.rel, mode)
+            return p
+        store, made = self._prepare(p)
         try:
-            store.mkdir(p.rel, mode)
-        except BaseException:
-            if not p.is_legacy:
-                self.index.delete(vpath)
+            self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
+            try:
+                store.mkdir(p.rel, mode)
+            except Exception:
+                self._forget(vpath)
+                raise
+        except Exception:
+            store.remove_made(made)
             raise
         return p
+
+    def _placed(self, rec: Record | None, vpath: str) -> bool:
+        """*rec* places *vpath* outside the legacy store (not a record kept
+        only for its state or reason, whose bytes are at the legacy path)."""
+        return rec is not None and rec.store != split(vpath)[0]
+
+    def _forget(self, vpath: str) -> None:
+        """Drop the record of *vpath*, whose bytes are not (or no longer) at
+        its place. Never raises: if the index cannot be written now (a full
+        disk), the record goes from memory, so the agent sees what is true,
+        and the next start drops the row on disk (its bytes are not there)."""
+        try:
+            self.index.delete(vpath)
+        except Exception as exc:  # noqa: BLE001 - the change has happened
+            log.warning("%s: cannot drop its index record (%s); it goes at the next start",
+                        vpath, exc)
+            self.index._forget(vpath)
 
     def unlink(self, vpath: str) -> None:
         store, rel, rec = self.locate(vpath)
@@ -244,16 +328,18 @@ class View:
             store.unlink(rel)
         except FileNotFoundError:
             pass
-        self.index.delete(vpath)
-        self._drop_legacy_shadow(vpath, directory=False)
-        self._tidy_new_dirs(rec.store, rel)
+        self._forget(vpath)
+        if self._placed(rec, vpath):
+            self._drop_legacy_shadow(vpath, directory=False)
+            self._tidy_new_dirs(rec.store, rel)
 
     def rmdir(self, vpath: str) -> None:
         store, rel, rec = self.locate(vpath)
         if rec is not None:
             store.rmdir(rel)
-            self.index.delete(vpath)
-            self._drop_legacy_shadow(vpath, directory=True)
+            self._forget(vpath)
+            if self._placed(rec, vpath):
+                self._drop_legacy_shadow(vpath, directory=True)
             return
         if vpath in self.index.children:
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), vpath)
@@ -284,94 +370,173 @@ class View:
             head = head.rpartition("/")[0]
 
     def rename(self, old: str, new: str, noreplace: bool = False) -> None:
-        """Rename *old* to *new* in the view, replacing *new* like rename(2)."""
+        """Rename *old* to *new* in the view, replacing *new* like rename(2).
+
+        All or nothing: every check that can refuse comes first; the one
+        step that makes the new name visible (an index write, or a rename(2))
+        is the commit point; what fails before it is undone."""
+        try:
+            self._rename(old, new, noreplace)
+        except UnicodeEncodeError:
+            # a record under a name that is not UTF-8 (a placed object renamed
+            # to one), which an index that stores names as text cannot keep:
+            # undone like any failure, answered with the errno for the name
+            raise OSError(errno.EILSEQ, os.strerror(errno.EILSEQ), new) from None
+
+    def _rename(self, old: str, new: str, noreplace: bool) -> None:
         src_store, src_rel, src_rec = self.locate(old)
         st = src_store.lstat(src_rel)
         is_dir = stat.S_ISDIR(st.st_mode)
-        dst_exists = self._exists(new)
-        if dst_exists and noreplace:
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
-        if dst_exists and is_dir and new in self.index.children:
-            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new)
-        if src_rec is not None:
-            self._rename_placed(src_rec, new, is_dir, dst_exists)
+        try:
+            dst_st: os.stat_result | None = self.lstat(new)
+        except (FileNotFoundError, NotADirectoryError):
+            dst_st = None
+        if dst_st is not None:
+            if noreplace:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
+            if (dst_st.st_dev, dst_st.st_ino) == (st.st_dev, st.st_ino):
+                return      # the same object (or a hard link to it): rename(2) does nothing
+            dst_dir = stat.S_ISDIR(dst_st.st_mode)
+            if is_dir and not dst_dir:
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), new)
+            if dst_dir and not is_dir:
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), new)
+            if dst_dir and self.listdir(new):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new)
+        replaced = self.index.records.get(new) if dst_st is not None else None
+        if self._placed(src_rec, old):
+            assert src_rec is not None
+            self._rename_placed(src_rec, new, is_dir, dst_st is not None, replaced)
             return
         src_in, dst_in = self._inside(old), self._inside(new)
         if src_in is None and dst_in is None:
-            self._rename_legacy(old, new, is_dir, dst_exists)
+            self._rename_legacy(old, new, is_dir, src_rec, replaced)
             return
         # within placed directories (container volumes): rename(2) there, or EXDEV
         dst = dst_in or self.plain_place(new)
         src_store.rename(src_rel, self.backing.get(dst.store), dst.rel)
 
-    def _exists(self, vpath: str) -> bool:
-        try:
-            self.lstat(vpath)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        return True
+    def _drop_replaced(self, new: str, replaced: Record | None, shadow: bool, is_dir: bool,
+                       keep: tuple[str, str]) -> None:
+        """After a rename over *new* committed: remove what *new* named before
+        (its placed bytes, unless the rename itself replaced them at *keep*,
+        and a legacy-store object under it). Clean-up only: it logs."""
+        if replaced is not None and (replaced.store, replaced.rel) != keep \
+                and self.backing.has(replaced.store):
+            store = self.backing.get(replaced.store)
+            try:
+                (store.rmdir if is_dir else store.unlink)(replaced.rel)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("%s: the object it replaced is left at %s/%s: %s", new,
+                            replaced.store, replaced.rel, exc.strerror)
+            else:
+                self._tidy_new_dirs(replaced.store, replaced.rel)
+        if shadow or replaced is not None:
+            top, rest = split(new)
+            if (top, rest) != keep:
+                self._drop_legacy_shadow(new, directory=is_dir)
 
-    def _remove_target(self, new: str, is_dir: bool) -> None:
-        """rename(2) over an existing *new*: drop what the record of *new* pointed at."""
-        rec = self.index.records.get(new)
-        if rec is None:
-            return
-        store = self.backing.get(rec.store)
-        try:
-            (store.rmdir if is_dir else store.unlink)(rec.rel)
-        except FileNotFoundError:
-            pass
-        self.index.delete(new)
-        self._drop_legacy_shadow(new, directory=is_dir)
+    def _rename_legacy(self, old: str, new: str, is_dir: bool, src_rec: Record | None,
+                       replaced: Record | None) -> None:
+        """Bytes in the legacy store stay there; the migrator places them later.
 
-    def _rename_legacy(self, old: str, new: str, is_dir: bool, dst_exists: bool) -> None:
-        """Bytes in the legacy store stay there; the migrator places them later."""
+        The rename(2) in the legacy store commits (it replaces a legacy object
+        under *new* atomically); then the index follows. Should the index
+        refuse (a full disk), the rename is taken back. A crash in between
+        leaves *new* with a record and a legacy file: the start-up reconcile
+        serves the newer and sets the other aside (nothing is lost)."""
         old_top, old_rest = split(old)
         new_top, new_rest = split(new)
-        if dst_exists:
-            self._remove_target(new, is_dir)
-        self.backing.get(old_top).rename(old_rest, self.backing.get(new_top), new_rest)
-        if is_dir and old in self.index.children or (is_dir and self.index.has_below(old)):
-            self.index.rename_prefix(old, new)
+        old_store, new_store = self.backing.get(old_top), self.backing.get(new_top)
+        old_store.rename(old_rest, new_store, new_rest)
+        below = is_dir and (old in self.index.children or self.index.has_below(old))
+        try:
+            if replaced is not None:
+                self.index.delete(new)
+            if below:
+                self.index.rename_prefix(old, new)
+        except Exception:
+            _undo(old, new_store.rename, new_rest, old_store, old_rest)
+            if replaced is not None and new not in self.index.records:
+                _undo(new, self.index.put, replaced)
+            raise
+        if src_rec is not None:      # kept for its state only: it does not follow the name
+            self._forget(old)
+        self._drop_replaced(new, replaced, False, is_dir, keep=(new_top, new_rest))
 
-    def _rename_placed(self, rec: Record, new: str, is_dir: bool, dst_exists: bool) -> None:
-        """A placed object: follow the new name to its place when rename(2) can."""
-        if dst_exists and new in self.index.records:
-            self._remove_target(new, is_dir)
-        elif dst_exists:
-            # a legacy-store object under the new name is replaced, as by
-            # rename(2); left underneath, it would reappear when the name moves on
-            top, rest = split(new)
-            legacy = self.backing.get(top)
-            (legacy.rmdir if is_dir else legacy.unlink)(rest)
+    def _rename_placed(self, rec: Record, new: str, is_dir: bool, dst_exists: bool,
+                       replaced: Record | None) -> None:
+        """A placed object: follow the new name to its place when rename(2) can.
+
+        The index write that names the new place (with the old one in
+        prev_store/prev_rel) is the commit point for a crash: recovery
+        finishes or rolls back the move. A failure before the bytes moved
+        (the directory cannot be made, ENOSPC, EPERM) restores the record as
+        it was and removes the directories made for it."""
+        shadow = dst_exists and replaced is None
         want = self.placement(new, is_dir)
+        if replaced is not None and (want.store, want.rel) == (replaced.store, replaced.rel):
+            free = True           # rename(2) replaces the bytes of *new* in place
+        else:
+            free = self._usable(want)
         cur_store = self.backing.get(rec.store)
-        if want.is_legacy or (want.store, want.rel) == (rec.store, rec.rel) \
-                or not self._usable(want):
-            # keep the bytes where they are; only the legacy name changes
+        if want.is_legacy or (want.store, want.rel) == (rec.store, rec.rel) or not free:
+            # keep the bytes where they are; only the legacy name changes (one
+            # transaction, which also replaces the row of *new*)
             self.index.move(rec.view, Record(new, rec.store, rec.rel,
                                              want.kind if not want.is_legacy else rec.kind,
                                              rec.state))
+            self._drop_replaced(new, replaced, shadow, is_dir, keep=(rec.store, rec.rel))
             return
-        self.index.move(rec.view, Record(new, want.store, want.rel, want.kind, want.state,
-                                         rec.store, rec.rel))
-        target = self._prepare(want)
+        target, made = self._prepare(want)
+        try:
+            self.index.move(rec.view, Record(new, want.store, want.rel, want.kind, want.state,
+                                             rec.store, rec.rel))
+        except Exception:
+            target.remove_made(made)
+            raise
         try:
             cur_store.rename(rec.rel, target, want.rel)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                self.index.move(new, Record(rec.view, rec.store, rec.rel, rec.kind, rec.state))
+        except Exception as exc:
+            target.remove_made(made)
+            if not (isinstance(exc, OSError) and exc.errno == errno.EXDEV):
+                self._restore(rec, new, replaced)
                 raise
             # across the vault boundary: the bytes stay, the migrator moves them
-            self.index.put(Record(new, rec.store, rec.rel, want.kind, rec.state))
+            try:
+                self.index.put(Record(new, rec.store, rec.rel, want.kind, rec.state))
+            except Exception:
+                self._restore(rec, new, replaced)
+                raise
+            self._drop_replaced(new, replaced, shadow, is_dir, keep=(rec.store, rec.rel))
             return
-        self.index.put(Record(new, want.store, want.rel, want.kind, want.state))
+        try:
+            self.index.put(Record(new, want.store, want.rel, want.kind, want.state))
+        except Exception as exc:  # noqa: BLE001 - moved; the next start drops prev
+            log.warning("%s: moved; its record names the old place as prev until the "
+                        "next start: %s", new, exc)
+        self._drop_replaced(new, replaced, shadow, is_dir, keep=(want.store, want.rel))
         self._tidy_new_dirs(rec.store, rec.rel)
+
+    def _restore(self, rec: Record, new: str, replaced: Record | None) -> None:
+        """Put the records of a rename that failed before its bytes moved back."""
+        _undo(rec.view, self.index.move, new, rec)
+        if replaced is not None:
+            _undo(new, self.index.put, replaced)
+        if self.index.records.get(rec.view) is not rec:
+            # the index cannot be written: memory at least says what is true
+            # (the disk row names the old place as prev; recovery rolls back)
+            self.index._forget(new)
+            self.index._remember(rec)
+            if replaced is not None:
+                self.index._remember(replaced)
 
     def link(self, old: str, new: str) -> None:
         src_store, src_rel, src_rec = self.locate(old)
         p = self.placement(new, is_dir=False)
-        if src_rec is not None or not p.is_legacy:
+        if self._placed(src_rec, old) or not p.is_legacy:
             raise OSError(errno.EXDEV, "hard links only within the legacy store", new)
         new_top, new_rest = split(new)
         src_store.link(src_rel, self.backing.get(new_top), new_rest)
@@ -388,18 +553,29 @@ class View:
                 self._recover_one(rec, done)
             except OSError as exc:  # one bad record never stops the others
                 done.append(f"{rec.view}: not recovered: {exc}")
+        for rec in list(self.index.records.values()):
+            try:
+                self._reconcile(rec, done)
+            except OSError as exc:
+                done.append(f"{rec.view}: not reconciled: {exc}")
+                log.warning("%s: a legacy copy and a placed copy could not be reconciled: %s",
+                            rec.view, exc)
         return done
 
     def _recover_one(self, rec: Record, done: list[str]) -> None:
         if not self.backing.has(rec.store):
             return  # a location not available now (locked vault): leave it be
         store = self.backing.get(rec.store)
+        if rec.target_store is not None and rec.target_rel is not None \
+                and rec.state in (KEPT_LEGACY, "new", "unresolved"):
+            self._finish_set_aside(rec, done)
+            return
         if rec.prev_store is not None and rec.prev_rel is not None:
             if not store.exists(rec.rel) and self.backing.has(rec.prev_store) \
                     and self.backing.get(rec.prev_store).exists(rec.prev_rel):
                 try:
                     self.backing.get(rec.prev_store).rename(rec.prev_rel, self._prepare(
-                        Placement(rec.store, rec.rel, rec.kind, rec.state)), rec.rel)
+                        Placement(rec.store, rec.rel, rec.kind, rec.state))[0], rec.rel)
                     done.append(f"{rec.view}: finished an interrupted move")
                 except OSError:
                     # back in the unresolved area it is unresolved again, so a
@@ -419,6 +595,72 @@ class View:
         if top in self.views and parent:
             self.backing.get(top).makedirs(parent)
 
+    # -- reconcile: a legacy copy beside a placed one ----------------------------------
+    # While the views are mounted nobody else can write under a legacy name, so
+    # a file at the legacy path of a placed name appears only while they are
+    # not: in particular a boot whose vault stayed locked serves stage observe
+    # with no index (it lives in the vault), and an agent re-creates its volume
+    # in the legacy store. Both copies are found once, at start, before
+    # serving; lookups need no check (and stay one dict lookup).
+
+    def _reconcile(self, rec: Record, done: list[str]) -> None:
+        """If *rec*'s name also has a legacy copy, serve the newer and set the
+        other aside (record first, then move: :meth:`_finish_set_aside`)."""
+        top, rest = split(rec.view)
+        if rec.state not in ("new", "unresolved") or rec.target_store is not None \
+                or not self._placed(rec, rec.view) or top not in self.views \
+                or not self.backing.has(rec.store) or not self.backing.has(top):
+            return
+        legacy, placed = self.backing.get(top), self.backing.get(rec.store)
+        try:
+            legacy_st = legacy.lstat(rest)      # the common case ends here: ENOENT
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        placed_st = placed.lstat(rec.rel)
+        if _age(legacy, rest, legacy_st) > _age(placed, rec.rel, placed_st):
+            where = aside_name(rec.rel)
+            reason = (f"a newer legacy copy was found (written while this name was served "
+                      f"from the legacy store, e.g. a boot with the vault locked); it is "
+                      f"served, and the copy in {rec.store} was set aside at "
+                      f"{rec.store}/{where}")
+            self.index.put(Record(rec.view, top, rest, rec.kind, KEPT_LEGACY, rec.store,
+                                  rec.rel, target_store=rec.store, target_rel=where,
+                                  reason=reason))
+        else:
+            where = aside_name(rest)
+            reason = (f"an older legacy copy was found beside it (written while this name "
+                      f"was served from the legacy store, e.g. a boot with the vault "
+                      f"locked); it was set aside at {top}/{where}")
+            self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
+                                  target_store=top, target_rel=where, reason=reason))
+        log.warning("%s: both a legacy copy and a copy in %s exist; %s", rec.view, rec.store,
+                    reason)
+        self._finish_set_aside(self.index.records[rec.view], done)
+
+    def _finish_set_aside(self, rec: Record, done: list[str]) -> None:
+        """A set-aside is recorded: move the losing copy (idempotent), then
+        drop the move from the record and keep its reason.
+
+        The record names the copy served (store, rel) and where the other one
+        goes (target_store, target_rel); for a legacy winner the other one's
+        place is in prev_store/prev_rel, otherwise it is the legacy path."""
+        assert rec.target_store is not None and rec.target_rel is not None
+        if rec.state == KEPT_LEGACY:
+            loser_store, loser_rel = rec.prev_store, rec.prev_rel
+        else:
+            loser_store, loser_rel = split(rec.view)
+        if loser_store is None or loser_rel is None or not self.backing.has(rec.target_store):
+            return
+        store = self.backing.get(rec.target_store)
+        if store.exists(loser_rel):     # else moved before a crash (or gone): done
+            store.move_aside(loser_rel, rec.target_rel)
+            done.append(f"{rec.view}: set {rec.target_store}/{loser_rel} aside at "
+                        f"{rec.target_rel}")
+        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
+                              reason=rec.reason))
+        if rec.state == KEPT_LEGACY:
+            self._tidy_new_dirs(rec.target_store, loser_rel)
+
     def replace_unresolved(self) -> list[tuple[str, Placement]]:
         """Move objects parked in the unresolved area to their final names,
         now that the config may map them. Returns the objects moved."""
@@ -431,7 +673,7 @@ class View:
             self.index.put(Record(rec.view, want.store, want.rel, want.kind, want.state,
                                   rec.store, rec.rel))
             try:
-                cur.rename(rec.rel, self._prepare(want), want.rel)
+                cur.rename(rec.rel, self._prepare(want)[0], want.rel)
             except OSError as exc:
                 self.index.put(rec)
                 if exc.errno != errno.EXDEV:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from compatfs.backing import Store
+from compatfs.backing import SET_ASIDE_DIR, Backing, Store, VaultNotEncrypted
+from compatfs.layout import Layout
 
 
 @pytest.fixture
@@ -46,3 +48,57 @@ def test_remove_does_not_go_through_a_symbolic_link(store: Store, tmp_path: Path
     assert (outside / "victim").is_dir()
     assert store.remove("link") is True                  # the link itself goes
     assert (outside / "victim").is_dir()
+
+
+def test_makedirs_returns_what_it_made_and_remove_made_takes_it_back(store: Store,
+                                                                     tmp_path: Path) -> None:
+    base = tmp_path / "s"
+    (base / "a").mkdir()
+    made = store.makedirs("a/b/c", 0o700)
+    assert made == ["a/b", "a/b/c"]
+    (base / "a" / "b" / "c" / "keep").write_bytes(b"k")
+    store.remove_made(made)                    # not empty: left alone, no error
+    assert (base / "a" / "b" / "c" / "keep").exists()
+    os.unlink(base / "a" / "b" / "c" / "keep")
+    store.remove_made(made)
+    assert sorted(os.listdir(base)) == ["a"] and os.listdir(base / "a") == []
+
+
+def test_makedirs_that_fails_half_way_leaves_nothing(store: Store, tmp_path: Path) -> None:
+    base = tmp_path / "s"
+    (base / "a").mkdir()
+    with pytest.raises(OSError) as e:                    # a/made is made, then ENAMETOOLONG
+        store.makedirs("a/made/" + "n" * 300, 0o700)
+    assert e.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(base / "a") == []                  # a/made went again; a was there
+
+
+def test_move_aside_keeps_the_object_and_is_idempotent(store: Store, tmp_path: Path) -> None:
+    base = tmp_path / "s"
+    (base / "d").mkdir()
+    (base / "d" / "v").write_bytes(b"old")
+    where = store.move_aside("d/v")
+    assert where.startswith(SET_ASIDE_DIR + "/d%v.")
+    assert (base / where).read_bytes() == b"old" and not (base / "d" / "v").exists()
+    assert store.move_aside("d/v", where) == where      # a repeat after a crash: done
+    assert (base / where).read_bytes() == b"old"
+
+
+def test_a_refused_plain_vault_is_left_as_it_was(tmp_path: Path) -> None:
+    root = tmp_path / "persist"
+    (root / "vault").mkdir(parents=True)
+    (root / "vault" / "mine").write_bytes(b"operator's")
+    before = sorted(os.listdir(root)), sorted(os.listdir(root / "vault"))
+    with pytest.raises(VaultNotEncrypted):
+        Backing.open(Layout(str(root)), ("img", "downloads"), create_new=True,
+                     require_encrypted=True)
+    assert (sorted(os.listdir(root)), sorted(os.listdir(root / "vault"))) == before
+    # no vault at all: the root decides (not encrypted), and nothing is made either
+    os.unlink(root / "vault" / "mine")
+    os.rmdir(root / "vault")
+    with pytest.raises(VaultNotEncrypted):
+        Backing.open(Layout(str(root)), ("img",), create_new=True, require_encrypted=True)
+    assert os.listdir(root) == []
+    # allowed when not required: the locations are made
+    Backing.open(Layout(str(root)), ("img",), create_new=True, require_encrypted=False).close()
+    assert (root / "vault" / "volumes").is_dir()
