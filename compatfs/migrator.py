@@ -64,12 +64,12 @@ import trio
 
 from . import copy as copier
 from . import inuse
-from .backing import CAS_PARENT, ROOT_STORE, Store
+from .backing import CAS_PARENT, ROOT_STORE, Store, aside_name
 from .config import Migration
 from .index import Record
 from .names import is_sha256
 from .plan import make_plan
-from .scan import SET_ASIDE_DIR, TMP_DIR
+from .scan import TMP_DIR
 from .view import KEPT_LEGACY, View, split
 
 if TYPE_CHECKING:
@@ -896,7 +896,7 @@ class Migrator:
             elif rec.sig is not None and signature(st) == rec.sig:
                 legacy.unlink(rec.target_rel)
             else:
-                where = self._move_aside(legacy, rec.target_rel)
+                where = legacy.move_aside(rec.target_rel)
                 log.warning("%s: the legacy copy changed after it was copied; set aside at %s",
                             rec.view, where)
             self._fsync_parent(legacy, rec.target_rel)
@@ -946,28 +946,18 @@ class Migrator:
         name that resolves to nothing."""
         self._check_unused(item)
         src = self.backing.get(item.src_store)
-        where = self._aside_name(item.src_rel)
+        where = aside_name(item.src_rel)
         reason = (f"the destination was newer; the legacy copy was set aside at "
                   f"{item.src_store}/{where}")
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
                               target_store=item.src_store, target_rel=where, reason=reason))
         self._fault("set-aside")
-        self._move_aside(src, item.src_rel, where)
+        src.move_aside(item.src_rel, where)
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
                               reason=reason))
         self._switched(item.vpath)
         log.warning("%s: %s/%s is newer than the legacy copy; legacy copy set aside at %s/%s",
                     item.vpath, item.dst_store, item.dst_rel, item.src_store, where)
-
-    @staticmethod
-    def _aside_name(rel: str) -> str:
-        return f"{SET_ASIDE_DIR}/{rel.replace('/', '%')}.{time.time_ns()}"
-
-    def _move_aside(self, store: Store, rel: str, where: str | None = None) -> str:
-        store.makedirs(SET_ASIDE_DIR, 0o700)
-        where = where or self._aside_name(rel)
-        store.rename(rel, store, where)
-        return where
 
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
@@ -1118,7 +1108,7 @@ class Migrator:
         legacy, rest = self.backing.get(rec.target_store), split(rec.view)[1]
         line = None
         if legacy.exists(rest) and not legacy.exists(rec.target_rel):
-            self._move_aside(legacy, rest, rec.target_rel)
+            legacy.move_aside(rest, rec.target_rel)
             line = f"{rec.view}: set the legacy copy aside at {rec.target_rel}"
         self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new", reason=rec.reason))
         return line
@@ -1205,12 +1195,12 @@ class Rollback:
         if legacy.exists(rest):
             cur = legacy.lstat(rest)
             if cur.st_mtime_ns > st.st_mtime_ns and not stat.S_ISDIR(cur.st_mode):
-                where = self.m._move_aside(src, rec.rel)  # the legacy one is newer: it wins
+                where = src.move_aside(rec.rel)  # the legacy one is newer: it wins
                 self.index.delete(rec.view)
                 log.warning("%s: the legacy copy is newer; the new-layout copy was set aside "
                             "at %s/%s", rec.view, rec.store, where)
                 return True
-            self.m._move_aside(legacy, rest)
+            legacy.move_aside(rest)
         self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "rolling-back",
                               target_store=split(rec.view)[0], target_rel=rest,
                               sig=signature(st)))

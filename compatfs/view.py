@@ -99,17 +99,6 @@ def join(vdir: str, name: str) -> str:
     return f"{vdir}/{name}" if vdir else name
 
 
-def is_utf8(name: str) -> bool:
-    """False for a name whose bytes are not UTF-8 (os.fsdecode made lone
-    surrogates of them): no legacy name format allows one, so it is served as
-    a plain legacy file where it is, never placed."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _undo(vpath: str, step, *args) -> None:  # type: ignore[no-untyped-def]
     """One step of undoing a change that failed: never raises (the failure
     that made the undo necessary is what the agent gets), logs if it fails."""
@@ -187,8 +176,8 @@ class View:
             return inside
         top, rest = split(vpath)
         legacy = Placement(top, rest)
-        if self.stage not in PLACING_STAGES or not is_utf8(rest):
-            return legacy   # a name no EVE component could have made is not parsed
+        if self.stage not in PLACING_STAGES:
+            return legacy
         parts = rest.split("/")
         try:
             if top == "img" and len(parts) == 1 and not is_dir:
@@ -375,15 +364,6 @@ class View:
         All or nothing: every check that can refuse comes first; the one
         step that makes the new name visible (an index write, or a rename(2))
         is the commit point; what fails before it is undone."""
-        try:
-            self._rename(old, new, noreplace)
-        except UnicodeEncodeError:
-            # a record under a name that is not UTF-8 (a placed object renamed
-            # to one), which an index that stores names as text cannot keep:
-            # undone like any failure, answered with the errno for the name
-            raise OSError(errno.EILSEQ, os.strerror(errno.EILSEQ), new) from None
-
-    def _rename(self, old: str, new: str, noreplace: bool) -> None:
         src_store, src_rel, src_rec = self.locate(old)
         st = src_store.lstat(src_rel)
         is_dir = stat.S_ISDIR(st.st_mode)
