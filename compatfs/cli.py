@@ -317,8 +317,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        # legacy names are bytes: print each as it is on disk, whatever the locale
-        sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
         sys.stdout.write(render_text(doc))
     code = exit_status(doc)
     if index.problem:
@@ -584,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # legacy names are bytes: every command prints each as it is on disk (in
+    # reports and in messages alike), whatever the locale's encoding
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -140,6 +140,7 @@ class Daemon:
             log.info("recovery: %s", line)
         if self.stage == "migrate":
             self.ops.dirty = self.migrator.dirty
+            self.ops.trees = self.migrator.trees
             self.ops.on_open = self.migrator.prioritize
         self.ops.control = Control(self)
 

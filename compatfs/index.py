@@ -111,9 +111,13 @@ _COLUMNS = ", ".join(_FIELDS)
 #: Fields holding names (stored losslessly as TEXT or BLOB).
 _NAME_FIELDS = frozenset({"view", "rel", "prev_rel", "target_rel", "reason"})
 
+#: The state of a record kept only for its reason: the bytes are at the legacy
+#: path (a reconcile found the legacy copy newer; the placed one was set
+#: aside). Served, listed and migrated like a legacy object with no record.
+KEPT_LEGACY = "legacy"
 #: Every state a record can be in: the views' and the migrator's.
 STATES = frozenset({"new", "unresolved", "renaming", "copying", "copied", "switched",
-                    "failed", "quarantined", "rolling-back"})
+                    "failed", "quarantined", "rolling-back", KEPT_LEGACY})
 #: Every store a record can name (layout keys, the root, the CAS parent).
 STORES = frozenset(VIEW_STORES.values()) | frozenset(NEW_STORES) | {ROOT_STORE, CAS_PARENT}
 #: The first component of every view path (the root store names the legacy CAS tree).

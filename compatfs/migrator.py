@@ -298,6 +298,11 @@ class Converging(Exception):
     """Writes outpaced the copy; try again later."""
 
 
+class Unmovable(Exception):
+    """The object cannot be moved as it is (the message says why); it stays served
+    where it is, failed with that reason, and is looked at again after a back-off."""
+
+
 class InUse(Exception):
     """A tree no view covers is held by a process; it moves once nobody holds it."""
 
@@ -342,6 +347,9 @@ class Migrator:
         self.pending: set[str] = set()
         self.retry_at: dict[str, float] = {}
         self.dirty: dict[tuple[int, int], DirtyLog] = {}
+        #: legacy names of the trees being copied -> changed through a view since
+        #: the copy began (set by the views, shared like :attr:`dirty`)
+        self.trees: dict[str, bool] = {}
         self.in_use: dict[str, str] = {}    # last "in use" reason said, per object
         #: objects whose failure could not be written to the index, or whose record
         #: could not be put back in order: vpath -> (item, state to record or None,
@@ -554,7 +562,18 @@ class Migrator:
                 nursery.start_soon(self._one, item, limiter)
         self.urgent.clear()
         self.asked -= asked
+        self._tidy_temporaries()
         return self.progress
+
+    def _tidy_temporaries(self) -> None:
+        """Remove the temporaries' directories left empty (nothing copies between two
+        passes): the new layout's agents find only their own names in their
+        directories (new EVE removes what it cannot parse from its volume dirs)."""
+        for store in self.backing.stores.values():
+            try:
+                store.rmdir(TMP_DIR)
+            except OSError:
+                pass     # absent, or not empty (a copy a crash left: recovery's)
 
     async def _one(self, item: Item, limiter: trio.Semaphore) -> None:
         try:
@@ -726,12 +745,19 @@ class Migrator:
     # -- copy of a file -------------------------------------------------------------------
     async def _copy_file(self, item: Item) -> None:
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
-        src_fd = src.open(item.src_rel, os.O_RDONLY)
+        # an agent's file: never block on it (a FIFO swapped in since the scan)
+        src_fd = src.open(item.src_rel, os.O_RDONLY | os.O_NONBLOCK)
         tmp_rel = tmp_name(item.dst_rel)
         tmp_fd = -1
         key = None
         try:
             st0 = os.fstat(src_fd)
+            if not stat.S_ISREG(st0.st_mode):
+                raise Unmovable("it is no longer a regular file")
+            if st0.st_nlink > 1:
+                # a copy would part this name from the file's other names
+                raise Unmovable(f"it has {st0.st_nlink} hard links; compatfs moves a file "
+                                "only while it has one name")
             self._check_space(dst, st0.st_blocks * 512)
             self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
                                   "copying", target_store=item.dst_store,
@@ -843,6 +869,7 @@ class Migrator:
             DirtyLog.apply(src_fd, tmp_fd, *dirty.take())
         st = os.fstat(src_fd)
         os.ftruncate(tmp_fd, st.st_size)
+        copier.copy_xattrs(src_fd, tmp_fd)   # as they are now: set through a view meanwhile too
         copier.finish_file(tmp_fd, st)
         self._place_and_switch(item, dst, st)
         if self.ops is not None and key is not None:
@@ -920,13 +947,19 @@ class Migrator:
         dst.makedirs(TMP_DIR, 0o700)
         dst.remove(tmp_rel)
         dfd, dname = dst.open_dir(TMP_DIR), tmp_rel.rpartition("/")[2]  # fsync needs a real fd
+        if self.ops is not None:
+            self.trees[item.vpath] = False   # the views mark it when they change it
         try:
             with src.parent(item.src_rel) as (sfd, sname):
                 await in_background(
                     lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
                                              stop=self.stop,
                                              compare=self.settings.verify != "off"))
+            # from here to the switch nothing awaits: no request comes in between
+            if self.trees.get(item.vpath):
+                raise Converging("something inside was changed during the copy")
         finally:
+            self.trees.pop(item.vpath, None)
             os.close(dfd)
         if any(p == item.vpath or p.startswith(item.vpath + "/") for p in self._open_paths()):
             raise Converging("files inside were opened during the copy")
@@ -1144,6 +1177,8 @@ def _drop_tmp_dir(store: Store) -> None:
 
 def _why(exc: BaseException) -> str:
     """An error in one line: ``strerror (ENAME)`` for a system call, else its type and text."""
+    if isinstance(exc, Unmovable):
+        return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, '?')})"
     return f"{type(exc).__name__}: {exc}"
@@ -1237,6 +1272,7 @@ class Rollback:
                     await trio.to_thread.run_sync(
                         lambda: copier.copy_extents(sfd, dfd, throttle=self.m.throttle,
                                                     compare=self.m.settings.verify != "off"))
+                    copier.copy_xattrs(sfd, dfd)
                     copier.finish_file(dfd, os.fstat(sfd))
                 finally:
                     os.close(dfd)

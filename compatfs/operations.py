@@ -99,6 +99,9 @@ class Operations(pyfuse3.Operations):
         #: dirty-range logs of files being migrated, by backing (st_dev, st_ino);
         #: the migrator's, shared (empty when nothing migrates)
         self.dirty: dict[tuple[int, int], Any] = {}
+        #: legacy names of the trees being copied -> changed since their copy began;
+        #: the migrator's, shared (empty when no tree is being copied)
+        self.trees: dict[str, bool] = {}
         #: called with the legacy name of every file an agent opens (the migrator
         #: moves it to the front of its queue)
         self.on_open: Callable[[str], None] | None = None
@@ -239,7 +242,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         handle = self.handles.get(fh) if fh is not None else None
         try:
-            store, rel, _ = self.view.locate(self.inodes.path(inode))
+            vpath = self.inodes.path(inode)
+            if self.trees:
+                self._tree_changed(vpath)
+            store, rel, _ = self.view.locate(vpath)
         except FileNotFoundError:
             fd = handle.fd if handle is not None else self._open_fd_of(inode)
             if fd is None:
@@ -269,6 +275,13 @@ class Operations(pyfuse3.Operations):
             store.utime(rel, attr.st_atime_ns if fields.update_atime else None,
                         attr.st_mtime_ns if fields.update_mtime else None)
         return self._attrs(inode, store.lstat(rel))
+
+    def _tree_changed(self, vpath: str) -> None:
+        """*vpath* is about to change: a tree being copied that holds it must be
+        copied again (only called while a tree is being copied)."""
+        for top in self.trees:
+            if vpath == top or vpath.startswith(top + "/"):
+                self.trees[top] = True
 
     def _resized(self, backing: tuple[int, int], size: int) -> None:
         """The file *backing* was given *size* (truncate, ``O_TRUNC``): a copy of it
@@ -301,6 +314,8 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
+        if self.trees:
+            self._tree_changed(vpath)
         p = self.view.plain_place(vpath)
         store, rest = self.view.backing.get(p.store), p.rel
         store.mknod(rest, mode & ~ctx.umask, rdev)
@@ -311,6 +326,8 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
+        if self.trees:
+            self._tree_changed(vpath)
         p = self.view.mkdir(vpath, (mode & ~ctx.umask) & 0o7777)
         store = self.view.backing.get(p.store)
         self._own(vpath.rpartition('/')[0], ctx, lambda u, g: store.chown(p.rel, u, g))
@@ -320,6 +337,8 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
+        if self.trees:
+            self._tree_changed(vpath)
         p = self.view.plain_place(vpath)
         store, rest = self.view.backing.get(p.store), p.rel
         store.symlink(os.fsdecode(target), rest)
@@ -329,12 +348,16 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         vpath, n = self._vpath(parent_inode, name)
+        if self.trees:
+            self._tree_changed(vpath)
         self.view.unlink(vpath)
         self.inodes.detach(parent_inode, n)
 
     @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         vpath, n = self._vpath(parent_inode, name)
+        if self.trees:
+            self._tree_changed(vpath)
         self.view.rmdir(vpath)
         self.inodes.detach(parent_inode, n)
 
@@ -345,6 +368,9 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         old, n_old = self._vpath(parent_inode_old, name_old)
         new, n_new = self._vpath(parent_inode_new, name_new)
+        if self.trees:
+            self._tree_changed(old)
+            self._tree_changed(new)
         self.view.rename(old, new, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
         self.inodes.move(parent_inode_old, n_old, parent_inode_new, n_new)
 
@@ -352,6 +378,8 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         new, n = self._vpath(new_parent_inode, new_name)
+        if self.trees:
+            self._tree_changed(new)
         self.view.link(self.inodes.path(inode), new)
         st = self.view.lstat(new)
         self.inodes.add_name(inode, new_parent_inode, n)
@@ -362,6 +390,8 @@ class Operations(pyfuse3.Operations):
     # -- files --------------------------------------------------------------------
     def _file_info(self, fd: int, ino: int, flags: int, vpath: str) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and self.trees:
+            self._tree_changed(vpath)
         st = os.fstat(fd)
         if flags & os.O_TRUNC and self.dirty:
             self._resized((st.st_dev, st.st_ino), 0)   # the backing open truncated it
@@ -551,6 +581,8 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode in self._control_inodes and self.control is not None:
             return self._control_call(self.control.set, os.fsdecode(name), value)
+        if self.trees:
+            self._tree_changed(self.inodes.path(inode))
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.setxattr, fd, leaf, name, value)
@@ -559,6 +591,8 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode in self._control_inodes:
             raise FUSEError(errno.EROFS)
+        if self.trees:
+            self._tree_changed(self.inodes.path(inode))
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.removexattr, fd, leaf, name)

@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass
 
 from .backing import Backing, Store, aside_name
-from .index import Index, Record
+from .index import KEPT_LEGACY, Index, Record
 from .layout import Layout
 from .names import (
     DownloadArea, NotAVolume, check_component, is_sha256, is_uuid, parse_container_volume,
@@ -45,11 +45,6 @@ PLACING_STAGES = frozenset({"redirect", "migrate"})
 
 _AREA_KIND = {"pending": "pending", "verifier": "verifier", "verified": "verified"}
 
-
-#: The state of a record kept only for its reason: the bytes are at the legacy
-#: path (a reconcile found the legacy copy newer; the placed one was set
-#: aside). Served, listed and migrated like a legacy object with no record.
-KEPT_LEGACY = "legacy"
 
 
 def _age(store: Store, rel: str, st: os.stat_result) -> tuple[int, int]:

@@ -473,17 +473,23 @@ def test_a_disk_that_fills_up_mid_copy_backs_off_and_loses_nothing(tmp_path):
 
         proc = migrate(root, run, config=cfg)
         assert proc.returncode == 1, proc.stderr
-        waiting = re.findall(r"waiting: (img/\S+): (.*)", proc.stderr)
-        assert len(waiting) == 1 and "filled up" in waiting[0][1], proc.stderr
+        waiting = dict(re.findall(r"waiting: (img/\S+): (.*)", proc.stderr))
+        # usually one copy fills the disk and the other finishes; on a loaded machine
+        # the second may write before the first has removed its temporary: both wait
+        assert 1 <= len(waiting) <= 2, proc.stderr
+        assert all("filled up" in why for why in waiting.values()), proc.stderr
         assert "failed" not in proc.stderr, proc.stderr
-        late = waiting[0][0]
-        done = next(n for n in names if n != late)
-        assert file_sha(targets[done]) == want[done] and not (root / done).exists()
-        assert file_sha(root / late) == want[late] and not targets[late].exists()
+        for n in names:
+            if n in waiting:     # untouched, not half-copied, and not counted as an attempt
+                assert file_sha(root / n) == want[n] and not targets[n].exists()
+                assert n not in index_records(root)
+            else:
+                assert file_sha(targets[n]) == want[n] and not (root / n).exists()
         assert temporaries(root) == []
-        assert late not in index_records(root)  # a full disk is not an attempt
 
-        again = migrate(root, run)  # the legacy copy of the first is gone: room now
+        # one at a time there is room for each in turn (a moved one's legacy copy is gone)
+        again = migrate(root, run, config=config(tmp_path, "one.yaml",
+                                                 "migration: {concurrency: 1}\n"))
         assert again.returncode == 0, again.stderr
         for n in names:
             assert file_sha(targets[n]) == want[n] and not (root / n).exists()
