@@ -9,10 +9,11 @@ them. Every change is applied to an in-memory model only once the view said
 it was done.
 
 The faults: the disk is filled to the last block for a few seconds at a time
-(agents may get ``ENOSPC`` and retry, nothing else), and halfway through the
-daemon is killed with SIGKILL and a new one replaces its dead views (agents
-see ``ENOTCONN`` until then, re-open and retry). Any other errno an agent
-sees fails the test.
+(agents may get ``ENOSPC`` and retry, nothing else); the migrator raises
+``EIO`` at named steps of its copies (``COMPATFS_FAULT_MODE=raise``, a few
+times in each daemon); and halfway through the daemon is killed with SIGKILL
+and a new one replaces its dead views (agents see ``ENOTCONN`` until then,
+re-open and retry). Any other errno an agent sees fails the test.
 
 At the end every file is compared byte for byte with the model through the
 views, then again through a fresh daemon after the page cache was dropped;
@@ -312,7 +313,11 @@ def check_all(agents: list[Agent], when: str) -> None:
     assert bad == [], f"{when}: {len(bad)} mismatches: {bad[:10]}"
 
 
-def test_sixteen_agents_under_faults_lose_nothing_and_memory_stays_bounded(tmp_path):
+#: Faults raised inside the migrator, for each daemon in turn: (point, times).
+RAISED = (("bulk-copied", 4), ("copied", 3))
+
+
+def test_sixteen_agents_under_faults_lose_nothing_and_memory_stays_bounded(tmp_path, monkeypatch):
     run = tmp_path / "run"
     work = tmp_path / "dev"
     work.mkdir()
@@ -327,6 +332,9 @@ def test_sixteen_agents_under_faults_lose_nothing_and_memory_stays_bounded(tmp_p
         stop = threading.Event()
         fills: list[str] = []
         rss: list[tuple[float, int]] = []
+        monkeypatch.setenv("COMPATFS_FAULT_MODE", "raise")
+        monkeypatch.setenv("COMPATFS_FAULT", RAISED[0][0])
+        monkeypatch.setenv("COMPATFS_FAULT_TIMES", str(RAISED[0][1]))
         with mounted(root, run, stage="migrate", config=cfg) as first:
             threads = [threading.Thread(target=agent_loop, args=(a, stop, root), daemon=True)
                        for a in agents]
@@ -341,7 +349,10 @@ def test_sixteen_agents_under_faults_lose_nothing_and_memory_stays_bounded(tmp_p
                     if (r := rss_of(pid)) is not None:
                         rss.append((time.monotonic() - start, r))
                     time.sleep(1)
+                injected = first.log_text().count("injected fault at ")
                 first.kill(signal.SIGKILL)      # the views stay, dead, until replaced
+                monkeypatch.setenv("COMPATFS_FAULT", RAISED[1][0])
+                monkeypatch.setenv("COMPATFS_FAULT_TIMES", str(RAISED[1][1]))
                 with mounted(root, run, stage="migrate", config=cfg) as second:
                     pid = second.pid
                     rss_start = time.monotonic() - start
@@ -366,16 +377,20 @@ def test_sixteen_agents_under_faults_lose_nothing_and_memory_stays_bounded(tmp_p
                     wait_all_new(root, run, [a.volume for a in agents], deadline=120)
                     check_all(agents, "through the views once every volume moved")
                     log = second.log_text()
+                    injected += log.count("injected fault at ")
                     second.proc.send_signal(signal.SIGTERM)
                     assert second.proc.wait(timeout=30) == 0, log
             finally:
                 stop.set()
+        for name in ("COMPATFS_FAULT", "COMPATFS_FAULT_MODE", "COMPATFS_FAULT_TIMES"):
+            monkeypatch.delenv(name)
         subprocess.run(["sync"], check=False)
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         with mounted(root, run, stage="redirect", config=cfg):
             check_all(agents, "after a remount with caches dropped")
 
     assert fills, "the disk was never filled"
+    assert injected >= 2, "the migrator's injected faults never fired"
     later = [r for t, r in rss if t >= rss_start + (SOAK_SECONDS - rss_start) / 3]
     early = [r for t, r in rss if rss_start <= t < rss_start + (SOAK_SECONDS - rss_start) / 3]
     assert max(r for _, r in rss) <= RSS_LIMIT, max(r for _, r in rss)
@@ -383,4 +398,6 @@ def test_sixteen_agents_under_faults_lose_nothing_and_memory_stays_bounded(tmp_p
         assert max(later) - max(early) <= RSS_GROWTH_ALLOWED, (max(early), max(later))
     print(f"soak: {sum(a.ops for a in agents)} operations by {WRITERS} agents in "
           f"{SOAK_SECONDS:g} s, retries {sum(sum(a.retries.values()) for a in agents)}, "
-          f"disk filled {len(fills)} times, {pivoted} volumes switched under the agents, daemon RSS max {max(r for _, r in rss) / MIB:.1f} MiB")
+          f"disk filled {len(fills)} times, {injected} faults raised in the migrator, "
+          f"{pivoted} volumes switched under the agents, "
+          f"daemon RSS max {max(r for _, r in rss) / MIB:.1f} MiB")
