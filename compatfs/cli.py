@@ -605,11 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # legacy names are bytes: every command prints each as it is on disk (in
-    # reports and in messages alike), whatever the locale's encoding
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="surrogateescape")
+    # legacy names are bytes: reports print each as it is on disk, whatever the
+    # locale's encoding (messages and logs on stderr keep Python's backslash
+    # escapes, so a log line is always valid text)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
