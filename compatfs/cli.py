@@ -12,14 +12,16 @@ import json
 import os
 import sys
 import tempfile
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
-from . import __version__
+from . import __version__, mounts
 from .config import Config, ConfigError, load
 from .layout import LayoutError
 from .mounts import RunDirError
 from .plan import make_plan, render_text
 from .resolver import Resolver
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -291,9 +293,10 @@ def _ask_daemon(layout, key: str) -> str | None:
     """A key of the running daemon's control interface, or None when none answers."""
     from .control import CONTROL_NAME, PREFIX
 
+    path = os.path.join(layout.path("img"), CONTROL_NAME)
     try:
-        return os.getxattr(os.path.join(layout.path("img"), CONTROL_NAME), PREFIX + key).decode()
-    except OSError:
+        return mounts.within(mounts.ANSWER_SECONDS, lambda: os.getxattr(path, PREFIX + key)).decode()
+    except (OSError, TimeoutError):
         return None
 
 
@@ -309,7 +312,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     serving = "serving" in views.values()
     stage = _ask_daemon(layout, "stage") if serving else None
     migration = _ask_daemon(layout, "migration") if stage == "migrate" else None
-    dead = [v for v, state in views.items() if state == "dead"]
+    # the legacy directories are read from under views that cannot answer
+    dead = [v for v, state in views.items() if state in ("dead", "not answering")]
     plan, objects, index = collect(layout, Resolver(layout, cfg.overrides), True, dead)
     doc = as_json(stage or cfg.stage, stage is not None, plan, objects,
                   json.loads(migration) if migration else None, index, views)
@@ -321,9 +325,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     code = exit_status(doc)
     if index.problem:
         print(f"compatfs: error: index refused: {index.problem}", file=sys.stderr)
-    if dead:
-        print(f"compatfs: warning: views dead: {', '.join(dead)}; 'compatfs mount' replaces "
+    gone = [v for v, state in views.items() if state == "dead"]
+    stuck = [v for v, state in views.items() if state == "not answering"]
+    if gone:
+        print(f"compatfs: warning: views dead: {', '.join(gone)}; 'compatfs mount' replaces "
               "them", file=sys.stderr)
+    if stuck:
+        print(f"compatfs: warning: views not answering: {', '.join(stuck)}; their daemon is "
+              "alive but stuck (stopped or blocked): see its log, then kill it and "
+              "'compatfs mount' replaces them", file=sys.stderr)
     return code
 
 
@@ -445,19 +455,32 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     cfg, root = _config_and_root(args)
     path = os.path.join(cfg.layout(root).path("img"), CONTROL_NAME)
     action = args.action
+
+    def answer(call: Callable[[], T]) -> T:
+        """The daemon's answer, waited for at most --timeout: a daemon that is
+        alive but stuck would otherwise keep the kernel (and us) waiting."""
+        try:
+            return mounts.within(args.timeout, call)
+        except TimeoutError:
+            raise CommandError(f"ctl {action}: the daemon did not answer within "
+                               f"{args.timeout:g} s (alive but stuck: see its log; kill it, "
+                               "and 'compatfs mount' replaces its views)") from None
+
     try:
         if action == "keys":
-            for name in os.listxattr(path):
+            for name in answer(lambda: os.listxattr(path)):
                 print(name[len(PREFIX):])
         elif action == "get":
-            value = os.getxattr(path, PREFIX + args.args[0]).decode()
-            print(value)
+            key = args.args[0]
+            print(answer(lambda: os.getxattr(path, PREFIX + key)).decode())
         elif action == "set":
             if len(args.args) != 2:
                 raise CommandError("ctl set KEY VALUE", EXIT_USAGE)
-            os.setxattr(path, PREFIX + args.args[0], args.args[1].encode())
+            key, value = args.args
+            answer(lambda: os.setxattr(path, PREFIX + key, value.encode()))
         elif action in COMMANDS:
-            os.setxattr(path, CMD_PREFIX + action, " ".join(args.args).encode())
+            text = " ".join(args.args)
+            answer(lambda: os.setxattr(path, CMD_PREFIX + action, text.encode()))
         else:
             raise CommandError(f"unknown ctl action {action!r}", EXIT_USAGE)
     except IndexError:
@@ -582,11 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # legacy names are bytes: every command prints each as it is on disk (in
-    # reports and in messages alike), whatever the locale's encoding
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="surrogateescape")
+    # legacy names are bytes: reports print each as it is on disk, whatever the
+    # locale's encoding (messages and logs on stderr keep Python's backslash
+    # escapes, so a log line is always valid text)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -282,11 +282,23 @@ def _value(loader: _Loader, source: str, node: yaml.Node, name: str, key: Key) -
         return node  # structured; validated by the caller
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{_where(source, node)}: {name}: must be a single value")
-    value = loader.construct_object(node, deep=True)
+    value = _construct(loader, node, f"{_where(source, node)}: {name}")
     try:
         return key.check(value)
     except _Bad as exc:
         raise ConfigError(f"{_where(source, node)}: {name}: {exc}") from None
+
+
+def _construct(loader: _Loader, node: yaml.ScalarNode, where: str) -> Any:
+    """The value of a scalar, or a :class:`ConfigError` saying *where* it is bad
+    (a number of thousands of digits is past what Python converts)."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, ValueError) and "digits" in problem:
+            problem = f"a number of {len(node.value)} characters is far out of range"
+        raise ConfigError(f"{where}: not a value: {problem}") from None
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -367,9 +379,9 @@ def parse_setting(key: Key, text: str, name: str) -> Any:
         node = loader.get_single_node()
         if key.check in (dict, list) or not isinstance(node, yaml.ScalarNode):
             raise ConfigError(f"{name}: must be a single value, not {text!r}")
-        value = loader.construct_object(node, deep=True)
+        value = _construct(loader, node, name)
     except yaml.YAMLError:
-        raise ConfigError(f"{name}: not a value: {text!r}") from None
+        raise ConfigError(f"{name}: not a value: {text[:80]!r}") from None
     finally:
         if loader is not None:
             loader.dispose()

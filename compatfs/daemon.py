@@ -97,9 +97,15 @@ class Daemon:
             entry = mounts.mounted_at(target)
             if entry is None:
                 continue
-            if not self.offline and entry.fstype == mounts.FSTYPE and mounts.is_dead(target):
+            state = mounts.view_state(target) if entry.fstype == mounts.FSTYPE else None
+            if not self.offline and state == "dead":
                 self.dead_views.add(view)     # a dead daemon's: replaced, not uncovered
                 continue
+            if state == "not answering":
+                raise DaemonError(f"{target} is served by a compatfs daemon that is alive but "
+                                  "does not answer (stopped or blocked); kill it, then mount "
+                                  "again: its views are replaced without uncovering the "
+                                  "legacy directories")
             raise DaemonError(f"{target} is already a mount point")
         # The views create files for agents with exactly the mode the agent asked
         # for minus the agent's own umask (applied in Operations); the kernel
@@ -122,7 +128,12 @@ class Daemon:
         try:
             self.backing = Backing.open(self.layout, self.views, placing, require,
                                         covered=frozenset(self.dead_views))
-        except Exception as exc:  # VaultNotEncrypted, OSError from makedirs/open
+        except OSError as exc:   # from makedirs/open, beneath the root without links
+            where = os.path.join(self.layout.root, os.fsdecode(exc.filename or ""))
+            raise DaemonError(f"cannot open {where}: {exc.strerror} (compatfs opens its "
+                              "locations without following symbolic links; what is there "
+                              "must be a directory, or absent for compatfs to make it)") from None
+        except Exception as exc:  # noqa: BLE001 - VaultNotEncrypted: its message says all
             raise DaemonError(str(exc)) from None
         self.index = self._open_index(placing, require)
         if not self.offline:

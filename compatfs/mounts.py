@@ -24,9 +24,12 @@ import os
 import secrets
 import stat
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 FSTYPE = "fuse.compatfs"
 
@@ -100,6 +103,44 @@ def is_dead(path: str) -> bool:
         return exc.errno == errno.ENOTCONN
     os.close(fd)
     return False
+
+
+#: How long a command waits for a view to answer before it calls it stuck.
+ANSWER_SECONDS = 5.0
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """``fn()``, run in a thread of its own; raises :class:`TimeoutError` if it has
+    not returned within *seconds*. For calls that go through a FUSE mount whose
+    daemon may be alive but stuck (stopped, or blocked): the kernel then waits
+    for its answer without end. The thread is left waiting; it ends with the
+    process, whose exit the kernel lets interrupt the request."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True, name="compatfs-within")
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def view_state(path: str, seconds: float = ANSWER_SECONDS) -> str:
+    """The compatfs mount at *path*: ``serving``, ``dead`` (its daemon is gone:
+    ENOTCONN) or ``not answering`` (its daemon is alive but answers nothing)."""
+    try:
+        return "dead" if within(seconds, lambda: is_dead(path)) else "serving"
+    except TimeoutError:
+        return "not answering"
 
 
 def _check(result: int, what: str, path: str) -> int:

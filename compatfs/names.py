@@ -225,3 +225,15 @@ def parse_verified_sha(name: str) -> str:
     if not is_sha256(name):
         raise NotAVolume(name, "verified directory is not a 64-digit sha256")
     return name.lower()
+
+
+#: Characters that change a terminal or start a new line: C0 controls, DEL, C1.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def shown(text: str) -> str:
+    """*text* (a name, or a line holding names) as a report prints it: control
+    characters as ``\\xNN``, so a name can neither drive the operator's terminal
+    nor start a line of its own. Bytes that are not UTF-8 stay as they are."""
+    return text.translate(_CONTROL)
+

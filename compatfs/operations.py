@@ -133,7 +133,7 @@ class Operations(pyfuse3.Operations):
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         a = self._attrs(ROOT, self._root_st)
-        a.st_mode = stat.S_IFDIR | 0o755
+        a.st_mode = stat.S_IFDIR | 0o700   # its views are reached through their binds only
         a.st_nlink = 2 + len(self.view.views)
         return a
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .layout import Layout
+from .names import shown
 from .resolver import Resolution, Resolver
 from .scan import KINDS, Bases, LegacyObject, scan
 
@@ -212,12 +213,14 @@ def human(n: int) -> str:
 
 def render_text(plan: Plan) -> str:
     """The plan as a person reads it: objects, then totals per destination."""
-    rel = plan.layout.relpath
-    lines = [f"compatfs plan for {plan.layout.root}",
+    def rel(path: str) -> str:
+        return shown(plan.layout.relpath(path))
+
+    lines = [f"compatfs plan for {shown(plan.layout.root)}",
              f"checkpoint: {rel(plan.checkpoint) if plan.checkpoint else 'none'}"
              + (f" (config hash {plan.config_hash})" if plan.config_hash else "")]
     for p in plan.problems:
-        lines.append(f"problem: {p}")
+        lines.append(f"problem: {shown(p)}")
     lines.append("")
     width = max([len(k) for k in KINDS])
     for e in plan.entries:
@@ -225,7 +228,7 @@ def render_text(plan: Plan) -> str:
         if e.action != "keep":
             lines.append(f"{'':<{width}}  -> {rel(e.target or '')} ({e.action})")
         else:
-            lines.append(f"{'':<{width}}  stays: {e.reason}")
+            lines.append(f"{'':<{width}}  stays: {shown(e.reason or '')}")
     if not plan.entries:
         lines.append("no legacy objects found")
     t = plan.totals()

@@ -24,6 +24,7 @@ from . import mounts
 from .backing import ROOT_STORE, RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2, store_path
 from .index import IndexRefused, Record, open_index
 from .layout import Layout
+from .names import shown
 from .plan import Plan, human, make_plan
 from .resolver import Resolver
 from .scan import tree_bytes
@@ -101,7 +102,8 @@ def read_index(layout: Layout) -> IndexReport:
 
 def view_states(layout: Layout, views: tuple[str, ...] = _VIEW_KEYS) -> dict[str, str]:
     """Each view: ``serving``, ``dead`` (a daemon that died left it: ENOTCONN),
-    or ``not mounted``."""
+    ``not answering`` (its daemon is alive but stuck: stopped, or blocked) or
+    ``not mounted``. Never waits more than a few seconds on a view."""
     out = {}
     for view in views:
         path = layout.path(view)
@@ -109,7 +111,7 @@ def view_states(layout: Layout, views: tuple[str, ...] = _VIEW_KEYS) -> dict[str
         if entry is None or entry.fstype != mounts.FSTYPE:
             out[view] = "not mounted"
         else:
-            out[view] = "dead" if mounts.is_dead(path) else "serving"
+            out[view] = mounts.view_state(path)
     return out
 
 
@@ -226,7 +228,7 @@ EXIT_INDEX_REFUSED = 4    # mount would refuse the index
 def exit_status(doc: dict[str, Any]) -> int:
     if doc["index"]["state"] == "refused":
         return EXIT_INDEX_REFUSED
-    if "dead" in doc["views"].values():
+    if {"dead", "not answering"} & set(doc["views"].values()):
         return EXIT_VIEWS_DEAD
     return EXIT_OK
 
@@ -255,31 +257,37 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
 
 
 def render_text(doc: dict[str, Any]) -> str:
-    lines = [f"compatfs status for {doc['root']}: stage {doc['stage']}, "
+    lines = [f"compatfs status for {shown(doc['root'])}: stage {doc['stage']}, "
              f"{'mounted' if doc['mounted'] else 'not mounted'}"]
     dead = [v for v, state in doc.get("views", {}).items() if state == "dead"]
     if dead:
         lines.append(f"views dead: {', '.join(dead)} (the daemon serving them died; agents get "
                      "ENOTCONN until 'compatfs mount' replaces them; objects below are read "
                      "from disk)")
+    stuck = [v for v, state in doc.get("views", {}).items() if state == "not answering"]
+    if stuck:
+        lines.append(f"views not answering: {', '.join(stuck)} (the daemon serving them is "
+                     "alive but stuck, and agents wait on it; objects below are read from "
+                     "disk)")
     index = doc.get("index") or {}
     if index.get("state") == "refused":
-        lines.append(f"index refused: {index['problem']}")
+        lines.append(f"index refused: {shown(index['problem'])}")
         lines.append("mount would refuse to start; objects placed in the new layout are "
                      "not listed")
     for p in doc["problems"]:
-        lines.append(f"problem: {p}")
+        lines.append(f"problem: {shown(p)}")
     lines.append("")
     for o in doc["objects"]:
         prog = o.get("progress")
         pct = f" {100 * prog['done'] / prog['total']:.0f} %" if prog and prog["total"] else ""
-        lines.append(f"{o['state']:<10} {o['kind']:<10} {o['legacy']}  [{human(o['bytes'])}]{pct}")
+        lines.append(f"{o['state']:<10} {o['kind']:<10} {shown(o['legacy'])}  "
+                     f"[{human(o['bytes'])}]{pct}")
         if o["location"] != o["legacy"]:
-            lines.append(f"{'':<21} at {o['location']}")
+            lines.append(f"{'':<21} at {shown(o['location'])}")
         elif o["target"]:
-            lines.append(f"{'':<21} belongs at {o['target']}")
+            lines.append(f"{'':<21} belongs at {shown(o['target'])}")
         if o["reason"]:
-            lines.append(f"{'':<21} {o['reason']}")
+            lines.append(f"{'':<21} {shown(o['reason'])}")
     lines.append("")
     mig = doc.get("migration")
     if mig:

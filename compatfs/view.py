@@ -46,6 +46,16 @@ PLACING_STAGES = frozenset({"redirect", "migrate"})
 _AREA_KIND = {"pending": "pending", "verifier": "verifier", "verified": "verified"}
 
 
+def _kind_of(mode: int) -> str:
+    """What a file type is called in messages."""
+    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return name
+    return "special file"
+
 
 def _age(store: Store, rel: str, st: os.stat_result) -> tuple[int, int]:
     """How new an object's data is, for choosing between two copies: the
@@ -592,7 +602,12 @@ class View:
         except (FileNotFoundError, NotADirectoryError):
             return
         placed_st = placed.lstat(rec.rel)
-        if _age(legacy, rest, legacy_st) > _age(placed, rec.rel, placed_st):
+        # only a copy of the same kind can win: a regular file for a file, a
+        # directory for a tree; a symbolic link, a FIFO or a device planted at
+        # the legacy name is set aside like an older copy, never served instead
+        same_kind = stat.S_IFMT(legacy_st.st_mode) == stat.S_IFMT(placed_st.st_mode) \
+            and (stat.S_ISREG(legacy_st.st_mode) or stat.S_ISDIR(legacy_st.st_mode))
+        if same_kind and _age(legacy, rest, legacy_st) > _age(placed, rec.rel, placed_st):
             where = aside_name(rec.rel)
             reason = (f"a newer legacy copy was found (written while this name was served "
                       f"from the legacy store, e.g. a boot with the vault locked); it is "
@@ -603,9 +618,11 @@ class View:
                                   reason=reason))
         else:
             where = aside_name(rest)
-            reason = (f"an older legacy copy was found beside it (written while this name "
-                      f"was served from the legacy store, e.g. a boot with the vault "
-                      f"locked); it was set aside at {top}/{where}")
+            what = "an older legacy copy" if same_kind else \
+                f"a {_kind_of(legacy_st.st_mode)} at its legacy path (not a copy of it)"
+            reason = (f"{what} was found beside it (written while this name was served "
+                      f"from the legacy store, e.g. a boot with the vault locked); it was "
+                      f"set aside at {top}/{where}")
             self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
                                   target_store=top, target_rel=where, reason=reason))
         log.warning("%s: both a legacy copy and a copy in %s exist; %s", rec.view, rec.store,

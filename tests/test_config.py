@@ -500,13 +500,22 @@ def test_parse_setting_accepts_what_the_file_accepts(text: str, expected: float)
 
 
 @pytest.mark.parametrize("text", ["nan", ".nan", "inf", ".inf", "-1", "1e400", "100001", "",
-                                  "[1]", "{a: 1}", "fast", "1\n---\n2", "\0"])
+                                  "[1]", "{a: 1}", "fast", "1\n---\n2", "\0", "1" * 5000,
+                                  "-" + "9" * 60000])
 def test_parse_setting_refuses_what_the_file_refuses(text: str) -> None:
     key = config.MIGRATION["throttle_mib_per_s"]
     with pytest.raises(ConfigError) as info:
         config.parse_setting(key, text, "throttle_mib_per_s")
     assert str(info.value).startswith("throttle_mib_per_s: ")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["vault_wait_s", "migration:\n  retries"])
+def test_a_number_of_thousands_of_digits_is_one_line(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(f"{key}: {'7' * 5000}\n", SRC)
+    assert "far out of range" in str(info.value) and "\n" not in str(info.value)
+    assert len(str(info.value)) < 200
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw", "vhdx", "container"])

@@ -127,3 +127,31 @@ def test_settings_are_checked_as_the_config_file_checks_them(live):
     run_cli("ctl", *common, "set", "throttle_mib_per_s", "100000", check=True)
     got = run_cli("ctl", *common, "get", "throttle_mib_per_s", check=True).stdout.strip()
     assert got == "100000.0"
+
+
+def test_a_stuck_daemon_never_hangs_ctl_status_or_a_new_mount(live):
+    """A daemon that is alive but answers nothing (here: stopped) keeps the kernel
+    waiting on every request; the commands wait a bounded time and say so."""
+    import signal
+    import time
+
+    root, run, m = live
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        proc = run_cli("ctl", "--root", str(root), "--run-dir", str(run), "--timeout", "2",
+                       "get", "stage")
+        assert proc.returncode == 1 and "did not answer within 2 s" in proc.stderr, proc.stderr
+        proc = run_cli("status", "--root", str(root), "--run-dir", str(run), "--json")
+        assert proc.returncode == 3, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert set(doc["views"].values()) == {"not answering"}, doc["views"]
+        assert doc["objects"], "the objects are read from under the views"
+        assert "not answering" in proc.stderr
+        proc = run_cli("mount", "--root", str(root), "--run-dir", str(run) + "-2",
+                       "--foreground")
+        assert proc.returncode != 0 and "does not answer" in proc.stderr, proc.stderr
+        assert time.monotonic() - start < 60
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    assert os.getxattr(root / "img" / ".compatfs", "user.compatfs.stage") == b"observe"

@@ -299,3 +299,15 @@ def test_fifo_checkpoint_is_a_problem_reported_promptly(demo_root, command):
     assert (f"problem: checkpoint unusable: {lastconfig}: is a FIFO, not a regular file"
             in proc.stdout)
     assert "checkpoint unusable" in proc.stdout.split(web.legacy_name(0))[1].splitlines()[1]
+
+
+def test_names_with_control_characters_cannot_drive_the_terminal_or_forge_lines(demo_root):
+    root, _ = demo_root
+    (root / "img" / "e\x1b[31mred\nforged line").write_bytes(b"x")
+    for command in ("plan", "status"):
+        proc = run_cli(command, "--root", str(root))
+        assert proc.returncode == 0, proc.stderr
+        assert "\x1b" not in proc.stdout
+        [line] = [ln for ln in proc.stdout.splitlines() if "31mred" in ln]
+        assert "e\\x1b[31mred\\x0aforged line" in line
+        assert not any(ln.startswith("forged line") for ln in proc.stdout.splitlines())

@@ -88,6 +88,34 @@ def test_a_newer_legacy_copy_is_served_and_the_placed_one_set_aside(device, view
     assert reopen(views, db).recover() == []
 
 
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_special_file_at_the_legacy_name_never_wins(device, views, tmp_path, planted):
+    """A newer symbolic link (out of the root) or FIFO at a placed name is not a
+    copy of it: the placed copy stays served and the planted file is set aside."""
+    db = str(tmp_path / DB_NAME)
+    view = views("redirect", db)
+    web0 = f"img/{device.web.legacy_name(0)}"
+    write_new(view, web0, b"placed")
+    placed = device.root / "vault" / "volumes" / device.vol(device.web)
+    age(placed, time.time_ns() - HOUR)
+    legacy = device.root / "img" / device.web.legacy_name(0)
+    if planted == "symlink":
+        os.symlink("/etc/shadow", legacy)
+    else:
+        os.mkfifo(legacy)
+    done = view.recover()
+    assert len(done) == 1, done
+    assert read(view, web0) == b"placed" and placed.exists()
+    assert not os.path.lexists(legacy)
+    [kept] = aside(device.root / "img")
+    assert kept.is_symlink() if planted == "symlink" else kept.is_fifo()
+    rec = on_disk(db)[web0]
+    assert (rec.store, rec.state) == ("vault_volumes", "new")
+    kind = "symbolic link" if planted == "symlink" else "FIFO"
+    assert f"a {kind} at its legacy path" in rec.reason, rec.reason
+    assert reopen(views, db).recover() == []
+
+
 @pytest.mark.parametrize("changed_last", ["legacy", "placed"])
 def test_on_equal_mtimes_the_later_ctime_wins(device, views, tmp_path, changed_last):
     view = views("redirect", str(tmp_path / DB_NAME))

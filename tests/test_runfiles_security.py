@@ -184,6 +184,10 @@ def test_nobody_cannot_plant_anything_in_a_running_daemons_run_dir(device, base)
             assert "ermission denied" in proc.stderr or "not permitted" in proc.stderr, proc.stderr
         assert sorted(os.listdir(key)) == before
         assert as_nobody("cat", str(key / "metrics.prom")).returncode == 0   # monitoring reads it
+        # the private mount's root is root's alone: the views are reached through their binds
+        listing = as_nobody("ls", str(key / "mnt"))
+        assert listing.returncode != 0 and "ermission denied" in listing.stderr, listing.stderr
+        assert os.stat(key / "mnt").st_mode & 0o777 == 0o700
 
 
 # -- a hostile tree planted beforehand -------------------------------------------------------
