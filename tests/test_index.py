@@ -15,7 +15,6 @@ import os
 import shutil
 import sqlite3
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,8 @@ from hypothesis import strategies as st
 from compatfs.index import (
     DB_NAME, MARKER_NAME, Index, IndexRefused, Record, open_index,
 )
+
+from .conftest import fill, tmpfs
 
 STATE = "vault/compatfs"
 
@@ -500,26 +501,8 @@ def test_an_io_error_is_eio_and_a_full_disk_behind_it_enospc(small_fs):
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A 1 MiB tmpfs: a disk that fills."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "small", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(path: Path) -> Path:
-    filler = path / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 @pytest.mark.root

@@ -23,7 +23,7 @@ from compatfs.devicegen import AppDef, DriveDef
 from compatfs.index import DB_NAME, MARKER_NAME
 from compatfs.status import EXIT_INDEX_REFUSED, EXIT_OK, EXIT_VIEWS_DEAD
 
-from .conftest import run_cli
+from .conftest import fill, run_cli, tmpfs
 from .mounting import assert_clean_exit, mounted
 
 pytestmark = pytest.mark.root
@@ -172,26 +172,8 @@ def test_status_of_a_sound_index_exits_0(tmp_path, rng):
 @pytest.fixture
 def small_root(tmp_path: Path):
     """A device root on a 16 MiB tmpfs: a disk that fills."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)],
-                   check=True)
-    try:
+    with tmpfs(tmp_path / "small", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(path: Path) -> Path:
-    filler = path / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 def test_a_full_disk_is_enospc_through_the_view_and_the_daemon_keeps_serving(small_root,
