@@ -7,8 +7,10 @@ Every part runs on a fresh device from :func:`compatfs.devicefs.device_root`
 page cache of the image file underneath the filesystem (``--buffered-loop``
 keeps the default buffered loop). Caches are dropped (``sync; echo 3 >
 /proc/sys/vm/drop_caches``) before every timed run. Legacy files are built once
-per device in ``bench-stash/`` (outside every layout location) and hard-linked
-into their legacy places before each run, so every run reads the same blocks.
+per device in ``bench-stash/`` (outside every layout location) and copied
+(``cp -a --sparse=always``, untimed) into their legacy places before each run,
+so every run reads the same bytes from a fresh file. (Not hard links: compatfs
+does not move a file that has more than one name.)
 
 1. Throughput: a mix of 2 sparse raw disks (2 GiB apparent, 256 MiB of data
    each), 2 qcow2 files (``qemu-img create -f qcow2``, then ``qemu-io -c
@@ -315,12 +317,13 @@ class Tree:
     def apparent_bytes(self) -> int:
         return sum(os.stat(self.stash(r)).st_size for r in self.files)
 
-    def link_in(self) -> None:
-        """Put every legacy file in its legacy place (a hard link to the stash)."""
+    def place(self) -> None:
+        """Put a copy of every legacy file in its legacy place (sparse, with its
+        mode and times): one name each, as on a device."""
         for rel in self.files:
             dst = os.path.join(self.root, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.link(self.stash(rel), dst)
+            run(["cp", "-a", "--sparse=always", self.stash(rel), dst])
 
     def reset(self) -> None:
         """Nothing migrated or copied any more: legacy dirs and the new layout emptied."""
@@ -509,7 +512,7 @@ def part_throughput(bench: str, args, res: Results, rng: random.Random, data: by
 
         def one(kind: str, r: int) -> None:
             tree.reset()
-            tree.link_in()
+            tree.place()
             run_dir = os.path.join(bench, f"run-tp-{kind}-{r}")
             drop_caches()
             if kind == "cp":
@@ -568,13 +571,13 @@ def part_reads(bench: str, args, res: Results, rng: random.Random, data: bytes) 
         root = dev.root
         t0 = time.perf_counter()
         reader_tree, reader = build_volumes(root, rng, data, "reader", 1, read_size)
-        reader_tree.link_in()
+        reader_tree.place()
         secs, last = migrate_now(root, os.path.join(bench, "run-reads-pre"),
                                  write_config(os.path.join(bench, "pre.yaml"), UNLIMITED_NOVERIFY))
         reader_tree.check_migrated()
         os.unlink(reader_tree.stash(reader_tree.files[0]))
         bulk, _ = build_volumes(root, rng, data, "bulk", bulk_count, bulk_size, [reader])
-        bulk.link_in()
+        bulk.place()
         legacy_read = os.path.join(root, reader_tree.files[0])
         native_read = os.path.join(root, reader_tree.targets[0])
         log(f"reads: {read_size // MiB} MiB volume migrated ({secs:.1f} s), "
@@ -714,7 +717,7 @@ def part_cache(bench: str, args, res: Results, rng: random.Random, data: bytes) 
         seen: dict[str, tuple[float, Sampler]] = {}
         for kind in ("verify", "noverify", "cp"):
             tree.reset()
-            tree.link_in()
+            tree.place()
             run_dir = os.path.join(bench, f"run-cache-{kind}")
             drop_caches()
             with sampling(files_cp if kind == "cp" else files_compatfs, image) as s:
