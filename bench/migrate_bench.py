@@ -492,7 +492,7 @@ def met(ok: bool | None) -> str:
 
 
 def part_throughput(bench: str, args, res: Results, rng: random.Random, data: bytes) -> None:
-    size_mb = 3072 if args.quick else 12288
+    size_mb = 4096 if args.quick else 16384   # the stash, the legacy copies and the new ones
     rounds = 1 if args.quick else 2
     with device(bench, "dev-throughput", size_mb, not args.buffered_loop) as dev:
         root = dev.root
@@ -685,7 +685,7 @@ def part_reads(bench: str, args, res: Results, rng: random.Random, data: bytes) 
 
 
 def part_cache(bench: str, args, res: Results, rng: random.Random, data: bytes) -> None:
-    size_mb = 3072 if args.quick else 12288
+    size_mb = 4096 if args.quick else 16384   # the stash, the legacy copies and the new ones
     each = (256 if args.quick else 2048) * MiB
     with device(bench, "dev-cache", size_mb, not args.buffered_loop) as dev:
         root = dev.root
