@@ -78,6 +78,7 @@ from typing import Callable, Iterator
 
 from benchlib import commit, drop_caches, log, run
 from compatfs import daemonproc, devicefs, devicegen, mounts
+from compatfs.migrator import tmp_name
 from compatfs.names import DownloadArea, ObjType
 
 MiB = 1 << 20
@@ -85,7 +86,6 @@ GiB = 1 << 30
 CHUNK = MiB
 DEADLINE = 30.0
 SAMPLE_S = 0.1
-TMP_SUFFIX = ".compatfs-tmp"
 STASH = "bench-stash"
 INDEX_FILES = ("index.db", "index.db-wal", "index.db-shm")
 UNLIMITED = "migration:\n  throttle_mib_per_s: 0\n"
@@ -699,8 +699,9 @@ def part_cache(bench: str, args, res: Results, rng: random.Random, data: bytes) 
 
         def files_compatfs() -> list[str]:
             out = [tree.stash(r) for r in tree.files]
-            for t in tree.targets:
-                out += [os.path.join(root, t), os.path.join(root, t + TMP_SUFFIX)]
+            for t in tree.targets:   # the copy, and its temporary while it is made
+                head, name = os.path.split(t)
+                out += [os.path.join(root, t), os.path.join(root, head, tmp_name(name))]
             state = os.path.join(root, "vault", "compatfs")
             return out + [os.path.join(state, n) for n in INDEX_FILES]
 
