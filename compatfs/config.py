@@ -17,6 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative_path
+from .rules import LAYOUTS, DEFAULT_RELEASE, Rules, UnknownRelease, release_text, rules_for
 from .names import CONTAINER_FORMAT, INT64_MAX, KNOWN_FORMATS, is_sha256, is_uuid
 from .untrusted import UntrustedFileError, read_regular
 
@@ -66,6 +67,8 @@ class Migration:
 class Config:
     root: str = DEFAULT_ROOT
     stage: str = "observe"
+    layout_name: str = "eve"          # the ``layout`` key (``layout()`` builds the Layout)
+    eve_release: str = release_text(DEFAULT_RELEASE)
     require_encrypted_vault: bool = True
     paths: dict[str, str] = field(default_factory=dict)
     overrides: tuple[Override, ...] = ()
@@ -74,9 +77,15 @@ class Config:
     migration: Migration = field(default_factory=Migration)
     source: str = "<defaults>"
 
+    @property
+    def rules(self) -> Rules:
+        """The rules of the target layout (checked when the file was parsed)."""
+        return rules_for(self.layout_name,
+                         self.eve_release if self.layout_name == "eve" else None)
+
     def layout(self, root: str | None = None) -> Layout:
         """The layout under *root* (default: the configured root)."""
-        return Layout(root or self.root, self.paths)
+        return Layout(root or self.root, self.paths, self.rules)
 
 
 # -- schema -------------------------------------------------------------------
@@ -114,6 +123,19 @@ def _verify(v: Any) -> str:
     if v == "readback":
         return v
     raise _Bad(f"must be true, false or readback, not {v!r}")
+
+
+def _release(v: Any) -> str:
+    if isinstance(v, float):    # YAML reads 9.10 as the number 9.1: ask for a string
+        raise _Bad(f"must be a quoted string such as \"{v}\" (9.10 and 9.1 are one number), "
+                   f"not the number {v!r}")
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string <major>.<minor>, not {v!r}")
+    try:
+        rules_for("eve", v)
+    except UnknownRelease as exc:
+        raise _Bad(str(exc)) from None
+    return v
 
 
 def _abs_path(v: Any) -> str:
@@ -176,6 +198,10 @@ TOP: dict[str, Key] = {
     "root": Key(_abs_path, DEFAULT_ROOT, "The /persist directory both layouts live under."),
     "stage": Key(_str_choice(STAGES), "observe",
                  "Rollout stage: off, observe, redirect, migrate or rollback."),
+    "layout": Key(_str_choice(LAYOUTS), "eve",
+                  "Target layout: eve (what EVE's code reads) or design-note."),
+    "eve_release": Key(_release, release_text(DEFAULT_RELEASE),
+                       "EVE release the device upgrades to, <major>.<minor> (layout eve)."),
     "require_encrypted_vault": Key(_bool, True,
                                    "Refuse to put vault-bound data in a directory the kernel "
                                    "does not report as fscrypt-encrypted."),
@@ -366,6 +392,11 @@ def parse(text: str, source: str = "<config>") -> Config:
                                   f"(known: {', '.join(MIGRATION)})")
             migration[key] = _value(loader, source, vnode, f"migration.{key}", spec)
     keys = {k: v for k, v in values.items() if k not in ("paths", "overrides", "migration")}
+    if "layout" in keys:
+        keys["layout_name"] = keys.pop("layout")
+    if "eve_release" in keys and keys.get("layout_name", "eve") != "eve":
+        node = next(v for k, _, v in _mapping(source, root_node, "top level") if k == "eve_release")
+        raise ConfigError(f"{_where(source, node)}: eve_release: applies to layout eve only")
     return Config(paths=paths, overrides=tuple(overrides), migration=Migration(**migration),
                   source=source, **keys)
 

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from .names import ObjType, DownloadArea
+from .rules import DEFAULT_RULES, Rules
 
 DEFAULT_ROOT = "/persist"
 
@@ -28,7 +29,10 @@ LOCATIONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     # new layout
     "vault": ("vault", "the fscrypt-encrypted vault"),
     "vault_volumes": ("vault/volumes", "encrypted volumes <volumeUUID>#<generation>.<format>"),
-    "novault_volumes": ("novault/volumes", "clear-text volumes <volumeUUID>#<generation>.<format>"),
+    "clear_volumes": ("clear/volumes", "clear-text volumes <volumeUUID>#<generation>.<format> "
+                      "(layout eve)"),
+    "novault_volumes": ("novault/volumes", "clear-text volumes <volumeUUID>#<generation>.<format> "
+                        "(layout design-note)"),
     "downloader": ("vault/downloader", "downloads in progress, owned by the downloader"),
     "verifier": ("vault/verifier/verifier", "objects being verified, owned by the verifier"),
     "verified": ("vault/verifier/verified", "verified objects, flat, named by lower-case sha256"),
@@ -73,11 +77,14 @@ def check_relative_path(value: str) -> str:
 class Layout:
     """Where every location lives under one root.
 
-    ``overrides`` maps location keys to paths relative to ``root``.
+    ``overrides`` maps location keys to paths relative to ``root``; ``rules``
+    are those of the target layout (:mod:`compatfs.rules`), which decide, for
+    example, where clear-text volumes go.
     """
 
     root: str = DEFAULT_ROOT
     overrides: Mapping[str, str] = field(default_factory=dict)
+    rules: Rules = DEFAULT_RULES
 
     def __post_init__(self) -> None:
         unknown = set(self.overrides) - set(LOCATIONS)
@@ -111,6 +118,11 @@ class Layout:
         return os.path.join(self.path("downloads"), obj_type.value, area.value)
 
     # -- new layout -------------------------------------------------------
+    def volume_location(self, clear_text: bool) -> str:
+        """The location key of a volume's directory: the vault's, or the target
+        layout's directory for clear-text volumes."""
+        return self.rules.clear_volumes if clear_text else "vault_volumes"
+
     def checkpoint_candidates(self) -> tuple[str, str]:
         """The checkpoint paths in the order they are tried."""
         return (self.path("checkpoint"), self.path("checkpoint_alt"))

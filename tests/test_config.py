@@ -87,7 +87,7 @@ def test_empty_document_gives_defaults(text: str) -> None:
 def test_defaults_come_from_the_schema() -> None:
     cfg = Config()
     for key, spec in config.TOP.items():
-        value = getattr(cfg, key)
+        value = getattr(cfg, "layout_name" if key == "layout" else key)
         if key == "overrides":
             assert value == tuple(spec.default)
         elif key == "migration":
@@ -209,6 +209,16 @@ ERRORS = [
     pytest.param(_ov(format="img"), 5, "overrides[0].format", id="override-unknown-format"),
     pytest.param(_ov(format="QCOW2"), 5, "overrides[0].format", id="override-upper-format"),
     pytest.param(_ov(format=3), 5, "overrides[0].format", id="override-int-format"),
+    pytest.param("layout: eve-os\n", 1, "layout", id="layout-unknown"),
+    pytest.param("layout: [eve]\n", 1, "layout", id="layout-list"),
+    pytest.param("eve_release: 9.1\n", 1, "eve_release", id="eve_release-number"),
+    pytest.param("eve_release: \"5.7\"\n", 1, "eve_release", id="eve_release-ambiguous-5.7"),
+    pytest.param("eve_release: \"5.6\"\n", 1, "eve_release", id="eve_release-legacy"),
+    pytest.param("eve_release: \"99.0\"\n", 1, "eve_release", id="eve_release-future"),
+    pytest.param("eve_release: \"09.1\"\n", 1, "eve_release", id="eve_release-leading-zero"),
+    pytest.param("eve_release: \"9\"\n", 1, "eve_release", id="eve_release-no-minor"),
+    pytest.param("layout: design-note\neve_release: \"9.1\"\n", 2, "eve_release",
+                 id="eve_release-with-design-note"),
     # structure
     pytest.param("- stage: observe\n- root: /p\n", 1, "top level", id="top-level-list"),
     pytest.param("just a string\n", 1, "top level", id="top-level-scalar"),
