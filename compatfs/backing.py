@@ -255,17 +255,27 @@ class Store:
 #: The legacy locations a view is mounted over, by view name.
 VIEW_STORES = {"img": "img", "downloads": "downloads", "prepared": "prepared"}
 
-#: Where new-layout data may be placed.
-NEW_STORES = ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified",
-              "unresolved", "cas")
+#: Where new-layout data may be placed (of the two clear-text volume locations,
+#: only the one the target layout names is opened: :func:`new_stores`).
+NEW_STORES = ("vault_volumes", "clear_volumes", "novault_volumes", "downloader", "verifier",
+              "verified", "unresolved", "cas")
+#: The clear-text volume locations: EVE's (``clear/volumes``) and the design note's.
+CLEAR_STORES = frozenset({"clear_volumes", "novault_volumes"})
 
 #: The root itself: the legacy ``containerd`` tree is moved out of it as one name.
 ROOT_STORE = "persist"
 #: The directory the CAS location is a name in (``vault`` for ``vault/containerd``).
 CAS_PARENT = "cas_parent"
 
-#: New-layout locations that must be encrypted (all but novault).
-VAULT_STORES = frozenset(NEW_STORES) - {"novault_volumes"} | {CAS_PARENT}
+#: New-layout locations that must be encrypted (all but the clear-text volumes).
+VAULT_STORES = frozenset(NEW_STORES) - CLEAR_STORES | {CAS_PARENT}
+
+
+def new_stores(layout: Layout) -> tuple[str, ...]:
+    """The new-layout locations *layout*'s target uses: every one but the clear-text
+    volume location of the other target layout."""
+    return tuple(k for k in NEW_STORES if k not in CLEAR_STORES
+                 or k == layout.rules.clear_volumes)
 
 
 def store_path(layout: Layout, key: str) -> str:
@@ -366,10 +376,13 @@ class Backing:
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
             cas_parent = os.path.dirname(layout.rel("cas"))
-            for key, rel in [(k, layout.rel(k)) for k in NEW_STORES] + [(CAS_PARENT, cas_parent)]:
+            for key, rel in [(k, layout.rel(k)) for k in new_stores(layout)] \
+                    + [(CAS_PARENT, cas_parent)]:
                 path = os.path.join(layout.root, rel)
                 if create_new and not read_only and key != "cas" and rel:
-                    root.makedirs(rel, 0o700 if key in VAULT_STORES else 0o755)
+                    # EVE's volumemgr makes its volume directories 0700
+                    private = key in VAULT_STORES or key == "clear_volumes"
+                    root.makedirs(rel, 0o700 if private else 0o755)
                 try:
                     store = Store(key, path, root.open_dir(rel))
                 except FileNotFoundError:

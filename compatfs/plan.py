@@ -18,8 +18,10 @@ from .names import shown
 from .resolver import Resolution, Resolver
 from .scan import KINDS, Bases, LegacyObject, scan
 
-#: Destination locations, in report order.
-DESTINATIONS = ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified", "cas")
+def destinations(layout: Layout) -> tuple[str, ...]:
+    """Destination locations of *layout*'s target, in report order."""
+    return ("vault_volumes", layout.rules.clear_volumes, "downloader", "verifier", "verified",
+            "cas")
 
 
 @dataclass
@@ -162,7 +164,7 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
     _settle_conflicts(entries, layout)
 
     vault = layout.path("vault")
-    dests = {loc: Destination(loc, layout.path(loc)) for loc in DESTINATIONS}
+    dests = {loc: Destination(loc, layout.path(loc)) for loc in destinations(layout)}
     for d in dests.values():
         d.device, d.free = _filesystem(d.path)
     source_devices: dict[str, int] = {}

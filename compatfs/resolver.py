@@ -295,7 +295,7 @@ class Resolver:
         found = self.map.volume_for(name)
         if isinstance(found, str):
             return Resolution(None, found)
-        location = "novault_volumes" if found.clear_text else "vault_volumes"
+        location = self.layout.volume_location(found.clear_text)
         return Resolution(os.path.join(self.layout.path(location), found.file_name(fmt)),
                           None, found, location)
 
