@@ -5,18 +5,20 @@ the tests and the benchmarks.
 A plain temporary directory behaves unlike a device in the one way that
 matters most to compatfs: on a device, ``/persist/vault`` is an fscrypt
 directory, and ``rename(2)`` of a file from outside it (``/persist/img``,
-``/persist/novault``) into it fails with ``EXDEV`` -- the bytes have to be
+``/persist/clear``) into it fails with ``EXDEV`` -- the bytes have to be
 copied (or reflinked) and re-encrypted, not just relinked. Tests that move
 files into the vault, or that ask :mod:`compatfs.fscrypt` whether a directory
 is encrypted, need the real thing, which these helpers build
-(docs/eve-layout-brief.md section 5):
+(on a device, ``/persist`` is ext4 with fscrypt and ``vault/`` one policy; see
+docs/eve.md):
 
 * :func:`ext4_image` -- a sparse ext4 image made with ``mkfs.ext4 -O encrypt``,
   attached with ``losetup`` and mounted on ``WORKDIR/mnt``;
 * :func:`make_vault` -- an empty directory with a v2 policy under a fresh raw
   key (the key lives in the filesystem's keyring until it is unmounted);
 * :func:`device_root` -- both together: a ``/persist``-like root holding an
-  encrypted ``vault/`` and a plain ``novault/``.
+  encrypted ``vault/`` and the plain ``clear/`` (EVE) and ``novault/`` (design
+  note) directories for clear-text volumes.
 
 They need root and loop devices (tests using them are marked ``root``).
 
@@ -200,7 +202,7 @@ def make_vault(mount: Path, name: str = "vault", key: bytes | None = None) -> Pa
 @contextlib.contextmanager
 def device_root(workdir: Path, size_mb: int = 256, encrypted_vault: bool = True) -> Iterator[Path]:
     """A device-like ``/persist`` on a fresh ext4 image: ``vault/`` (fscrypt-encrypted
-    unless *encrypted_vault* is False) and a plain ``novault/``. Yields the root.
+    unless *encrypted_vault* is False) and plain ``clear/`` and ``novault/``. Yields the root.
 
     The filesystem supports encryption either way, so only the vault differs.
     """
@@ -209,5 +211,6 @@ def device_root(workdir: Path, size_mb: int = 256, encrypted_vault: bool = True)
             make_vault(root, "vault")
         else:
             (root / "vault").mkdir()
+        (root / "clear").mkdir()
         (root / "novault").mkdir()
         yield root

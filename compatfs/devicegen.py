@@ -294,6 +294,6 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     layer = rng.randbytes(32 << 10)
     with open(os.path.join(cas, sha_of(layer)), "wb") as f:
         f.write(layer)
-    for d in ("vault", "novault"):
+    for d in ("vault", "clear", "novault"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     return apps
