@@ -82,6 +82,14 @@ def temporaries(root: Path) -> list[str]:
     return sorted(str(p) for d in root.rglob(TMP_DIR) if d.is_dir() for p in d.iterdir())
 
 
+def layout_config(directory: Path, layout: str, release: str | None = None) -> Path:
+    """A config file choosing the target *layout* (and EVE *release*), for the CLI
+    and the daemon (``--config``); eve 17.3 is what no config gives."""
+    path = directory / f"compatfs-{layout}{'-' + release if release else ''}.yaml"
+    path.write_text(f"layout: {layout}\n" + (f'eve_release: "{release}"\n' if release else ""))
+    return path
+
+
 @pytest.fixture
 def demo_root(tmp_path: Path) -> tuple[Path, list[devicegen.AppDef]]:
     """The demo device under tmp_path/persist, with its app definitions."""

@@ -17,7 +17,7 @@ from compatfs.plan import make_plan, render_text
 from compatfs.resolver import Resolver
 from compatfs.rules import OCI_LAYER_MEDIA_TYPE, path_escape, rules_for
 
-from .conftest import run_cli, tree_snapshot
+from .conftest import layout_config, run_cli, tree_snapshot
 
 
 DESIGN_NOTE = rules_for("design-note")
@@ -27,12 +27,6 @@ def plan_of(root: Path, overrides=(), rules=None):
     """The plan of *root* in layout eve 17.3 (the default), or under *rules*."""
     layout = Layout(str(root), rules=rules) if rules is not None else Layout(str(root))
     return make_plan(layout, Resolver(layout, tuple(overrides)))
-
-
-def config_file(tmp_path: Path, layout: str, release: str | None = None) -> Path:
-    path = tmp_path / f"compatfs-{layout}-{release}.yaml"
-    path.write_text(f"layout: {layout}\n" + (f"eve_release: \"{release}\"\n" if release else ""))
-    return path
 
 
 def by_legacy(plan) -> dict:
@@ -369,7 +363,7 @@ def test_names_with_control_characters_cannot_drive_the_terminal_or_forge_lines(
                                                  ("design-note", None, "design-note")])
 def test_plan_names_the_target_layout(demo_root, tmp_path, layout, release, name):
     root, _ = demo_root
-    cfg = str(config_file(tmp_path, layout, release))
+    cfg = str(layout_config(tmp_path, layout, release))
     text = run_cli("plan", "--root", str(root), "--config", cfg, check=True).stdout
     assert text.splitlines()[0] == f"compatfs plan for {root}, target layout {name}"
     doc = json.loads(run_cli("plan", "--root", str(root), "--config", cfg, "--json",

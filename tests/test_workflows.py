@@ -3,7 +3,7 @@
 Every test here runs the real daemon (tests/mounting.py) over a loop-mounted
 ext4 root with a real fscrypt vault (tests/devices.py), where ``rename(2)``
 from outside into the vault fails with ``EXDEV`` as on a device. The agents'
-habits come from docs/eve-layout-brief.md section 2; after each step the
+habits are those of EVE 5.6's agents (docs/eve.md); after each step the
 test looks *under* the views (through directory fds opened before mounting)
 and into the new layout, so it sees where the bytes really are.
 """
@@ -29,7 +29,7 @@ import pytest
 from compatfs import devicegen
 from compatfs.devicegen import AppDef, DriveDef
 
-from .conftest import run_cli
+from .conftest import layout_config, run_cli
 from .devices import device_root
 from .mounting import assert_clean_exit, mounted
 
@@ -142,8 +142,10 @@ def two_apps(rng: random.Random) -> tuple[AppDef, AppDef]:
 
 # -- 1. downloader and verifier -------------------------------------------------------
 
-def test_downloader_and_verifier_through_the_views(device, tmp_path, rng):
+def test_design_note_downloader_and_verifier_through_the_views(device, tmp_path, rng):
+    """The design note moves downloads in progress into the vault as they are written."""
     root = device
+    config = layout_config(tmp_path, "design-note")
     vault = root / "vault"
     image_id = new_uuid(rng)
     blob = rng.randbytes(300 << 10)
@@ -156,7 +158,7 @@ def test_downloader_and_verifier_through_the_views(device, tmp_path, rng):
     (dl / "pending" / old_id).mkdir(parents=True)
     (dl / "pending" / old_id / "old.img").write_bytes(old_blob[:1000])
     with under(root / "downloads") as legacy, \
-            mounted(root, tmp_path / "run", stage="redirect") as m:
+            mounted(root, tmp_path / "run", stage="redirect", config=config) as m:
         # downloader: mkdir -p, create, write in two sessions, a sidecar progress file
         pending = dl / "pending" / image_id
         os.makedirs(pending)
@@ -260,6 +262,64 @@ def test_downloader_and_verifier_through_the_views(device, tmp_path, rng):
         assert_clean_exit(m)
 
 
+def test_eve_downloads_in_progress_stay_legacy_and_verified_ones_take_the_release_name(
+        device, tmp_path, rng):
+    """E11-E13 through the mounted views in stage redirect: the downloader and the
+    verifier work in the legacy store (no EVE release reads their files moved) and
+    read back through the view; a verified image the checkpoint names is created
+    at the name EVE 17.3 keeps; a cert.obj one stays legacy; status says why."""
+    root = device
+    vault = root / "vault"
+    blob = rng.randbytes(200 << 10)
+    sha = sha256(blob)
+    app = AppDef(new_uuid(rng), "img", [DriveDef(new_uuid(rng), sha, "qcow2",
+                                                 volume_uuid=new_uuid(rng))])
+    devicegen.write_device_state(str(root), [app])
+    image_id = new_uuid(rng)
+    dl = root / "downloads" / OBJ
+    run = tmp_path / "run"
+    with under(root / "downloads") as legacy, mounted(root, run, stage="redirect") as m:
+        pending = dl / "pending" / image_id
+        os.makedirs(pending)
+        with open(pending / "disk.qcow2", "wb") as f:
+            f.write(blob[:50 << 10])
+        with open(pending / "disk.qcow2", "ab") as f:       # resumed
+            f.write(blob[50 << 10:])
+        assert (pending / "disk.qcow2").read_bytes() == blob
+        assert files_under(legacy) == {f"{OBJ}/pending/{image_id}/disk.qcow2"}
+        assert files_in(vault / "downloader") == set() and files_in(vault / "verifier") == set()
+        os.makedirs(dl / "verifier" / image_id)
+        os.rename(pending / "disk.qcow2", dl / "verifier" / image_id / "disk.qcow2")
+        assert files_under(legacy) == {f"{OBJ}/verifier/{image_id}/disk.qcow2"}
+        # the verifier of this device writes the verified object anew (a copy)
+        verified_dir = dl / "verified" / sha.upper()
+        os.makedirs(verified_dir)
+        shutil.copyfile(dl / "verifier" / image_id / "disk.qcow2", verified_dir / "disk.qcow2")
+        name = f"{sha}.application%2Fvnd.oci.image.layer.v1.tar+gzip"
+        assert (vault / "verifier" / "verified" / name).read_bytes() == blob
+        assert (verified_dir / "disk.qcow2").read_bytes() == blob
+        # a certificate is not a blob: it stays in the legacy store
+        cert_sha = sha256(b"cert")
+        os.makedirs(root / "downloads" / "cert.obj" / "verified" / cert_sha)
+        (root / "downloads" / "cert.obj" / "verified" / cert_sha / "ca.pem").write_bytes(b"cert")
+        assert f"cert.obj/verified/{cert_sha}/ca.pem" in files_under(legacy)
+        assert index_rows(root) == {f"downloads/{OBJ}/verified/{sha.upper()}/disk.qcow2":
+                                    ("verified", name, "new")}
+        doc = json.loads(run_cli("status", "--root", str(root), "--run-dir", str(run),
+                                 "--json", check=True).stdout)
+        m.kill(signal.SIGTERM)
+        assert_clean_exit(m)
+    assert doc["layout"] == "eve 17.3"
+    objects = {o["legacy"]: o for o in doc["objects"]}
+    kept = objects[f"downloads/{OBJ}/verifier/{image_id}/disk.qcow2"]
+    assert (kept["state"], kept["target"]) == ("legacy", None)
+    assert "no EVE release reads verifier/" in kept["reason"]
+    cert = objects[f"downloads/cert.obj/verified/{cert_sha}/ca.pem"]
+    assert cert["state"] == "legacy" and "cert.obj" in cert["reason"]
+    placed = objects[f"downloads/{OBJ}/verified/{sha.upper()}/disk.qcow2"]
+    assert (placed["state"], placed["location"]) == ("new", f"vault/verifier/verified/{name}")
+
+
 # -- 2. volumemgr ------------------------------------------------------------------------
 
 def test_volumemgr_creates_lists_resizes_and_deletes_volumes(device, tmp_path, rng):
@@ -273,7 +333,7 @@ def test_volumemgr_creates_lists_resizes_and_deletes_volumes(device, tmp_path, r
     assert "#2" in purged.name
     d0, d1, d2 = web.drives[0], web.drives[1], db.drives[0]
     vm_at = root / "vault" / "volumes" / f"{d0.volume_uuid}#0.qcow2"
-    clear_at = root / "novault" / "volumes" / f"{d1.volume_uuid}#0.raw"
+    clear_at = root / "clear" / "volumes" / f"{d1.volume_uuid}#0.raw"
     purged_at = root / "vault" / "volumes" / f"{d2.volume_uuid}#3.qcow2"
     with under(img) as legacy, mounted(root, tmp_path / "run", stage="redirect") as m:
         (img / "notes.txt").write_text("operator notes\n")  # not a volume: stays
@@ -284,7 +344,7 @@ def test_volumemgr_creates_lists_resizes_and_deletes_volumes(device, tmp_path, r
         assert vm_at.read_bytes()[:4] == b"QFI\xfb"
         assert files_under(legacy) == {"notes.txt"}
         assert files_in(root / "vault" / "volumes") == {vm_at.name, purged_at.name}
-        assert files_in(root / "novault" / "volumes") == {clear_at.name}
+        assert files_in(root / "clear" / "volumes") == {clear_at.name}
         info = json.loads(qemu_img("info", "--output=json", str(vm)))
         assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
 
@@ -317,7 +377,7 @@ def test_volumemgr_creates_lists_resizes_and_deletes_volumes(device, tmp_path, r
         # delete an unused volume: the vault file and the record go
         rows = index_rows(root)
         assert rows[f"img/{purged.name}"] == ("vault_volumes", purged_at.name, "new")
-        assert rows[f"img/{clear.name}"] == ("novault_volumes", clear_at.name, "new")
+        assert rows[f"img/{clear.name}"] == ("clear_volumes", clear_at.name, "new")
         os.unlink(purged)
         assert not purged_at.exists()
         assert purged.name not in os.listdir(img)
@@ -369,14 +429,16 @@ def test_unresolved_volume_moves_to_its_name_when_the_checkpoint_maps_it(device,
 # -- 4. durability ----------------------------------------------------------------------------
 
 def test_placed_names_survive_umount_and_a_killed_daemon(device, tmp_path, rng):
+    """In the design note's layout, where downloads in progress are placed too."""
     root = device
+    config = layout_config(tmp_path, "design-note")
     web, db = two_apps(rng)
     devicegen.write_device_state(str(root), [web], rng=rng)  # db stays unresolved
     img, dl = root / "img", root / "downloads" / OBJ
     blob = rng.randbytes(64 << 10)
     image_id = new_uuid(rng)
     run = tmp_path / "run"
-    with mounted(root, run, stage="redirect") as m:
+    with mounted(root, run, stage="redirect", config=config) as m:
         (img / web.legacy_name(0)).write_bytes(rng.randbytes(200 << 10))
         (img / web.legacy_name(1)).write_bytes(rng.randbytes(100 << 10))
         (img / db.legacy_name(0)).write_bytes(rng.randbytes(50 << 10))
@@ -391,7 +453,7 @@ def test_placed_names_survive_umount_and_a_killed_daemon(device, tmp_path, rng):
         assert_clean_exit(m)
     assert len(index_rows(root)) == 5
     assert (root / "vault" / "verifier" / "verified" / sha256(blob)).read_bytes() == blob
-    with mounted(root, run, stage="redirect") as m:
+    with mounted(root, run, stage="redirect", config=config) as m:
         assert view_snapshot(root) == before
         # changes right before a SIGKILL must survive too
         with open(dl / "pending" / image_id / "part.img", "ab") as f:
@@ -404,13 +466,13 @@ def test_placed_names_survive_umount_and_a_killed_daemon(device, tmp_path, rng):
         m.kill(signal.SIGKILL)
         with pytest.raises(OSError):
             os.listdir(img)
-        with mounted(root, run, stage="redirect"):
+        with mounted(root, run, stage="redirect", config=config):
             assert view_snapshot(root) == after
             assert (dl / "pending" / image_id / "part.img").read_bytes() == blob
             assert web.legacy_name(0) not in os.listdir(img)
     # back to observe (a rollout stepped back): placed names are still served
     vault_files = files_in(root / "vault")
-    with mounted(root, run, stage="observe"):
+    with mounted(root, run, stage="observe", config=config):
         assert view_snapshot(root) == after
     assert files_in(root / "vault") == vault_files
     assert set(index_rows(root)) == {
@@ -463,23 +525,26 @@ def test_observe_leaves_everything_in_the_legacy_store(device, tmp_path, rng):
                 p, fl, dir_fd=legacy_dl)) as f:
             assert f.read() == blob
         assert files_under(legacy_img) == {web.legacy_name(0)}
-        assert os.listdir(root / "vault") == [] and os.listdir(root / "novault") == []
+        assert os.listdir(root / "vault") == [] and os.listdir(root / "clear") == []
 
         proc = run_cli("status", "--root", str(root), "--run-dir", str(run), "--json")
         assert proc.returncode == 0, proc.stderr
         doc = json.loads(proc.stdout)
     assert doc["stage"] == "observe" and doc["mounted"]
     objects = {o["legacy"]: o for o in doc["objects"]}
+    # eve 17.3: downloads stay in the legacy store by rule (the verified one's sha
+    # is in no config, so no name 17.3 keeps can be derived); each says why
     expected = {
-        f"downloads/{OBJ}/pending/{ids[0]}/f.img": f"vault/downloader/pending/{ids[0]}/f.img",
-        f"downloads/{OBJ}/verifier/{ids[1]}/f.img": f"vault/verifier/verifier/{ids[1]}/f.img",
-        f"downloads/{OBJ}/verified/{sha.upper()}/f.img": f"vault/verifier/verified/{sha}",
-        f"img/{web.legacy_name(0)}": f"vault/volumes/{web.drives[0].volume_uuid}#0.qcow2",
+        f"downloads/{OBJ}/pending/{ids[0]}/f.img": (None, "no EVE release reads pending/"),
+        f"downloads/{OBJ}/verifier/{ids[1]}/f.img": (None, "no EVE release reads verifier/"),
+        f"downloads/{OBJ}/verified/{sha.upper()}/f.img": (None, "no name EVE 17.3 keeps"),
+        f"img/{web.legacy_name(0)}": (f"vault/volumes/{web.drives[0].volume_uuid}#0.qcow2", None),
     }
     assert set(objects) == set(expected)
-    for legacy, target in expected.items():
+    for legacy, (target, why) in expected.items():
         o = objects[legacy]
         assert (o["state"], o["location"], o["target"]) == ("legacy", legacy, target), o
+        assert why is None and o["reason"] is None or why in o["reason"], o
     assert os.listdir(root / "vault") == []
 
 
@@ -545,7 +610,8 @@ def test_a_planted_symlink_is_served_as_a_link_and_does_not_stop_the_mount(devic
     (outside / "pending" / "keep").write_bytes(b"outside the root")
     image_id = new_uuid(rng)
     run = tmp_path / "run"
-    with mounted(root, run, stage="redirect"):
+    config = layout_config(tmp_path, "design-note")    # it places downloads in progress
+    with mounted(root, run, stage="redirect", config=config):
         os.makedirs(root / "downloads" / OBJ / "pending" / image_id)
         (root / "downloads" / OBJ / "pending" / image_id / "f").write_bytes(b"placed")
         (root / "img" / "notes.txt").write_text("legacy\n")
@@ -554,7 +620,7 @@ def test_a_planted_symlink_is_served_as_a_link_and_does_not_stop_the_mount(devic
     shutil.rmtree(root / "downloads" / OBJ)
     os.symlink(outside, root / "downloads" / OBJ)
     before = sorted(str(p.relative_to(outside)) for p in outside.rglob("*"))
-    with mounted(root, run, stage="redirect") as m:
+    with mounted(root, run, stage="redirect", config=config) as m:
         link = root / "downloads" / OBJ
         assert stat.S_ISLNK(os.lstat(link).st_mode)
         assert os.readlink(link) == str(outside)
