@@ -15,7 +15,7 @@ import pytest
 
 from compatfs import devicegen
 
-from .conftest import legacy_snapshot, run_cli, temporaries
+from .conftest import layout_config, legacy_snapshot, run_cli, temporaries
 from .devices import device_root
 from .mounting import mounted
 
@@ -46,39 +46,52 @@ def device(tmp_path):
         yield root
 
 
-@pytest.mark.parametrize("verify", [None, "readback", "false"])
+@pytest.mark.parametrize("verify,layout", [(None, "eve"), ("readback", "eve"), ("false", "eve"),
+                                           (None, "design-note")])
 def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(device, tmp_path,
-                                                                             verify):
+                                                                             verify, layout):
     root = device
-    web, db, pod, _ = devicegen.make_demo(str(root))
+    web, db, pod, fresh = devicegen.make_demo(str(root))
     before = {**sha_tree(root, "img"), **sha_tree(root, "downloads")}
     cas_before = {k.removeprefix("containerd/"): v for k, v in sha_tree(root, "containerd").items()}
     assert cas_before
     run = str(tmp_path / "run")
-    extra = []
+    config = layout_config(tmp_path, layout)
     if verify is not None:
-        (tmp_path / "c.yaml").write_text(f"migration:\n  verify: {verify}\n")
-        extra = ["--config", str(tmp_path / "c.yaml")]
-    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run, *extra)
+        config.write_text(config.read_text() + f"migration:\n  verify: {verify}\n")
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run,
+                   "--config", str(config))
     assert proc.returncode == 0, proc.stderr
-    assert "migrated 9 of 9 objects" in proc.stderr
+    # eve 17.3 leaves the downloads in progress and the baseOs.obj object (in no
+    # config: no name 17.3 keeps) in the legacy store
+    moved = 9 if layout == "design-note" else 6
+    assert f"migrated {moved} of {moved} objects" in proc.stderr
+    clear = "novault" if layout == "design-note" else "clear"
     vol = lambda d, fmt: f"{d.volume_uuid}#{d.generation}.{fmt}"  # noqa: E731
     placed = {
         f"img/{web.legacy_name(0)}": f"vault/volumes/{vol(web.drives[0], 'qcow2')}",
-        f"img/{web.legacy_name(1, sha_upper=True)}": f"novault/volumes/{vol(web.drives[1], 'raw')}",
+        f"img/{web.legacy_name(1, sha_upper=True)}": f"{clear}/volumes/{vol(web.drives[1], 'raw')}",
         f"img/{db.legacy_name(0)}": f"vault/volumes/{vol(db.drives[0], 'raw')}",
     }
-    after = {**sha_tree(root, "vault"), **sha_tree(root, "novault")}
+    after = {**sha_tree(root, "vault"), **sha_tree(root, clear)}
     for legacy, target in placed.items():
         assert after[target] == before[legacy], legacy
         assert not (root / legacy).exists()
     # what stays: the stale purge copy, the unknown app, the stray file
     assert (root / "img" / db.legacy_name(0, purge=1)).exists()
     assert (root / "img" / "notes.txt").exists()
+    media = ".application%2Fvnd.oci.image.layer.v1.tar+gzip"
     for legacy, digest in before.items():
         if legacy.startswith("downloads/") and "/verified/" in legacy:
             sha = legacy.split("/")[3].lower()
-            assert after[f"vault/verifier/verified/{sha}"] == digest == sha
+            if layout == "design-note":
+                assert after[f"vault/verifier/verified/{sha}"] == digest == sha
+            elif sha == fresh.drives[0].sha:         # the image the checkpoint names
+                assert after[f"vault/verifier/verified/{sha}{media}"] == digest == sha
+            else:
+                assert (root / legacy).exists() and not any(sha in k for k in after)
+        elif legacy.startswith("downloads/"):        # in progress: only the design note moves it
+            assert (root / legacy).exists() == (layout == "eve"), legacy
     tree = root / "vault/volumes" / vol(pod.drives[0], "container")
     assert (tree / "rootfs/bin/start").is_symlink() and os.readlink(tree / "rootfs/bin/start") == "app"
     assert not (root / "runx/pods/prepared" / pod.legacy_name(0, container=True)).exists()
@@ -121,21 +134,25 @@ def test_sparse_image_stays_sparse(device, tmp_path):
         assert hashlib.file_digest(f, "sha256").hexdigest() == want
 
 
-def test_rollback_restores_exactly_what_old_eve_expects(device, tmp_path):
+@pytest.mark.parametrize("layout", ["eve", "design-note"])
+def test_rollback_restores_exactly_what_old_eve_expects(device, tmp_path, layout):
     root = device
     devicegen.make_demo(str(root))
     before = legacy_snapshot(root)
     run = str(tmp_path / "run")
-    assert run_cli("migrate", "--root", str(root), "--now", "--run-dir", run).returncode == 0
+    config = str(layout_config(tmp_path, layout))
+    assert run_cli("migrate", "--root", str(root), "--now", "--run-dir", run,
+                   "--config", config).returncode == 0
     assert legacy_snapshot(root) != before
-    proc = run_cli("rollback", "--root", str(root), "--run-dir", run)
+    proc = run_cli("rollback", "--root", str(root), "--run-dir", run, "--config", config)
     assert proc.returncode == 0, proc.stderr
-    assert "moved 9 objects back" in proc.stderr
+    assert f"moved {9 if layout == 'design-note' else 6} objects back" in proc.stderr
     after = legacy_snapshot(root)
     assert set(after) >= set(before)
     for path, (mode, size, mtime, digest) in before.items():
         assert after[path] == (mode, size, mtime, digest), path
     assert sha_tree(root, "vault/volumes") == {} and sha_tree(root, "novault/volumes") == {}
+    assert sha_tree(root, "clear/volumes") == {}
     assert sha_tree(root, "vault/verifier") == {}
     assert not (root / "vault/containerd").exists()
     assert temporaries(root) == []
@@ -217,7 +234,7 @@ def test_containerd_store_in_use_waits_and_moves_once_released(device, tmp_path)
     try:
         proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
         assert proc.returncode == 1, proc.stderr
-        assert "migrated 8 of 9 objects" in proc.stderr
+        assert "migrated 5 of 6 objects" in proc.stderr     # eve 17.3 moves 6 (test above)
         assert f"waiting: persist/containerd: in use by pid {holder.pid} (sleep, cwd)" \
             in proc.stderr
         assert sha_tree(root, "containerd") == cas_before
@@ -339,3 +356,28 @@ def test_a_held_containerd_store_is_not_set_aside_either(device, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_eve_7_10_keeps_containerd_and_names_verified_objects_by_bare_sha(device, tmp_path):
+    """E10, E14 for a target before 7.11: containerd/ is that release's system
+    containerd root and stays (status says why); verified objects of both blob
+    types move to vault/verifier/verified/<lower sha> whatever the config says."""
+    root = device
+    devicegen.make_demo(str(root))
+    cas_before = sha_tree(root, "containerd")
+    verified = {k: v for k, v in sha_tree(root, "downloads").items() if "/verified/" in k}
+    assert len(verified) == 2
+    run = str(tmp_path / "run")
+    config = str(layout_config(tmp_path, "eve", "7.10"))
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run, "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "migrated 6 of 6 objects" in proc.stderr       # 4 volumes, 2 verified objects
+    assert sha_tree(root, "containerd") == cas_before and not (root / "vault/containerd").exists()
+    for legacy, digest in verified.items():
+        assert sha_tree(root, "vault/verifier/verified")[
+            f"vault/verifier/verified/{legacy.split('/')[3].lower()}"] == digest
+    status = json.loads(run_cli("status", "--root", str(root), "--run-dir", run, "--config",
+                                config, "--json", check=True).stdout)
+    assert status["layout"] == "eve 7.10"
+    obj = next(o for o in status["objects"] if o["legacy"] == "containerd")
+    assert obj["state"] == "legacy" and "EVE 7.10 runs its own containerd" in obj["reason"]
