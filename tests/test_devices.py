@@ -50,9 +50,11 @@ def assert_nothing_left(workdir: Path) -> None:
 @pytest.mark.root
 def test_vault_is_encrypted_and_the_rest_is_not(tmp_path: Path) -> None:
     with device_root(tmp_path, SIZE_MB) as root:
-        assert sorted(p.name for p in root.iterdir()) == ["lost+found", "novault", "vault"]
+        assert sorted(p.name for p in root.iterdir()) == ["clear", "lost+found", "novault",
+                                                          "vault"]
         (root / "vault" / "file").write_bytes(b"secret")
         assert fscrypt.path_is_encrypted(str(root / "vault"))
+        assert not fscrypt.path_is_encrypted(str(root / "clear"))
         assert not fscrypt.path_is_encrypted(str(root / "novault"))
         assert not fscrypt.path_is_encrypted(str(root))
 
