@@ -220,7 +220,7 @@ def test_o_direct_reads_and_writes_with_aligned_buffers(legacy, tmp_path):
 def test_redirect_stage_qemu_volumes_land_in_the_new_layout(tmp_path):
     """On a device with a real vault: volumemgr creates a raw clear-text volume and
     converts it to an encrypted qcow2 volume, both under legacy names; the bytes
-    go to novault/ and vault/ under volume UUIDs, and stay sound there."""
+    go to clear/ and vault/ under volume UUIDs, and stay sound there."""
     app = devicegen.AppDef(APP, "vm", [
         devicegen.DriveDef("aaaaaaaa-2222-4333-8444-555555555555", "ab" * 32, "qcow2"),
         devicegen.DriveDef("bbbbbbbb-2222-4333-8444-555555555555", "cd" * 32, "raw", clear_text=True),
@@ -246,7 +246,7 @@ def test_redirect_stage_qemu_volumes_land_in_the_new_layout(tmp_path):
         _unmounted(root)
         assert os.listdir(root / "img") == []            # nothing was left in the legacy store
         placed_qcow = root / "vault" / "volumes" / f"{app.drives[0].volume_uuid}#0.qcow2"
-        placed_raw = root / "novault" / "volumes" / f"{app.drives[1].volume_uuid}#0.raw"
+        placed_raw = root / "clear" / "volumes" / f"{app.drives[1].volume_uuid}#0.raw"
         qemu_check(placed_qcow)
         assert virtual_size(placed_qcow, "qcow2") == 128 * MiB
         qemu("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x33 100M 64k",

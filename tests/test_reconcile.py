@@ -28,7 +28,7 @@ from .conftest import run_cli
 from .devices import ext4_image, make_vault
 from .mounting import mounted
 from .test_view import (  # noqa: F401
-    OBJ, device, mkdirs, on_disk, read, reopen, views, write_new,
+    OBJ, device, layout_rules, mkdirs, on_disk, read, reopen, views, write_new,
 )
 
 HOUR = 3600 * 10**9
