@@ -511,12 +511,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.makedirs(args.dir, exist_ok=True)
         make_demo(args.dir)
         print(f"demo device built in {args.dir}", file=sys.stderr)
-        return _print_plan(cfg, args.dir, args.json)
+        return _demo_plans(cfg, args.dir, args.json)
     with tempfile.TemporaryDirectory(prefix="compatfs-demo-") as tmp:
         make_demo(tmp)
         print(f"demo device built in {tmp} (removed afterwards; --dir keeps one)",
               file=sys.stderr)
-        return _print_plan(cfg, tmp, args.json)
+        return _demo_plans(cfg, tmp, args.json)
+
+
+def _demo_plans(cfg: Config, root: str, as_json: bool) -> int:
+    """The demo's plan; as text, followed by what the design note's layout does
+    differently from eve (of the configured release)."""
+    from .demo import layouts_compared
+    from .rules import release_text
+
+    status = _print_plan(cfg, root, as_json)
+    if not as_json:
+        release = release_text(cfg.rules.release) if cfg.rules.release else None
+        sys.stdout.write("\n" + layouts_compared(root, release))
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 Builds a device-like ``/persist`` (on a loop-mounted ext4 image with a real
 fscrypt vault when run as root, so the vault boundary is the real one), shows
-the plan, mounts the legacy views in stage ``redirect``, and then does what
+the plan in the default layout (``eve``, the newest release) and what the
+design note's layout would do differently, mounts the legacy views in stage
+``redirect``, and then does what
 old agents do through legacy names: lists and reads volumes, lets volumemgr
 create a new volume, lets the downloader and the verifier take an image
 through pending, verifier and verified. After each step it shows where the
@@ -22,8 +24,11 @@ from typing import Iterator, TextIO
 
 from . import devicefs, devicegen, mounts
 from .config import Config
+from .layout import Layout
+from .names import DownloadArea, ObjType, shown
 from .plan import make_plan, render_text
-from .resolver import Resolver
+from .resolver import Resolution, Resolver
+from .rules import rules_for
 
 
 def can_mount() -> bool:
@@ -58,6 +63,47 @@ def _where(root: str, *rels: str) -> str:
     return "\n".join(f"   {p}" for p in sorted(found)) or "   (nothing)"
 
 
+def _outcome(layout: Layout, target: str | None, reason: str | None) -> str:
+    if target is not None:
+        return f"-> {shown(layout.relpath(target))}"
+    # the reason's first clause: what happens, not the whole argument
+    return f"stays: {shown((reason or '').partition(': ')[0])}"
+
+
+def layouts_compared(root: str, release: str | None = None) -> str:
+    """What the same device's plan does differently under layout ``eve`` (of
+    *release*, default the newest) and under ``design-note``: one block per
+    object whose place differs."""
+    rules = (rules_for("eve", release), rules_for("design-note"))
+    plans = []
+    for r in rules:
+        layout = Layout(root, rules=r)
+        plans.append((layout, {e.obj.path: e for e in make_plan(layout, Resolver(layout)).entries}))
+    width = max(len(r.name) for r in rules) + 1
+    lines = [f"the same device under layout {rules[1].name} (only what differs from "
+             f"{rules[0].name}):"]
+    (eve_layout, eve), (dn_layout, dn) = plans
+    for path, e in eve.items():
+        d = dn.get(path)
+        if d is None or (e.target, e.reason) == (d.target, d.reason):
+            continue
+        lines.append(f"   {e.obj.kind:<10} {shown(eve_layout.relpath(path))}")
+        for layout, entry, r in ((eve_layout, e, rules[0]), (dn_layout, d, rules[1])):
+            outcome = _outcome(layout, entry.target, entry.reason)
+            lines.append(f"      {r.name + ':':<{width}} {outcome}")
+    if len(lines) == 1:
+        lines.append("   (nothing)")
+    return "\n".join(lines) + "\n"
+
+
+def _landed(root: str, layout: Layout, res: Resolution, rel: str) -> str:
+    """Where a download the tour just wrote is now: the new-layout files under
+    *rel*, or the rule that keeps it in the legacy store."""
+    if res.target is None:
+        return f"   (the legacy store; {shown(res.reason or '')})"
+    return _where(root, rel)
+
+
 def tour(out: TextIO = sys.stdout) -> int:
     """The mounted tour; returns an exit status."""
     with tempfile.TemporaryDirectory(prefix="compatfs-demo-") as work, _device(work) as root:
@@ -65,9 +111,13 @@ def tour(out: TextIO = sys.stdout) -> int:
         web, _db, _pod, fresh = apps
         out.write(f"demo device: ext4 image on a loop device at {root}, "
                   "vault/ encrypted with fscrypt\n")
-        _show(out, "compatfs plan (what belongs where; nothing moves)")
         layout = Config().layout(root)
-        out.write(render_text(make_plan(layout, Resolver(layout))))
+        _show(out, f"compatfs plan, layout {layout.rules.name} (what belongs where; "
+                   "nothing moves)")
+        resolver = Resolver(layout)
+        out.write(render_text(make_plan(layout, resolver)))
+        _show(out, "layout: design-note instead")
+        out.write(layouts_compared(root))
 
         run_dir = os.path.join(work, "run")
         cli = [sys.executable, "-m", "compatfs"]
@@ -103,14 +153,18 @@ def tour(out: TextIO = sys.stdout) -> int:
                 f.write(blob[:100_000])
             with open(os.path.join(pending, "ubuntu.qcow2"), "ab") as f:  # resumed download
                 f.write(blob[100_000:])
+            res = resolver.resolve_download(ObjType.APP_IMG, DownloadArea.PENDING, image_id,
+                                            "ubuntu.qcow2")
             out.write(f"   downloaded pending/{image_id}/ubuntu.qcow2 -> bytes at:\n"
-                      f"{_where(root, layout.rel('downloader'))}\n")
+                      f"{_landed(root, layout, res, layout.rel('downloader'))}\n")
             verifier = os.path.join(dl, "verifier", image_id)
             os.makedirs(verifier, exist_ok=True)
             os.rename(os.path.join(pending, "ubuntu.qcow2"), os.path.join(verifier, "ubuntu.qcow2"))
             os.chmod(os.path.join(verifier, "ubuntu.qcow2"), 0o400)
+            res = resolver.resolve_download(ObjType.APP_IMG, DownloadArea.VERIFIER, image_id,
+                                            "ubuntu.qcow2")
             out.write(f"   renamed into verifier/{image_id}/ -> bytes at:\n"
-                      f"{_where(root, layout.rel('verifier'))}\n")
+                      f"{_landed(root, layout, res, layout.rel('verifier'))}\n")
             verified = os.path.join(dl, "verified", sha.upper())
             os.makedirs(verified, exist_ok=True)
             os.rename(os.path.join(verifier, "ubuntu.qcow2"), os.path.join(verified, "ubuntu.qcow2"))
@@ -118,9 +172,11 @@ def tour(out: TextIO = sys.stdout) -> int:
             shutil.rmtree(verifier)
             with open(os.path.join(verified, "ubuntu.qcow2"), "rb") as f:
                 same = hashlib.sha256(f.read()).hexdigest() == sha
+            res = resolver.resolve_download(ObjType.APP_IMG, DownloadArea.VERIFIED, sha,
+                                            "ubuntu.qcow2")
             out.write(f"   renamed into verified/{sha.upper()[:16]}…/ (sha256 "
                       f"{'matches' if same else 'DIFFERS'}) -> bytes at:\n"
-                      f"{_where(root, layout.rel('verified'))}\n")
+                      f"{_landed(root, layout, res, layout.rel('verified'))}\n")
 
             _show(out, "compatfs status")
             _run(cli + ["status", *common], out)

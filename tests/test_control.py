@@ -104,6 +104,7 @@ def test_metrics_file_in_prometheus_text_format(live):
         float(value)
         assert name.startswith("compatfs_")
     assert 'compatfs_fuse_request_seconds{quantile="0.99"}' in text
+    assert '\ncompatfs_info{layout="eve",eve_release="17.3"} 1\n' in text   # the default layout
     requests = next(float(v) for n, v in (s.rsplit(" ", 1) for s in samples)
                     if n == "compatfs_fuse_requests_total")
     assert requests > 0
@@ -155,3 +156,26 @@ def test_a_stuck_daemon_never_hangs_ctl_status_or_a_new_mount(live):
     finally:
         os.kill(m.pid, signal.SIGCONT)
     assert os.getxattr(root / "img" / ".compatfs", "user.compatfs.stage") == b"observe"
+
+
+@pytest.mark.parametrize("layout,release,labels", [
+    ("eve", "7.10", '{layout="eve",eve_release="7.10"}'),
+    ("design-note", None, '{layout="design-note"}')])
+def test_metrics_name_the_target_layout(layout, release, labels):
+    """compatfs_info carries the layout (and, for eve, the release) as labels."""
+    from types import SimpleNamespace
+
+    from compatfs import metrics
+    from compatfs.layout import Layout
+    from compatfs.migrator import Progress
+    from compatfs.rules import rules_for
+    from compatfs.writebehind import WriteBehind
+
+    daemon = SimpleNamespace(
+        layout=Layout("/persist", rules=rules_for(layout, release)),
+        index=SimpleNamespace(records={}), migrator=SimpleNamespace(progress=Progress()),
+        ops=SimpleNamespace(faults=0, latency=metrics.LatencyHistogram(),
+                            write_behind=WriteBehind()))
+    text = metrics.render(daemon)
+    assert f"\ncompatfs_info{labels} 1\n" in text
+    assert "# TYPE compatfs_info gauge" in text

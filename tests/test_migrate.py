@@ -379,5 +379,8 @@ def test_eve_7_10_keeps_containerd_and_names_verified_objects_by_bare_sha(device
     status = json.loads(run_cli("status", "--root", str(root), "--run-dir", run, "--config",
                                 config, "--json", check=True).stdout)
     assert status["layout"] == "eve 7.10"
+    text = run_cli("status", "--root", str(root), "--run-dir", run, "--config", config,
+                   check=True).stdout
+    assert text.splitlines()[0].endswith("not mounted, target layout eve 7.10")
     obj = next(o for o in status["objects"] if o["legacy"] == "containerd")
     assert obj["state"] == "legacy" and "EVE 7.10 runs its own containerd" in obj["reason"]

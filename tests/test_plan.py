@@ -307,6 +307,25 @@ def test_demo_command_runs(tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+def test_demo_shows_both_layouts(tmp_path):
+    """The demo's plan (eve 17.3), then what the design note's layout does differently."""
+    proc = run_cli("demo", "--plan-only", check=True)
+    head, _, compared = proc.stdout.partition("the same device under layout design-note "
+                                              "(only what differs from eve 17.3):")
+    assert "target layout eve 17.3" in head.splitlines()[0]
+    assert compared, proc.stdout
+    blocks = [ln for ln in compared.splitlines() if ln.startswith("   ") and ln[3] != " "]
+    assert "-> clear/volumes/" in compared and "-> novault/volumes/" in compared
+    assert "eve 17.3:    stays: a download in progress stays in the legacy store" in compared
+    assert "design-note: -> vault/downloader/pending/" in compared
+    assert ".application%2Fvnd.oci.image.layer.v1.tar+gzip" in compared
+    assert "img/notes.txt" not in compared and len(blocks) == 5     # what differs only
+    older = run_cli("demo", "--plan-only", "--config",
+                    str(layout_config(tmp_path, "eve", "7.10")), check=True).stdout
+    assert "only what differs from eve 7.10" in older
+    assert "eve 7.10:    stays: EVE 7.10 runs its own containerd" in older
+
+
 def test_four_suffixes_for_one_drive_place_only_the_configured_format(tmp_path):
     rng = __import__("random").Random(9)
     app = devicegen.AppDef(devicegen.random_uuid(rng), "fmt",
