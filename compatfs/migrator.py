@@ -304,15 +304,16 @@ class Unmovable(Exception):
 
 
 class InUse(Exception):
-    """A tree no view covers is held by a process; it moves once nobody holds it."""
+    """A tree no view covers is held by a process or has a mount inside; it moves
+    once neither is true."""
 
 
 def _refuse_if_held(path: str) -> None:
-    """Raise :class:`InUse` naming who holds anything at or below *path*."""
-    held = inuse.holders(path)
-    if held:
-        raise InUse("in use by " + ", ".join(map(str, held))
-                    + "; it moves once nothing holds it (stop containerd)")
+    """Raise :class:`InUse` naming the mounts inside *path*, or who holds anything
+    at or below it."""
+    why = inuse.busy(path)
+    if why:
+        raise InUse(why)
 
 
 class Migrator:

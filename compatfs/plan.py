@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import inuse
 from .layout import Layout
 from .names import shown
 from .resolver import Resolution, Resolver
@@ -145,6 +146,19 @@ def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
                 e.target, e.location, e.action = None, None, "keep"
 
 
+def _note_busy(entries: list[PlanEntry], layout: Layout) -> None:
+    """The containerd tree, which no view covers, moves only while nothing is
+    mounted inside it and no process holds it (:func:`compatfs.inuse.busy`; the
+    migrator checks again just before the move): say so when it waits."""
+    containerd = layout.path("containerd")
+    for e in entries:
+        if e.obj.path != containerd or e.target is None:
+            continue
+        why = inuse.busy(e.obj.path)
+        if why:
+            e.reason = f"waits: {why}" if e.reason is None else f"{e.reason}; waits: {why}"
+
+
 def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
               bases: Bases | None = None, refresh: bool = True) -> Plan:
     """Scan and resolve everything under *layout*; reads only.
@@ -196,6 +210,7 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
         need_per_fs[d.device] = need_per_fs.get(d.device, 0) + d.copy_bytes
     for d in dests.values():
         d.fits = need_per_fs[d.device] <= d.free
+    _note_busy(entries, layout)
     snap = resolver.snapshot
     return Plan(layout, entries, dests, snap.checkpoint_path, snap.config.config_hash,
                 list(snap.problems))
@@ -229,6 +244,8 @@ def render_text(plan: Plan) -> str:
         lines.append(f"{e.obj.kind:<{width}}  {rel(e.obj.path)}  [{human(e.obj.bytes)}]")
         if e.action != "keep":
             lines.append(f"{'':<{width}}  -> {rel(e.target or '')} ({e.action})")
+            if e.reason:
+                lines.append(f"{'':<{width}}     {shown(e.reason)}")
         else:
             lines.append(f"{'':<{width}}  stays: {shown(e.reason or '')}")
     if not plan.entries:
