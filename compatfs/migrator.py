@@ -1198,6 +1198,8 @@ class Migrator:
             if there.exists(rec.target_rel) and not here.exists(rec.rel):
                 self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind, "new"))
                 return f"{rec.view}: finished an interrupted rename"
+            if rec.kind == "oci-volume":    # what the move wrote into it first
+                _drop_snapshot_id(here, rec.rel, _legacy_name(rec.view))
             self.index.delete(rec.view)
             return f"{rec.view}: an interrupted rename had not happened; stays"
         if rec.state == "copying":
