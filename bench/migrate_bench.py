@@ -78,7 +78,9 @@ from typing import Callable, Iterator
 
 from benchlib import commit, drop_caches, log, run
 from compatfs import daemonproc, devicefs, devicegen, mounts
-from compatfs.migrator import tmp_name
+from compatfs.backing import NEW_STORES, STAGING_DIR, own_location
+from compatfs.layout import Layout
+from compatfs.migrator import tmp_leaf
 from compatfs.names import DownloadArea, ObjType
 
 MiB = 1 << 20
@@ -711,7 +713,10 @@ def part_cache(bench: str, args, res: Results, rng: random.Random, data: bytes) 
             out = [tree.stash(r) for r in tree.files]
             for t in tree.targets:   # the copy, and its temporary while it is made
                 head, name = os.path.split(t)
-                out += [os.path.join(root, t), os.path.join(root, head, tmp_name(name))]
+                key = next(k for k in NEW_STORES if Layout(root).rel(k) == head)
+                out += [os.path.join(root, t),
+                        os.path.join(Layout(root).path(own_location(key)), STAGING_DIR, key,
+                                     tmp_leaf(name))]
             state = os.path.join(root, "vault", "compatfs")
             return out + [os.path.join(state, n) for n in INDEX_FILES]
 
