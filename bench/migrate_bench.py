@@ -78,7 +78,9 @@ from typing import Callable, Iterator
 
 from benchlib import commit, drop_caches, log, run
 from compatfs import daemonproc, devicefs, devicegen, mounts
-from compatfs.migrator import tmp_name
+from compatfs.backing import NEW_STORES, STAGING_DIR, own_location
+from compatfs.layout import Layout
+from compatfs.migrator import tmp_leaf
 from compatfs.names import DownloadArea, ObjType
 
 MiB = 1 << 20
@@ -88,6 +90,9 @@ DEADLINE = 30.0
 SAMPLE_S = 0.1
 STASH = "bench-stash"
 INDEX_FILES = ("index.db", "index.db-wal", "index.db-shm")
+#: The target layout the configs name (``--layout``); None: the commit's default.
+LAYOUT: str | None = None
+
 UNLIMITED = "migration:\n  throttle_mib_per_s: 0\n"
 UNLIMITED_NOVERIFY = "migration:\n  throttle_mib_per_s: 0\n  verify: false\n"
 UNLIMITED_READBACK = "migration:\n  throttle_mib_per_s: 0\n  verify: readback\n"
@@ -328,7 +333,7 @@ class Tree:
     def reset(self) -> None:
         """Nothing migrated or copied any more: legacy dirs and the new layout emptied."""
         for rel in ("img", "downloads", "vault/volumes", "vault/downloader", "vault/verifier",
-                    "vault/compatfs", "vault/bench-cp", "novault/volumes"):
+                    "vault/compatfs", "vault/bench-cp", "novault/volumes", "clear/volumes"):
             shutil.rmtree(os.path.join(self.root, rel), ignore_errors=True)
 
     def check_migrated(self) -> None:
@@ -361,6 +366,8 @@ def build_mix(root: str, rng: random.Random, data: bytes, quick: bool) -> Tree:
     q_virtual, q_fill = ("256M", "16M") if quick else ("2G", "128M")
     n_verified, verified_size = (10, MiB) if quick else (20, 4 * MiB)
     n_pending, pending_size = (2, 4 * MiB) if quick else (4, 16 * MiB)
+    if LAYOUT == "eve":
+        n_pending = 0     # EVE's layout moves no download in progress: cp would copy more
     u = lambda: devicegen.random_uuid(rng)  # noqa: E731
     raw = devicegen.AppDef(u(), "raw", [devicegen.DriveDef(u(), devicegen.random_sha(rng), "raw")
                                         for _ in range(2)])
@@ -414,9 +421,14 @@ def build_volumes(root: str, rng: random.Random, data: bytes, name: str, count: 
     return tree, app
 
 
+#: Lines put before every configuration the benchmark writes (``--layout``): empty
+#: for a commit that predates the ``layout`` key.
+CONFIG_HEAD = ""
+
+
 def write_config(path: str, text: str) -> str:
     with open(path, "w") as f:
-        f.write(text)
+        f.write(CONFIG_HEAD + text)
     return path
 
 
@@ -701,7 +713,10 @@ def part_cache(bench: str, args, res: Results, rng: random.Random, data: bytes) 
             out = [tree.stash(r) for r in tree.files]
             for t in tree.targets:   # the copy, and its temporary while it is made
                 head, name = os.path.split(t)
-                out += [os.path.join(root, t), os.path.join(root, head, tmp_name(name))]
+                key = next(k for k in NEW_STORES if Layout(root).rel(k) == head)
+                out += [os.path.join(root, t),
+                        os.path.join(Layout(root).path(own_location(key)), STAGING_DIR, key,
+                                     tmp_leaf(name))]
             state = os.path.join(root, "vault", "compatfs")
             return out + [os.path.join(state, n) for n in INDEX_FILES]
 
@@ -811,9 +826,18 @@ def main() -> int:
     ap.add_argument("--buffered-loop", action="store_true",
                     help="keep the loop devices buffered (the image file is then cached by "
                          "the host as well, counted in Cached:)")
+    ap.add_argument("--layout", choices=("eve", "design-note"),
+                    help="target layout written into every config (default: none written, "
+                         "for commits before the layout key; eve uses eve_release 11.7, whose "
+                         "verified names the mix's random shas can take)")
     ap.add_argument("--only", choices=("throughput", "reads", "cache"), action="append",
                     help="run only this part (repeatable)")
     args = ap.parse_args()
+    global CONFIG_HEAD, LAYOUT
+    if args.layout == "eve":
+        CONFIG_HEAD, LAYOUT = 'layout: eve\neve_release: "11.7"\n', "eve"
+    elif args.layout:
+        CONFIG_HEAD, LAYOUT = f"layout: {args.layout}\n", args.layout
     if os.geteuid() != 0:
         print("migrate_bench: needs root (loop devices, mounts, drop_caches)", file=sys.stderr)
         return 2

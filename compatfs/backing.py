@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -23,16 +24,71 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from .fscrypt import is_encrypted
+from .fscrypt import FscryptError, is_encrypted, policy_of
 from .layout import Layout
 from .mounts import clone_without_submounts
-from .scan import SET_ASIDE_DIR
+from .scan import SET_ASIDE_DIR, TMP_DIR
+
+log = logging.getLogger(__name__)
 
 
 def aside_name(rel: str) -> str:
-    """A fresh name in the set-aside directory (compatfs' own in any store:
-    the scan skips it, compatfs never deletes from it) for the object at *rel*."""
+    """A fresh set-aside name for the object at *rel*, as records keep it:
+    ``.compatfs-set-aside/<rel with / as %>.<ns>``. The store maps that prefix
+    to its set-aside directory (:attr:`Store.aside`); compatfs never deletes
+    from it."""
     return f"{SET_ASIDE_DIR}/{rel.replace('/', '%')}.{time.time_ns()}"
+
+
+#: Below a new-layout store's own directory (``state``, ``clear_compatfs``...):
+#: ``staging/<store key>/`` holds the temporaries of copies under way,
+#: ``set-aside/<store key>/`` the copies set aside.
+STAGING_DIR = "staging"
+ASIDE_DIR = "set-aside"
+
+
+class Side:
+    """A directory of compatfs' own for one store: where the temporaries of its
+    copies are staged, or where its set-aside copies are kept.
+
+    A legacy store keeps them inside itself (``.compatfs-tmp/``,
+    ``.compatfs-set-aside/``: EVE's converter skips directories in ``img/`` and
+    cannot parse those names in ``prepared/``). A new-layout store keeps them
+    outside the directories EVE scans and garbage-collects (volumemgr deletes
+    every name in its volume directories it cannot parse), in a directory on
+    the same filesystem under the same fscrypt policy, so the last step of a
+    move is still one ``rename(2)``."""
+
+    __slots__ = ("store", "dir")
+
+    def __init__(self, store: "Store", directory: str) -> None:
+        self.store = store      # the store the directory is in
+        self.dir = directory    # relative to that store
+
+    def name(self, leaf: str) -> str:
+        """*leaf* in this directory, relative to :attr:`store`."""
+        return f"{self.dir}/{leaf}"
+
+    def make(self) -> None:
+        self.store.makedirs(self.dir, 0o700)
+
+    def drop_if_empty(self) -> None:
+        """Remove the directory if it is empty (absent or not empty: left)."""
+        try:
+            self.store.rmdir(self.dir)
+        except OSError:
+            pass
+
+    def shown(self, leaf: str) -> str:
+        """The absolute path of *leaf* here, for reports."""
+        return os.path.join(self.store.path, self.name(leaf))
+
+
+def _policy(fd: int) -> bytes | None:
+    try:
+        return policy_of(fd)
+    except FscryptError:
+        return None             # no encryption support: no policy
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to
@@ -67,13 +123,20 @@ class StoreMissing(OSError):
 class Store:
     """One location, opened once; all access relative to its fd."""
 
-    __slots__ = ("key", "path", "fd", "encrypted")
+    __slots__ = ("key", "path", "fd", "policy", "encrypted", "staging", "aside")
 
     def __init__(self, key: str, path: str, fd: int) -> None:
         self.key = key
         self.path = path
         self.fd = fd
+        #: the fscrypt policy of the store's directory (None: not encrypted)
         self.encrypted = is_encrypted(fd)
+        self.policy = _policy(fd) if self.encrypted else None
+        #: where the temporaries of copies into this store are made, and where
+        #: objects of this store are set aside (:class:`Side`; a new-layout
+        #: store's are moved out of it by :meth:`Backing.open`)
+        self.staging = Side(self, TMP_DIR)
+        self.aside = Side(self, SET_ASIDE_DIR)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -193,16 +256,28 @@ class Store:
             except OSError:
                 return
 
+    def aside_place(self, where: str) -> tuple["Store", str]:
+        """The store and name a set-aside name (:func:`aside_name`) stands for."""
+        leaf = where.partition("/")[2] if where.startswith(SET_ASIDE_DIR + "/") else where
+        return self.aside.store, self.aside.name(leaf)
+
+    def aside_shown(self, where: str) -> str:
+        """The absolute path of the set-aside name *where*, for reports."""
+        store, name = self.aside_place(where)
+        return os.path.join(store.path, name)
+
     def move_aside(self, rel: str, where: str | None = None) -> str:
         """Rename *rel* into the store's set-aside directory (made when missing)
-        and return its name there, relative to the store. Kept, never deleted:
-        an operator decides what to do with it. *where* repeats a move a crash
-        interrupted; if it is already there, nothing is done."""
+        and return its set-aside name (:meth:`aside_shown` gives its path).
+        Kept, never deleted: an operator decides what to do with it. *where*
+        repeats a move a crash interrupted: if something is there already it
+        is done (a set-aside copy is never replaced)."""
         where = where or aside_name(rel)
-        if self.exists(where) and not self.exists(rel):
+        store, name = self.aside_place(where)
+        if store.exists(name):
             return where
-        self.makedirs(SET_ASIDE_DIR, 0o700)
-        self.rename(rel, self, where)
+        self.aside.make()
+        self.rename(rel, store, name)
         return where
 
     def symlink(self, target: str, rel: str) -> None:
@@ -243,8 +318,15 @@ class Store:
         """``renameat(2)`` from *rel* here to *other_rel* in *other*.
 
         Raises ``OSError(EXDEV)`` across filesystems or into an encrypted
-        directory tree, as the kernel does.
+        directory tree, as the kernel does, and also out of an encrypted store
+        into one without its policy: the kernel would move the file but keep
+        its contents encrypted under the old key (unreadable once that key is
+        gone), so such a move must be a decrypting copy.
         """
+        if self.policy is not None and other.policy != self.policy:
+            raise OSError(errno.EXDEV, "the destination has another encryption policy "
+                          "(a move out of an fscrypt directory is a decrypting copy)",
+                          other_rel)
         with self.parent(rel) as (fd, name), other.parent(other_rel) as (ofd, oname):
             os.rename(name, oname, src_dir_fd=fd, dst_dir_fd=ofd)
 
@@ -276,6 +358,14 @@ def new_stores(layout: Layout) -> tuple[str, ...]:
     volume location of the other target layout."""
     return tuple(k for k in NEW_STORES if k not in CLEAR_STORES
                  or k == layout.rules.clear_volumes)
+
+
+def own_location(key: str) -> str:
+    """The layout key of compatfs' own directory for the new-layout store *key*:
+    beside it, on its filesystem and under its fscrypt policy, outside every
+    directory EVE scans (``state`` for the vault's stores)."""
+    return {"clear_volumes": "clear_compatfs", "novault_volumes": "novault_compatfs"}.get(
+        key, "state")
 
 
 def store_path(layout: Layout, key: str) -> str:
@@ -324,11 +414,63 @@ def _refuse_plain_vault(root: "Store", layout: Layout) -> None:
                 "vault, or set require_encrypted_vault: false")
 
 
+def _own_sides(root: Store, layout: Layout, stores: dict[str, Store],
+               create: bool) -> dict[str, Store]:
+    """Open compatfs' own directory of each new-layout store in *stores* (made
+    when *create*) and point the store's staging and set-aside there
+    (``<own>/staging/<key>``, ``<own>/set-aside/<key>``). A store whose own
+    directory is missing (not *create*: nothing is placed) keeps none: a copy
+    or a set-aside there fails with ENOENT rather than land in EVE's directory."""
+    owns: dict[str, Store] = {}
+    for key in [k for k in new_stores(layout) if k in stores] \
+            + ([CAS_PARENT] if CAS_PARENT in stores else []):
+        store = stores[key]
+        own_key = own_location(key)
+        own = owns.get(own_key)
+        if own is None:
+            rel = layout.rel(own_key)
+            if create:
+                root.makedirs(rel, 0o700)
+            try:
+                own = Store(own_key, layout.path(own_key), root.open_dir(rel))
+            except FileNotFoundError:
+                own = None
+            else:
+                owns[own_key] = own
+                if own.policy != store.policy \
+                        or os.fstat(own.fd).st_dev != os.fstat(store.fd).st_dev:
+                    log.warning("%s is not on the filesystem, or not under the fscrypt "
+                                "policy, of %s: moves into %s cannot finish with a rename "
+                                "and will fail", own.path, store.path, key)
+        if own is None:
+            base = layout.rel(own_key)
+            store.staging = _Missing(root, f"{base}/{STAGING_DIR}/{key}")
+            store.aside = _Missing(root, f"{base}/{ASIDE_DIR}/{key}")
+            continue
+        store.staging = Side(own, f"{STAGING_DIR}/{key}")
+        store.aside = Side(own, f"{ASIDE_DIR}/{key}")
+    return owns
+
+
+class _Missing(Side):
+    """The staging of a store whose own directory is missing: nothing is made there."""
+
+    def make(self) -> None:
+        raise FileNotFoundError(errno.ENOENT, "compatfs' own directory for this location "
+                                "is missing (made in stages redirect and migrate)",
+                                self.dir)
+
+    def drop_if_empty(self) -> None:
+        pass
+
+
 class Backing:
     """Every store compatfs serves from, opened before mounting."""
 
-    def __init__(self, stores: dict[str, Store]) -> None:
+    def __init__(self, stores: dict[str, Store], owns: dict[str, Store] | None = None) -> None:
         self.stores = stores
+        #: compatfs' own directories the new-layout stores stage in, by layout key
+        self.owns = owns or {}
 
     @classmethod
     def open(cls, layout: Layout, views: tuple[str, ...], create_new: bool,
@@ -394,6 +536,7 @@ class Backing:
                         "refusing to place vault-bound data there. Unlock or create the "
                         "vault, or set require_encrypted_vault: false")
             stores[ROOT_STORE] = root
+            owns = _own_sides(root, layout, stores, create_new and not read_only)
         except BaseException:
             root.close()
             for s in stores.values():
@@ -402,7 +545,7 @@ class Backing:
         finally:
             if clone is not None:
                 clone.close()       # the stores opened through it keep it alive
-        return cls(stores)
+        return cls(stores, owns)
 
     def get(self, key: str) -> Store:
         store = self.stores.get(key)
@@ -414,6 +557,7 @@ class Backing:
         return key in self.stores
 
     def close(self) -> None:
-        for s in self.stores.values():
+        for s in list(self.stores.values()) + list(self.owns.values()):
             s.close()
         self.stores.clear()
+        self.owns.clear()

@@ -6,17 +6,24 @@ The checkpoint is a protobuf ``ConfigResponse`` or, on newer devices, an
 ``compatfs/proto``; every other field of the real messages is skipped as an
 unknown field. The result is a :class:`DeviceConfig` of frozen dataclasses, so
 nothing downstream touches protobuf objects.
+
+Before EVE 5.18 zedagent rewrites the checkpoint in place (truncate, then
+write), so a reader can find it empty, partial, or (read across a rewrite)
+mixed. :func:`read` decodes only a settled version read whole
+(:func:`read_stable`); a checkpoint still changing is a
+:class:`CheckpointChanging`, and the resolver keeps its last good config.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from .proto import eve_auth_pb2, eve_config_pb2
-from .untrusted import UntrustedFileError, read_regular
+from .untrusted import UntrustedFileError, read_regular_with_stat
 
 #: Enum Format number -> the lower-case suffix EVE writes (None when it has none).
 FORMAT_SUFFIX: dict[int, str | None] = {
@@ -231,6 +238,81 @@ def signature(path: str) -> FileSignature | None:
     return FileSignature(path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+#: A checkpoint is used only once it has stayed the same this long: before EVE
+#: 5.18 zedagent rewrites it in place (truncate, then write), so a file changed
+#: moments ago may be a writer's unfinished work even when it parses (protobuf
+#: parses every prefix that ends between two top-level fields).
+SETTLE_SECONDS = 0.1
+#: How long a read waits for a checkpoint being rewritten to settle before it
+#: gives up (:class:`CheckpointChanging`); the caller keeps its last good one.
+STABLE_READ_SECONDS = 1.0
+#: The pause between two reads of a file that changed while it was read.
+_RETRY_PAUSE = 0.02
+
+
+class CheckpointChanging(CheckpointError):
+    """The checkpoint kept changing while it was read: it is being rewritten."""
+
+
+def _file_signature(path: str, st: os.stat_result) -> FileSignature:
+    return FileSignature(path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _old_enough(sig: FileSignature, settle: float) -> bool:
+    """Last changed at least *settle* seconds ago by the wall clock. A write sets
+    mtime and ctime to the (coarse, at most a few ms behind) current time, so a
+    write during a read of such a file shows as a changed signature. A time in
+    the future (a device whose clock went back) is never old enough."""
+    return time.time_ns() - max(sig.mtime_ns, sig.ctime_ns) >= settle * 1e9
+
+
+def read_stable(path: str, beneath: str | None = None, *, settle: float = SETTLE_SECONDS,
+                budget: float = STABLE_READ_SECONDS) -> tuple[bytes, FileSignature]:
+    """The bytes of one settled version of the file *path* and its signature.
+
+    A read counts only when the open file's signature (inode, size, mtime,
+    ctime) is the same before and after it and the bytes read are its size.
+    It is used only when that version is settled: last changed at least
+    *settle* seconds ago, or read again *settle* seconds later with the same
+    signature and the same bytes. Anything else is read again after a short
+    pause, until *budget* seconds have gone; then :class:`CheckpointChanging`.
+    A file replaced by rename while it is read is not torn (the old inode is
+    read whole); the next signature check sees the new one.
+    ``FileNotFoundError`` passes through; a file that is not usable at all
+    (see :func:`compatfs.untrusted.read_regular`) raises :class:`CheckpointError`.
+    """
+    deadline = time.monotonic() + budget
+    seen: tuple[FileSignature, bytes, float] | None = None   # a stable read, and when
+    reads, why = 0, ""
+    while True:
+        try:
+            data, before, after = read_regular_with_stat(path, MAX_CHECKPOINT_BYTES,
+                                                         beneath=beneath)
+        except UntrustedFileError as exc:
+            raise CheckpointError(str(exc)) from None
+        reads += 1
+        now = time.monotonic()
+        sig = _file_signature(path, before)
+        pause = _RETRY_PAUSE
+        if _file_signature(path, after) != sig:
+            why, seen = "it changed while it was read", None
+        elif len(data) != sig.size:
+            why, seen = f"{len(data)} bytes read of its {sig.size}", None
+        elif _old_enough(sig, settle):
+            return data, sig
+        elif seen is not None and seen[0] == sig and seen[1] == data:
+            if now - seen[2] >= settle:
+                return data, sig
+            pause = seen[2] + settle - now
+        else:
+            why, seen = "it was written moments ago", (sig, data, now)
+            pause = settle
+        if now + pause > deadline:
+            raise CheckpointChanging(
+                f"{path}: being rewritten: {why} ({reads} reads in {budget:g} s)")
+        time.sleep(pause)
+
+
 def read(path: str, beneath: str | None = None) -> DeviceConfig:
     """Read and decode the checkpoint at *path* (with no link below *beneath*).
 
@@ -239,11 +321,15 @@ def read(path: str, beneath: str | None = None) -> DeviceConfig:
     Only a regular file is read, never through a symbolic link, and never
     blocking (see :mod:`compatfs.untrusted`).
     """
+    return read_with_signature(path, beneath)[0]
+
+
+def read_with_signature(path: str, beneath: str | None = None
+                        ) -> tuple[DeviceConfig, FileSignature]:
+    """:func:`read`, plus the signature of the version decoded: only a settled
+    read is decoded (:func:`read_stable`), never one caught mid-rewrite."""
+    data, sig = read_stable(path, beneath)
     try:
-        data = read_regular(path, MAX_CHECKPOINT_BYTES, beneath=beneath)
-    except UntrustedFileError as exc:
-        raise CheckpointError(str(exc)) from None
-    try:
-        return decode(data)
+        return decode(data), sig
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None

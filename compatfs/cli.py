@@ -315,6 +315,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     # the legacy directories are read from under views that cannot answer
     dead = [v for v, state in views.items() if state in ("dead", "not answering")]
     plan, objects, index = collect(layout, Resolver(layout, cfg.overrides), True, dead)
+    if stage is not None:   # the daemon's own (its checkpoint in use may be the last good one)
+        said = _ask_daemon(layout, "problems")
+        plan.problems += [f"daemon: {p}" for p in (json.loads(said) if said else [])
+                          if p not in plan.problems]
     doc = as_json(stage or cfg.stage, stage is not None, plan, objects,
                   json.loads(migration) if migration else None, index, views)
     if args.json:

@@ -1,4 +1,5 @@
-"""Which processes hold something under a directory, as ``fuser -m`` would say.
+"""Which processes hold something under a directory, as ``fuser -m`` would say,
+and which mounts sit inside it.
 
 Trees that no view covers (the legacy ``containerd`` store) may be moved only
 while nobody uses them: a containerd still rooted there would lose what it
@@ -7,12 +8,20 @@ mapped file or the executable at or below the directory, read from
 ``/proc/<pid>``. Paths are compared as the processes see them, so a process
 in another mount namespace that reaches the tree under another path is not
 seen; that is a limit of this check, which the caller documents.
+
+A mount point at or below the directory stops a move too: EVE's ZFS installs
+mount a dataset at ``containerd/io.containerd.snapshotter.v1.zfs``; a copy
+would take the dataset's files out of it, and the dataset would be left
+mounted at a name nothing uses. Mounts are read from this process's
+``/proc/self/mountinfo`` (:func:`compatfs.mounts.mount_table`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from .mounts import MountEntry, mount_table
 
 
 @dataclass(frozen=True)
@@ -83,4 +92,25 @@ def _held_by(pid: str, top: str) -> str | None:
                     return "mapped"
     except OSError:
         pass
+    return None
+
+
+def mounts_inside(top: str) -> list[MountEntry]:
+    """The mounts at or below the directory *top*, in mount order."""
+    top = os.path.realpath(top)
+    return [m for m in mount_table() if _below(m.mount_point, top)]
+
+
+def busy(top: str) -> str | None:
+    """Why the tree *top* cannot be moved now (a mount inside it, or processes
+    holding it), or None when nothing stops it. Checked just before a move."""
+    inside = mounts_inside(top)
+    if inside:
+        return ("a mount point at or inside it: " + ", ".join(f"{m.mount_point} ({m.fstype})"
+                                                     for m in inside[:5])
+                + "; it moves once nothing is mounted inside")
+    held = holders(top)
+    if held:
+        return ("in use by " + ", ".join(map(str, held))
+                + "; it moves once nothing holds it (stop containerd)")
     return None

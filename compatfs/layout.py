@@ -43,7 +43,12 @@ LOCATIONS: Mapping[str, tuple[str, str]] = MappingProxyType({
                        "tried second (layout design-note only)"),
     "latch": ("status/zedmanager/AppAndImageToHash", "zedmanager's (app, image, purge) -> sha latch"),
     # compatfs' own state
-    "state": ("vault/compatfs", "compatfs' own durable state, inside the vault"),
+    "state": ("vault/compatfs", "compatfs' own durable state, inside the vault; also "
+              "staging/ and set-aside/ of the vault's locations"),
+    "clear_compatfs": ("clear/compatfs", "staging/ and set-aside/ of clear/volumes, beside it "
+                       "(layout eve)"),
+    "novault_compatfs": ("novault/compatfs", "staging/ and set-aside/ of novault/volumes, "
+                         "beside it (layout design-note)"),
     "unresolved": ("vault/compatfs/unresolved",
                    "objects created through a legacy name before the config maps them"),
 })

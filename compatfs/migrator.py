@@ -10,9 +10,12 @@ leaves something :meth:`Migrator.recover` can finish or undo:
     encryption boundary); recovery looks at which name exists.
 ``copying``
     the bytes are being copied to a temporary in the destination store's
-    ``.compatfs-tmp/`` directory (:func:`tmp_name`: a name no agent can
-    make, so no agent's file is ever taken for one); the legacy object is
-    served and untouched. Recovery deletes the temporary.
+    staging directory (:attr:`compatfs.backing.Store.staging`: for a
+    new-layout store ``<own>/staging/<store>/`` beside EVE's directories,
+    which EVE's garbage collection never visits; named by :func:`tmp_leaf`,
+    so no agent's file is ever taken for one); the legacy object is served
+    and untouched. Recovery deletes the temporary (also one an older
+    compatfs left in ``<store>/.compatfs-tmp/`` or at ``<target>.compatfs-tmp``).
 ``copied``
     the copy is complete under its final name and ``sig`` records the
     source as it was (device, inode, size, mtime). Recovery switches if
@@ -64,7 +67,7 @@ import trio
 
 from . import copy as copier
 from . import inuse
-from .backing import CAS_PARENT, ROOT_STORE, Store, aside_name
+from .backing import CAS_PARENT, ROOT_STORE, Side, Store, aside_name
 from .config import Migration
 from .index import Record
 from .names import is_sha256
@@ -113,11 +116,23 @@ def seconds(value: float, default: float, cap: float) -> float:
     return min(value, cap)
 
 
-def tmp_name(rel: str) -> str:
-    """The temporary of *rel* in its store: inside the store's own ``.compatfs-tmp/``
-    (a directory no view creates or lists), named by the sha256 of *rel*: one
-    name per target, of fixed length whatever *rel* is, and never an agent's file."""
-    return f"{TMP_DIR}/{hashlib.sha256(os.fsencode(rel)).hexdigest()}"
+def tmp_leaf(rel: str) -> str:
+    """The name of the temporary of *rel* in its store's staging directory: the
+    sha256 of *rel*, one name per target, of fixed length whatever *rel* is."""
+    return hashlib.sha256(os.fsencode(rel)).hexdigest()
+
+
+def tmp_place(store: Store, rel: str) -> tuple[Store, str]:
+    """Where the temporary of *rel* (a name in *store*) is made: (store, name)."""
+    return store.staging.store, store.staging.name(tmp_leaf(rel))
+
+
+#: The suffix of a temporary's name beside its target (compatfs before temporaries
+#: had a directory of their own).
+OLD_TMP_SUFFIX = ".compatfs-tmp"
+
+#: EVE's name for the file in a container volume that names its containerd snapshot.
+SNAPSHOT_ID_FILE = "snapshotid.txt"
 
 
 _niced = threading.local()
@@ -255,8 +270,18 @@ class Item:
     dst_store: str
     dst_rel: str
     bytes: int
-    action: str                  # copy, rename, set-aside
+    action: str                  # copy, rename, set-aside (the plan's PlanEntry.action)
     expect_sha: str | None = None
+    reason: str | None = None    # the plan's: why it is set aside, or what it displaces
+
+
+def _expected_sha(location: str, rel: str) -> str | None:
+    """The sha256 a verified object's content must have: its name's, ``<sha>`` or
+    ``<sha>.<escaped media type>`` (EVE 11.8+); None for any other object."""
+    if location != "verified":
+        return None
+    head = rel.rpartition("/")[2].partition(".")[0]
+    return head.lower() if is_sha256(head) else None
 
 
 @dataclass
@@ -304,15 +329,16 @@ class Unmovable(Exception):
 
 
 class InUse(Exception):
-    """A tree no view covers is held by a process; it moves once nobody holds it."""
+    """A tree no view covers is held by a process or has a mount inside; it moves
+    once neither is true."""
 
 
 def _refuse_if_held(path: str) -> None:
-    """Raise :class:`InUse` naming who holds anything at or below *path*."""
-    held = inuse.holders(path)
-    if held:
-        raise InUse("in use by " + ", ".join(map(str, held))
-                    + "; it moves once nothing holds it (stop containerd)")
+    """Raise :class:`InUse` naming the mounts inside *path*, or who holds anything
+    at or below it."""
+    why = inuse.busy(path)
+    if why:
+        raise InUse(why)
 
 
 class Migrator:
@@ -420,16 +446,14 @@ class Migrator:
                 dst_rel = os.path.basename(e.target)
             else:
                 dst_rel = os.path.relpath(e.target, layout.path(e.location))
-            action = {"rename": "rename", "copy": "copy"}.get(e.action, "set-aside")
-            if action == "set-aside" and (e.reason is None or "newer" not in e.reason):
+            action = e.action
+            if action not in ("copy", "rename", "set-aside"):
                 continue
             if action == "copy" and self._renameable(top, dst_store):
                 action = "rename"
-            # a verified object's name starts with its sha (then, from EVE 11.8, ".<media type>")
-            sha = dst_rel.partition(".")[0]
-            expect = sha if e.location == "verified" and is_sha256(sha) else None
             items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, dst_store, dst_rel,
-                              e.obj.bytes, action, expect))
+                              e.obj.bytes, action, _expected_sha(e.location, dst_rel),
+                              e.reason))
         for rec in list(self.index.records.values()):
             if rec.state != "unresolved":
                 continue
@@ -568,14 +592,32 @@ class Migrator:
         return self.progress
 
     def _tidy_temporaries(self) -> None:
-        """Remove the temporaries' directories left empty (nothing copies between two
-        passes): the new layout's agents find only their own names in their
-        directories (new EVE removes what it cannot parse from its volume dirs)."""
-        for store in self.backing.stores.values():
-            try:
-                store.rmdir(TMP_DIR)
-            except OSError:
-                pass     # absent, or not empty (a copy a crash left: recovery's)
+        """Between two passes (nothing copies): remove the temporaries no record
+        is copying in a new-layout store's staging directory, and what an older
+        compatfs left in ``<store>/.compatfs-tmp/`` there (new EVE removes what
+        it cannot parse from its volume directories, or trips on it); then the
+        directories left empty. A legacy store's (rollback's) is only removed
+        when empty."""
+        busy = {(r.target_store, tmp_leaf(r.target_rel)) for r in self.index.records.values()
+                if r.state in MIGRATING_STATES and r.target_store and r.target_rel}
+        for key, store in self.backing.stores.items():
+            if store.staging.store is store:
+                _drop_tmp_dir(store)
+                continue
+            for place in (store.staging, Side(store, TMP_DIR)):
+                try:
+                    leaves = place.store.listdir(place.dir)
+                except OSError:
+                    continue   # absent (or not a directory: left alone)
+                for leaf in leaves:
+                    if (key, leaf) in busy:
+                        continue
+                    try:
+                        place.store.remove(place.name(leaf))
+                    except OSError as exc:
+                        log.warning("cannot remove the temporary %s: %s", place.shown(leaf),
+                                    _why(exc))
+                place.drop_if_empty()
 
     async def _one(self, item: Item, limiter: trio.Semaphore) -> None:
         try:
@@ -731,16 +773,25 @@ class Migrator:
         head = item.dst_rel.rpartition("/")[0]
         if head:
             dst.makedirs(head, 0o700)
+        snapshot = item.is_dir and self._wants_snapshot_id(item)
+        if snapshot:
+            # in the legacy tree, before the rename: the tree appears with it (old
+            # EVE never reads it; rollback takes it out again)
+            _write_snapshot_id(src, item.src_rel, _legacy_name(item.vpath))
+        reason = self._displace(dst, item.dst_rel)
         try:
             src.rename(item.src_rel, dst, item.dst_rel)
         except OSError as exc:
             self.index.delete(item.vpath)
+            if snapshot:
+                _drop_snapshot_id(src, item.src_rel, _legacy_name(item.vpath))
             if exc.errno == errno.EXDEV:
                 return False
             raise
         self._fsync_parent(dst, item.dst_rel)
         self._fault("renamed")
-        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new"))
+        self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
+                              reason=reason))
         self._switched(item.vpath)
         return True
 
@@ -749,7 +800,7 @@ class Migrator:
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
         # an agent's file: never block on it (a FIFO swapped in since the scan)
         src_fd = src.open(item.src_rel, os.O_RDONLY | os.O_NONBLOCK)
-        tmp_rel = tmp_name(item.dst_rel)
+        stage, tmp_rel = tmp_place(dst, item.dst_rel)
         tmp_fd = -1
         key = None
         try:
@@ -768,12 +819,12 @@ class Migrator:
             head = item.dst_rel.rpartition("/")[0]
             if head:
                 dst.makedirs(head, 0o700)
-            dst.makedirs(TMP_DIR, 0o700)
+            dst.staging.make()
             try:
-                dst.unlink(tmp_rel)
+                stage.unlink(tmp_rel)
             except FileNotFoundError:
                 pass
-            tmp_fd = dst.open(tmp_rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            tmp_fd = stage.open(tmp_rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             key = (st0.st_dev, st0.st_ino)
             if self.ops is not None:
                 self.dirty[key] = DirtyLog()
@@ -802,7 +853,7 @@ class Migrator:
                 if copied != result.sha256:
                     raise OSError(errno.EIO, "the copy reads back different from its source")
             # the last step runs in the event loop: no FUSE request interleaves
-            self._finish_switch(item, src, dst, src_fd, tmp_fd, tmp_rel, key)
+            self._finish_switch(item, src, dst, src_fd, tmp_fd, key)
         finally:
             if key is not None:
                 self.dirty.pop(key, None)
@@ -847,7 +898,7 @@ class Migrator:
                        compare=compare, progress=progress))
 
     def _finish_switch(self, item: Item, src: Store, dst: Store, src_fd: int, tmp_fd: int,
-                       tmp_rel: str, key: tuple[int, int] | None) -> None:
+                       key: tuple[int, int] | None) -> None:
         """Last dirty ranges, metadata, rename into place, commit, switch handles.
 
         The name must still be the file that was copied, under the record this
@@ -887,18 +938,33 @@ class Migrator:
                               target_store=item.dst_store, target_rel=item.dst_rel,
                               sig=signature(st)))
         self._fault("copied")
-        self._rename_into_place(dst, item.dst_rel)
+        reason = self._rename_into_place(dst, item.dst_rel, tmp_place(dst, item.dst_rel))
         self._fault("renamed-into-place")
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "switched",
                               target_store=item.src_store, target_rel=item.src_rel,
-                              sig=signature(st)))
+                              sig=signature(st), reason=reason))
 
-    def _rename_into_place(self, dst: Store, rel: str) -> None:
-        """The temporary of *rel* becomes *rel* (an older directory there goes first)."""
-        if dst.exists(rel) and stat.S_ISDIR(dst.lstat(rel).st_mode):
-            dst.remove(rel)
-        dst.rename(tmp_name(rel), dst, rel)
+    def _rename_into_place(self, dst: Store, rel: str, tmp: tuple[Store, str]) -> str | None:
+        """The temporary *tmp* (store, name) becomes *rel* in *dst*. Whatever is at
+        *rel* already is set aside first, never replaced (the design note's older
+        destination, or one that appeared since the plan); returns the reason to
+        report then."""
+        reason = self._displace(dst, rel)
+        tmp[0].rename(tmp[1], dst, rel)
         self._fsync_parent(dst, rel)
+        return reason
+
+    def _displace(self, dst: Store, rel: str) -> str | None:
+        """Set aside what is at *rel* in *dst* (a destination the legacy copy wins
+        over); the reason to report, or None if nothing was there."""
+        if not dst.exists(rel):
+            return None
+        where = dst.move_aside(rel)
+        self._fsync_parent(dst, rel)
+        reason = (f"the destination existed and was older; it was set aside at "
+                  f"{dst.aside_shown(where)}")
+        log.warning("%s/%s: %s", dst.key, rel, reason)
+        return reason
 
     def _switched(self, vpath: str) -> None:
         self.progress.current.pop(vpath, None)
@@ -927,10 +993,10 @@ class Migrator:
             else:
                 where = legacy.move_aside(rec.target_rel)
                 log.warning("%s: the legacy copy changed after it was copied; set aside at %s",
-                            rec.view, where)
+                            rec.view, legacy.aside_shown(where))
             self._fsync_parent(legacy, rec.target_rel)
         self._fault("legacy-removed")
-        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new"))
+        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new", reason=rec.reason))
 
     # -- copy of a directory (container volume) ---------------------------------------------
     async def _copy_tree(self, item: Item) -> None:
@@ -938,7 +1004,7 @@ class Migrator:
             raise Converging("files inside are open")
         await trio.to_thread.run_sync(self._check_unused, item)
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
-        tmp_rel = tmp_name(item.dst_rel)
+        stage, tmp_rel = tmp_place(dst, item.dst_rel)
         self._check_space(dst, item.bytes)
         self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, "copying",
                               target_store=item.dst_store, target_rel=item.dst_rel))
@@ -946,9 +1012,9 @@ class Migrator:
         head = item.dst_rel.rpartition("/")[0]
         if head:
             dst.makedirs(head, 0o700)
-        dst.makedirs(TMP_DIR, 0o700)
-        dst.remove(tmp_rel)
-        dfd, dname = dst.open_dir(TMP_DIR), tmp_rel.rpartition("/")[2]  # fsync needs a real fd
+        dst.staging.make()
+        stage.remove(tmp_rel)
+        dfd, dname = stage.open_dir(dst.staging.dir), tmp_rel.rpartition("/")[2]  # fsync: real fd
         if self.ops is not None:
             self.trees[item.vpath] = False   # the views mark it when they change it
         try:
@@ -957,6 +1023,9 @@ class Migrator:
                     lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
                                              stop=self.stop,
                                              compare=self.settings.verify != "off"))
+            if self._wants_snapshot_id(item):
+                # inside the copy before its rename: the tree appears with it, complete
+                _write_snapshot_id(stage, tmp_rel, _legacy_name(item.vpath))
             # from here to the switch nothing awaits: no request comes in between
             if self.trees.get(item.vpath):
                 raise Converging("something inside was changed during the copy")
@@ -972,8 +1041,13 @@ class Migrator:
         self._remove_legacy(item)
 
     # -- downgrade then upgrade ---------------------------------------------------------
+    def _wants_snapshot_id(self, item: Item) -> bool:
+        """A container volume gets ``snapshotid.txt`` when it moves (layout eve)."""
+        return item.kind == "oci-volume" and self.view.layout.rules.snapshot_id
+
     def _set_aside(self, item: Item) -> None:
-        """The destination is newer: it wins; the legacy object is kept aside, not deleted.
+        """The destination wins (the plan says why: layout eve keeps it always, the
+        design note when it is newer); the legacy object is kept aside, not deleted.
 
         The record (naming where the legacy copy goes) is committed before the
         legacy object is moved: a crash in between leaves the legacy name served
@@ -982,8 +1056,8 @@ class Migrator:
         self._check_unused(item)
         src = self.backing.get(item.src_store)
         where = aside_name(item.src_rel)
-        reason = (f"the destination was newer; the legacy copy was set aside at "
-                  f"{item.src_store}/{where}")
+        reason = (f"{item.reason or 'the destination exists and wins'}; the legacy copy "
+                  f"was set aside at {src.aside_shown(where)}")
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
                               target_store=item.src_store, target_rel=where, reason=reason))
         self._fault("set-aside")
@@ -991,8 +1065,7 @@ class Migrator:
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, "new",
                               reason=reason))
         self._switched(item.vpath)
-        log.warning("%s: %s/%s is newer than the legacy copy; legacy copy set aside at %s/%s",
-                    item.vpath, item.dst_store, item.dst_rel, item.src_store, where)
+        log.warning("%s: %s/%s exists: %s", item.vpath, item.dst_store, item.dst_rel, reason)
 
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
@@ -1049,9 +1122,11 @@ class Migrator:
     def _drop_copy(self, item: Item, dst: Store, renamed_into_place: bool) -> None:
         """Remove the temporary of *item*; with *renamed_into_place* (``copied``), the
         copy at the target's name if the temporary is gone (it was renamed)."""
-        tmp = tmp_name(item.dst_rel)
         try:
-            if not dst.remove(tmp) and renamed_into_place:
+            removed = False
+            for store, name in self._temporaries(dst, item.dst_rel):
+                removed = store.remove(name) or removed
+            if not removed and renamed_into_place:
                 dst.remove(item.dst_rel)
         except NotADirectoryError:
             pass
@@ -1060,6 +1135,25 @@ class Migrator:
             # The object fails alone; the other objects and the views go on.
             log.warning("%s: cannot remove its copy in %s: %s", item.vpath, item.dst_store,
                         exc)
+
+    def _temporaries(self, store: Store, rel: str) -> list[tuple[Store, str]]:
+        """Every place a temporary of *rel* in *store* may be: its staging
+        directory, then where older compatfs versions made it (``.compatfs-tmp/``
+        in the store; ``<rel>.compatfs-tmp`` unless that name is an object of
+        the index, e.g. an agent's own file placed there)."""
+        places = [tmp_place(store, rel)]
+        if store.staging.store is not store:
+            places.append((store, f"{TMP_DIR}/{tmp_leaf(rel)}"))
+        old = rel + OLD_TMP_SUFFIX
+        if not any(r.store == store.key and r.rel == old for r in self.index.records.values()):
+            places.append((store, old))
+        return places
+
+    def _find_temporary(self, store: Store, rel: str) -> tuple[Store, str] | None:
+        for place in self._temporaries(store, rel):
+            if place[0].exists(place[1]):
+                return place
+        return None
 
     def _undo(self, item: Item) -> None:
         """:meth:`_settle` after an attempt that ended as foreseen (no room, in use,
@@ -1087,6 +1181,7 @@ class Migrator:
                 line = f"{rec.view}: not recovered: {_why(exc)}"
             if line:
                 done.append(line)
+        self._tidy_temporaries()
         return done
 
     def _recover_one(self, rec: Record) -> str | None:
@@ -1104,6 +1199,8 @@ class Migrator:
             if there.exists(rec.target_rel) and not here.exists(rec.rel):
                 self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind, "new"))
                 return f"{rec.view}: finished an interrupted rename"
+            if rec.kind == "oci-volume":    # what the move wrote into it first
+                _drop_snapshot_id(here, rec.rel, _legacy_name(rec.view))
             self.index.delete(rec.view)
             return f"{rec.view}: an interrupted rename had not happened; stays"
         if rec.state == "copying":
@@ -1116,19 +1213,22 @@ class Migrator:
                 st = here.lstat(rec.rel)
             except FileNotFoundError:
                 st = None
-            tmp = tmp_name(rec.target_rel)
+            tmp = self._find_temporary(there, rec.target_rel)
             unchanged = st is not None and (stat.S_ISDIR(st.st_mode) or signature(st) == rec.sig)
-            if unchanged and (there.exists(tmp) or there.exists(rec.target_rel)):
-                if there.exists(tmp):
-                    self._rename_into_place(there, rec.target_rel)
+            if unchanged and (tmp is not None or there.exists(rec.target_rel)):
+                reason = None
+                if tmp is not None:
+                    reason = self._rename_into_place(there, rec.target_rel, tmp)
                 self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind,
                                       "switched", target_store=rec.store, target_rel=rec.rel,
-                                      sig=rec.sig))
+                                      sig=rec.sig, reason=reason))
                 self._finish_removal(self.index.get(rec.view))  # type: ignore[arg-type]
                 return f"{rec.view}: switched to its finished copy"
             # the source changed (or went) after the copy: the copy is stale
-            stale = tmp if there.exists(tmp) else rec.target_rel
-            there.remove(stale)
+            if tmp is not None:
+                tmp[0].remove(tmp[1])
+            else:
+                there.remove(rec.target_rel)
             self.index.delete(rec.view)
             return f"{rec.view}: its source changed after the copy; the copy was dropped"
         # switched
@@ -1142,9 +1242,11 @@ class Migrator:
             return None  # not served now: finished when it is
         legacy, rest = self.backing.get(rec.target_store), split(rec.view)[1]
         line = None
-        if legacy.exists(rest) and not legacy.exists(rec.target_rel):
+        aside_store, aside_rel = legacy.aside_place(rec.target_rel)
+        if legacy.exists(rest) and not aside_store.exists(aside_rel):
             legacy.move_aside(rest, rec.target_rel)
-            line = f"{rec.view}: set the legacy copy aside at {rec.target_rel}"
+            line = (f"{rec.view}: set the legacy copy aside at "
+                    f"{legacy.aside_shown(rec.target_rel)}")
         self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new", reason=rec.reason))
         return line
 
@@ -1155,7 +1257,8 @@ class Migrator:
                 and self.backing.has(rec.target_store)):
             return None
         legacy = self.backing.get(rec.target_store)
-        legacy.remove(tmp_name(rec.target_rel))
+        for store, name in self._temporaries(legacy, rec.target_rel):
+            store.remove(name)
         _drop_tmp_dir(legacy)
         if self.backing.get(rec.store).exists(rec.rel):
             if legacy.exists(rec.target_rel):
@@ -1169,12 +1272,66 @@ class Migrator:
 
 
 def _drop_tmp_dir(store: Store) -> None:
-    """Remove the store's temporaries directory if it is empty (a legacy store
-    shows old EVE exactly what it had once a rollback is done)."""
+    """Remove the store's staging directory if it is empty (a legacy store shows
+    old EVE exactly what it had once a rollback is done), and the one an older
+    compatfs made inside a new-layout store."""
+    store.staging.drop_if_empty()
+    if store.staging.store is not store:
+        Side(store, TMP_DIR).drop_if_empty()
+
+
+def _legacy_name(vpath: str) -> str:
+    """The legacy base name of a view path: ``<sha>-<app>[#<purge>]`` for a container."""
+    return vpath.rpartition("/")[2]
+
+
+def _write_snapshot_id(store: Store, tree: str, legacy_name: str) -> None:
+    """``<tree>/snapshotid.txt`` := *legacy_name*, byte-exact, no newline, mode 0644,
+    durable (file and directory synced): the containerd snapshot key old EVE made
+    the volume's snapshot under, which new EVE reads from there (docs/eve.md, E5)."""
+    name = f"{tree}/{SNAPSHOT_ID_FILE}"
+    fd = store.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
     try:
-        store.rmdir(TMP_DIR)
-    except OSError:
-        pass
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Unmovable(f"{SNAPSHOT_ID_FILE} in it is not a regular file")
+        os.fchmod(fd, 0o644)
+        data = memoryview(os.fsencode(legacy_name))
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = store.open_dir(tree)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _drop_snapshot_id(store: Store, tree: str, legacy_name: str) -> bool:
+    """Remove ``<tree>/snapshotid.txt`` if it is the one a move wrote (a regular file
+    holding exactly *legacy_name*); True if it was removed."""
+    name = f"{tree}/{SNAPSHOT_ID_FILE}"
+    want = os.fsencode(legacy_name)
+    try:
+        fd = store.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(want) \
+                or os.pread(fd, len(want) + 1, 0) != want:
+            return False
+    finally:
+        os.close(fd)
+    store.unlink(name)
+    dfd = store.open_dir(tree)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return True
 
 
 def _why(exc: BaseException) -> str:
@@ -1235,7 +1392,7 @@ class Rollback:
                 where = src.move_aside(rec.rel)  # the legacy one is newer: it wins
                 self.index.delete(rec.view)
                 log.warning("%s: the legacy copy is newer; the new-layout copy was set aside "
-                            "at %s/%s", rec.view, rec.store, where)
+                            "at %s", rec.view, src.aside_shown(where))
                 return True
             legacy.move_aside(rest)
         self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "rolling-back",
@@ -1253,11 +1410,11 @@ class Rollback:
         return self._resume(self.index.get(rec.view))  # type: ignore[arg-type]
 
     async def _copy_back(self, src: Store, rel: str, legacy: Store, rest: str, is_dir: bool) -> None:
-        tmp = tmp_name(rest)
-        legacy.makedirs(TMP_DIR, 0o700)
-        legacy.remove(tmp)          # what an interrupted rollback left
+        stage, tmp = tmp_place(legacy, rest)
+        legacy.staging.make()
+        stage.remove(tmp)           # what an interrupted rollback left
         if is_dir:
-            dfd, dname = legacy.open_dir(TMP_DIR), tmp.rpartition("/")[2]  # fsync: a real fd
+            dfd, dname = stage.open_dir(legacy.staging.dir), tmp.rpartition("/")[2]  # real fd
             try:
                 with src.parent(rel) as (sfd, sname):
                     await trio.to_thread.run_sync(
@@ -1269,7 +1426,7 @@ class Rollback:
         else:
             sfd = src.open(rel, os.O_RDONLY)
             try:
-                dfd = legacy.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                dfd = stage.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     await trio.to_thread.run_sync(
                         lambda: copier.copy_extents(sfd, dfd, throttle=self.m.throttle,
@@ -1280,7 +1437,7 @@ class Rollback:
                     os.close(dfd)
             finally:
                 os.close(sfd)
-        legacy.rename(tmp, legacy, rest)
+        stage.rename(tmp, legacy, rest)
         _drop_tmp_dir(legacy)
 
     def _resume(self, rec: Record) -> bool:
@@ -1290,10 +1447,14 @@ class Rollback:
         if not legacy.exists(rest):
             self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, "new"))
             return False  # the move had not happened; the next run starts it again
+        if rec.kind == "oci-volume":
+            # the legacy tree comes back as old EVE had it: without what the move added
+            _drop_snapshot_id(legacy, rest, _legacy_name(rec.view))
         if src.remove(rec.rel):
             self.m._fsync_parent(src, rec.rel)
         _drop_tmp_dir(src)          # the migration's, left empty in the new layout
-        legacy.remove(tmp_name(rest))
+        for store, name in self.m._temporaries(legacy, rest):
+            store.remove(name)
         _drop_tmp_dir(legacy)
         self.index.delete(rec.view)
         return True

@@ -13,10 +13,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import inuse
 from .layout import Layout
+from .fscrypt import path_is_encrypted
 from .names import shown
 from .resolver import Resolution, Resolver
 from .scan import KINDS, Bases, LegacyObject, scan
+
+#: The actions that place a legacy object at its target.
+MOVES = ("copy", "rename")
+
 
 def destinations(layout: Layout) -> tuple[str, ...]:
     """Destination locations of *layout*'s target, in report order."""
@@ -30,7 +36,9 @@ class PlanEntry:
     target: str | None
     reason: str | None
     location: str | None
-    action: str          # "copy", "rename", "keep" (stays, see reason)
+    #: "copy", "rename", "set-aside" (the destination exists and wins: the legacy
+    #: copy is set aside, see reason), "keep" (stays, see reason)
+    action: str
     #: it stays because the target layout's rules keep it in the legacy store
     #: (not because nothing maps it yet)
     by_rule: bool = False
@@ -74,7 +82,7 @@ class Plan:
         for e in self.entries:
             by_kind[e.obj.kind]["objects"] += 1
             by_kind[e.obj.kind]["bytes"] += e.obj.bytes
-            resolved += e.action != "keep"
+            resolved += e.action in MOVES
         return {
             "objects": len(self.entries),
             "to_move": resolved,
@@ -133,6 +141,35 @@ def _filesystem(path: str) -> tuple[int, int]:
     return st.st_dev, vfs.f_bavail * vfs.f_frsize
 
 
+def _encrypted(path: str) -> bool:
+    """Whether the directory *path* has an fscrypt policy (False when it cannot be read)."""
+    try:
+        return path_is_encrypted(path)
+    except OSError:
+        return False
+
+
+def _existing_destination(e: PlanEntry, st: os.stat_result, layout: Layout) -> None:
+    """*e*'s target exists (*st*): decide which copy wins. Neither is ever destroyed.
+
+    Layout eve keeps the destination whether it is older or newer (EVE's
+    converter never replaces it): the legacy copy is set aside. The design
+    note keeps the newer: a newer (or as new) destination the same way, an
+    older one is set aside before the legacy copy is placed."""
+    if layout.rules.destination_always_wins:
+        e.action = "set-aside"
+        age = "newer" if st.st_mtime_ns > e.obj.mtime_ns else "older"
+        e.reason = (f"the destination exists ({age} than the legacy copy) and is kept, as "
+                    "EVE's converter keeps it; the legacy copy is set aside, never deleted")
+    elif st.st_mtime_ns >= e.obj.mtime_ns:
+        e.action = "set-aside"
+        e.reason = ("the destination exists and is newer (downgrade then upgrade): it is "
+                    "kept and the legacy copy is set aside")
+    else:
+        e.reason = ("the destination exists and is older: it is set aside and the legacy "
+                    "copy placed")
+
+
 def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
     """Where several objects resolve to one target, the newest keeps it."""
     by_target: dict[str, list[PlanEntry]] = {}
@@ -148,6 +185,19 @@ def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
                 e.reason = (f"{layout.relpath(winner.obj.path)} resolves to the same "
                             f"{layout.relpath(target)} and is newer")
                 e.target, e.location, e.action = None, None, "keep"
+
+
+def _note_busy(entries: list[PlanEntry], layout: Layout) -> None:
+    """The containerd tree, which no view covers, moves only while nothing is
+    mounted inside it and no process holds it (:func:`compatfs.inuse.busy`; the
+    migrator checks again just before the move): say so when it waits."""
+    containerd = layout.path("containerd")
+    for e in entries:
+        if e.obj.path != containerd or e.target is None:
+            continue
+        why = inuse.busy(e.obj.path)
+        if why:
+            e.reason = f"waits: {why}" if e.reason is None else f"{e.reason}; waits: {why}"
 
 
 def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
@@ -171,9 +221,11 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
 
     vault = layout.path("vault")
     dests = {loc: Destination(loc, layout.path(loc)) for loc in destinations(layout)}
+    encrypted: dict[str, bool] = {}
     for d in dests.values():
         d.device, d.free = _filesystem(d.path)
-    source_devices: dict[str, int] = {}
+        encrypted[d.location] = _encrypted(_existing_ancestor(d.path))
+    sources: dict[str, tuple[int, bool]] = {}
     for e in entries:
         if e.target is None or e.location is None:
             continue
@@ -181,18 +233,20 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
             st = os.lstat(e.target)
         except (FileNotFoundError, NotADirectoryError):
             st = None
-        if st is not None and st.st_mtime_ns > e.obj.mtime_ns:
-            e.reason = ("destination exists and is newer (downgrade then upgrade): "
-                        "it is kept and the legacy copy is set aside")
-            e.action = "keep"
-            continue
+        if st is not None:
+            _existing_destination(e, st, layout)
+            if e.action == "set-aside":
+                continue
         d = dests[e.location]
         parent = os.path.dirname(e.obj.path)
-        if parent not in source_devices:
-            source_devices[parent] = os.lstat(parent).st_dev
+        if parent not in sources:
+            sources[parent] = (os.lstat(parent).st_dev, _encrypted(parent))
+        device, source_encrypted = sources[parent]
         inside_vault = os.path.commonpath([vault, d.path]) == vault
-        same_fs = source_devices[parent] == d.device
-        e.action = "rename" if same_fs and not inside_vault else "copy"
+        # a rename(2) out of an fscrypt directory keeps the contents encrypted under
+        # its key: a move from an encrypted img/ is a decrypting copy (E8)
+        plain = not (source_encrypted or encrypted[d.location] or inside_vault)
+        e.action = "rename" if device == d.device and plain else "copy"
         d.objects += 1
         d.bytes += e.obj.bytes
         if e.action == "copy":
@@ -202,6 +256,7 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
         need_per_fs[d.device] = need_per_fs.get(d.device, 0) + d.copy_bytes
     for d in dests.values():
         d.fits = need_per_fs[d.device] <= d.free
+    _note_busy(entries, layout)
     snap = resolver.snapshot
     return Plan(layout, entries, dests, snap.checkpoint_path, snap.config.config_hash,
                 list(snap.problems))
@@ -234,8 +289,12 @@ def render_text(plan: Plan) -> str:
     width = max([len(k) for k in KINDS])
     for e in plan.entries:
         lines.append(f"{e.obj.kind:<{width}}  {rel(e.obj.path)}  [{human(e.obj.bytes)}]")
-        if e.action != "keep":
+        if e.action in MOVES:
             lines.append(f"{'':<{width}}  -> {rel(e.target or '')} ({e.action})")
+            if e.reason:
+                lines.append(f"{'':<{width}}     {shown(e.reason)}")
+        elif e.action == "set-aside":
+            lines.append(f"{'':<{width}}  set aside: {shown(e.reason or '')}")
         else:
             lines.append(f"{'':<{width}}  stays: {shown(e.reason or '')}")
     if not plan.entries:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from . import checkpoint, latch
@@ -273,6 +274,18 @@ class VolumeMap:
 _NO_CHECKPOINT = "no checkpointed config yet (first boot): nothing can be mapped"
 
 
+def _kept(path: str | None, why: str | None, last: "Snapshot") -> str:
+    """The problem that says the last good config is still the one in use."""
+    assert last.read_at is not None
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.read_at))
+    using = (f"using the last good one, {last.checkpoint_path} read at {when} "
+             f"(config hash {last.config.config_hash or 'none'})")
+    if why is None:   # gone: EVE never deletes it; kept while this process runs
+        return (f"checkpoint {path} is gone; {using}, until a new one is written "
+                "(a process started now has none)")
+    return f"checkpoint {path} unusable ({why}); {using}"
+
+
 @dataclass(frozen=True)
 class _State:
     checkpoint: FileSignature | None
@@ -288,6 +301,7 @@ class Snapshot:
     config: DeviceConfig
     map: VolumeMap
     problems: tuple[str, ...]
+    read_at: float | None = None   # wall time ``config`` was read; None: never read one
 
 
 class Resolver:
@@ -348,7 +362,9 @@ class Resolver:
         """Rebuild the map if the checkpoint or the latch changed; True if rebuilt.
 
         Never blocks on what it reads (:mod:`compatfs.untrusted`) and never
-        raises for a bad checkpoint or latch: those are :attr:`problems`.
+        raises for a bad checkpoint or latch: those are :attr:`problems`. A
+        checkpoint being rewritten may take up to
+        :data:`compatfs.checkpoint.STABLE_READ_SECONDS` to read.
         """
         with self._lock:
             forced, self._forced = self._forced, False
@@ -359,25 +375,44 @@ class Resolver:
             return True
 
     def _read(self, state: _State) -> Snapshot:
+        """A new snapshot for *state*. Only a checkpoint read whole and settled
+        is used (:func:`compatfs.checkpoint.read_stable`). When it cannot be
+        used (torn, changing, not parsing, gone) after a good one was read, the
+        last good config stays in use, said in :attr:`problems`; the next
+        refresh whose signature differs reads it again. Without a good one,
+        nothing is mapped."""
         problems: list[str] = []
         unusable = None
-        cfg = EMPTY_CONFIG
-        path = state.checkpoint.path if state.checkpoint else None
-        if path is None:
-            unusable = _NO_CHECKPOINT
-        else:
+        cfg, read_at = EMPTY_CONFIG, None
+        sig = state.checkpoint
+        path = sig.path if sig else None
+        why = None            # why the checkpoint at *path* cannot be used now
+        if path is not None:
             try:
-                cfg = checkpoint.read(path, beneath=self.layout.root)
+                cfg, sig = checkpoint.read_with_signature(path, beneath=self.layout.root)
+                read_at = time.time()
             except FileNotFoundError:
-                unusable = _NO_CHECKPOINT
+                path = None
             except CheckpointError as exc:
-                unusable = f"checkpoint unusable: {exc}"
-                problems.append(unusable)
+                why = str(exc).removeprefix(f"{path}: ")
+        last = self.snapshot if self.snapshot.read_at is not None else None
+        if read_at is None and last is not None:
+            # torn, changing, unparseable or gone: place by the last good config
+            cfg, read_at = last.config, last.read_at
+            problems.append(_kept(path or last.checkpoint_path, why, last))
+            path = last.checkpoint_path
+        elif path is None:
+            unusable = _NO_CHECKPOINT
+        elif why is not None:
+            unusable = f"checkpoint unusable: {path}: {why}"
+            problems.append(unusable)
         latch_ = latch.load(self.layout.path("latch"), beneath=self.layout.root)
         problems.extend(latch_.problems)
         vmap = VolumeMap(cfg, latch_, self.overrides, unusable, self.layout.rules)
         problems.extend(vmap.problems)
-        return Snapshot(state, path, cfg, vmap, tuple(problems))
+        # the signature of the version decoded (it may be newer than *state*'s)
+        return Snapshot(_State(sig, state.latch_dir), path, cfg, vmap, tuple(problems),
+                        read_at)
 
     # -- resolution ------------------------------------------------------
     def _volume(self, name: LegacyVolumeName, fmt: str) -> Resolution:

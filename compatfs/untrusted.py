@@ -65,6 +65,16 @@ def read_regular(path: str, limit: int, *, follow_symlinks: bool = False,
     *follow_symlinks*; with *beneath*, a link anywhere below that directory),
     larger than *limit*, or unreadable.
     """
+    return read_regular_with_stat(path, limit, follow_symlinks=follow_symlinks,
+                                  beneath=beneath)[0]
+
+
+def read_regular_with_stat(path: str, limit: int, *, follow_symlinks: bool = False,
+                           beneath: str | None = None
+                           ) -> tuple[bytes, os.stat_result, os.stat_result]:
+    """:func:`read_regular`, plus the ``fstat`` of the file read, taken on the
+    open file just before and just after reading it: a caller that must not
+    use a file caught in the middle of a rewrite compares the two."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
@@ -102,7 +112,7 @@ def read_regular(path: str, limit: int, *, follow_symlinks: bool = False,
             total += len(chunk)
         if total > limit:   # it grew while being read
             raise UntrustedFileError(f"{path}: too large: larger than {limit} bytes")
-        return b"".join(chunks)
+        return b"".join(chunks), st, os.fstat(fd)
     except OSError as exc:
         raise UntrustedFileError(f"{path}: cannot read: {exc.strerror}") from None
     finally:

@@ -619,7 +619,7 @@ class View:
             reason = (f"a newer legacy copy was found (written while this name was served "
                       f"from the legacy store, e.g. a boot with the vault locked); it is "
                       f"served, and the copy in {rec.store} was set aside at "
-                      f"{rec.store}/{where}")
+                      f"{placed.aside_shown(where)}")
             self.index.put(Record(rec.view, top, rest, rec.kind, KEPT_LEGACY, rec.store,
                                   rec.rel, target_store=rec.store, target_rel=where,
                                   reason=reason))
@@ -629,7 +629,7 @@ class View:
                 f"a {_kind_of(legacy_st.st_mode)} at its legacy path (not a copy of it)"
             reason = (f"{what} was found beside it (written while this name was served "
                       f"from the legacy store, e.g. a boot with the vault locked); it was "
-                      f"set aside at {top}/{where}")
+                      f"set aside at {legacy.aside_shown(where)}")
             self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
                                   target_store=top, target_rel=where, reason=reason))
         log.warning("%s: both a legacy copy and a copy in %s exist; %s", rec.view, rec.store,
@@ -654,7 +654,7 @@ class View:
         if store.exists(loser_rel):     # else moved before a crash (or gone): done
             store.move_aside(loser_rel, rec.target_rel)
             done.append(f"{rec.view}: set {rec.target_store}/{loser_rel} aside at "
-                        f"{rec.target_rel}")
+                        f"{store.aside_shown(rec.target_rel)}")
         self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
                               reason=rec.reason))
         if rec.state == KEPT_LEGACY:

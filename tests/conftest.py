@@ -76,10 +76,31 @@ def legacy_snapshot(root: Path) -> dict[str, tuple]:
     return snap
 
 
+def staged(root: Path, store: str, rel: str) -> Path:
+    """Where compatfs stages the copy of *rel* into the new-layout store *store*
+    (a location key) under the default layout paths: ``<own>/staging/<store>/``."""
+    from compatfs.backing import STAGING_DIR, own_location
+    from compatfs.layout import Layout
+    from compatfs.migrator import tmp_leaf
+    return Path(Layout(str(root)).path(own_location(store))) / STAGING_DIR / store / tmp_leaf(rel)
+
+
+def set_aside(root: Path, store: str) -> list[Path]:
+    """What compatfs set aside from the new-layout store *store* (default paths)."""
+    from compatfs.backing import ASIDE_DIR, own_location
+    from compatfs.layout import Layout
+    d = Path(Layout(str(root)).path(own_location(store))) / ASIDE_DIR / store
+    return sorted(d.iterdir()) if d.is_dir() else []
+
+
 def temporaries(root: Path) -> list[str]:
-    """compatfs' temporaries left under *root*: whatever is inside a store's
-    ``.compatfs-tmp/`` directory (the empty directory itself may stay)."""
-    return sorted(str(p) for d in root.rglob(TMP_DIR) if d.is_dir() for p in d.iterdir())
+    """compatfs' temporaries left under *root*: whatever is inside a staging
+    directory (``<own>/staging/<store>/``, e.g. ``vault/compatfs/staging/vault_volumes/``)
+    or a store's ``.compatfs-tmp/`` (a legacy store's, or an older compatfs'); the
+    empty directories themselves may stay."""
+    dirs = [d for d in root.rglob(TMP_DIR) if d.is_dir()]
+    dirs += [d for d in root.glob("*/compatfs/staging/*") if d.is_dir()]
+    return sorted(str(p) for d in dirs for p in d.iterdir())
 
 
 def layout_config(directory: Path, layout: str, release: str | None = None) -> Path:

@@ -33,11 +33,12 @@ from compatfs.backing import Backing
 from compatfs.config import Migration
 from compatfs.index import Index
 from compatfs.layout import Layout
-from compatfs.migrator import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator, tmp_name
+from compatfs.migrator import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator
 from compatfs.operations import Operations
 from compatfs.resolver import Resolver
 from compatfs.view import View
 
+from .conftest import staged
 from .devices import device_root
 from .mounting import mounted
 
@@ -260,7 +261,7 @@ async def test_the_reported_sequence_truncate_to_zero_grow_write_at_the_end(tmp_
         tail = b"t" * 4096
 
         async def agent() -> None:
-            tmp = tmp_path / "vault/volumes" / tmp_name("v.raw")
+            tmp = staged(tmp_path, "vault_volumes", "v.raw")
             while not tmp.exists() or os.stat(tmp).st_blocks == 0:
                 await trio.sleep(0.005)
             await bench.ops.setattr(ino, size_attr(0), size_fields(), None, Ctx())
@@ -296,7 +297,7 @@ async def test_a_file_removed_and_made_again_during_the_copy_is_not_overwritten(
         bench.m._undo_copy(bench.item)
         fh = await bench.open(os.O_RDONLY)
         assert await bench.ops.read(fh, 0, 100) == b"new file"
-        assert not (tmp_path / "vault/volumes" / tmp_name("v.raw")).exists()
+        assert not (staged(tmp_path, "vault_volumes", "v.raw")).exists()
     finally:
         bench.close()
 
@@ -351,7 +352,7 @@ def legacy_volume(root: Path, rng: random.Random, size: int) -> tuple[Path, Path
 
 def temporary_of(target: Path) -> Path | None:
     """The copy under way to *target* (its temporary name), if any."""
-    tmp = target.parent / tmp_name(target.name)
+    tmp = staged(target.parent.parent.parent, "vault_volumes", target.name)
     return tmp if tmp.exists() else None
 
 

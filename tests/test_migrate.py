@@ -300,10 +300,12 @@ def test_daemon_moves_the_containerd_store_once_released_and_says_so_once(device
     assert temporaries(root) == []
 
 
+@pytest.mark.parametrize("layout", ["eve", "design-note"])
 @pytest.mark.parametrize("newer", [True, False], ids=["destination-newer", "destination-older"])
-def test_containerd_store_downgrade_then_upgrade(device, tmp_path, newer):
-    """A CAS location that already exists: newer wins and the legacy store is set
-    aside (never deleted); older is replaced by the legacy store."""
+def test_containerd_store_downgrade_then_upgrade(device, tmp_path, newer, layout):
+    """A CAS location that already exists: in eve it always wins, in design-note the
+    newer wins; the other copy is set aside byte-exact (never deleted): the legacy
+    store in the root's .compatfs-set-aside/, the new one in vault/compatfs/set-aside/."""
     root = device
     devicegen.make_demo(str(root))
     legacy = {k.removeprefix("containerd/"): v for k, v in sha_tree(root, "containerd").items()}
@@ -315,25 +317,36 @@ def test_containerd_store_downgrade_then_upgrade(device, tmp_path, newer):
     t_legacy = os.stat(root / "containerd").st_mtime
     os.utime(cas, (t_legacy + (3600 if newer else -3600),) * 2)
     run = str(tmp_path / "run")
-    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"layout: {layout}\n")
+    proc = run_cli("migrate", "--root", str(root), "--now", "--run-dir", run,
+                   "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     assert not (root / "containerd").exists()
     now = {k.removeprefix("vault/containerd/"): v
            for k, v in sha_tree(root, "vault/containerd").items()}
     status = json.loads(run_cli("status", "--root", str(root), "--run-dir", run,
-                                "--json").stdout)
+                                "--config", str(config), "--json").stdout)
     obj = next(o for o in status["objects"] if o["legacy"] == "containerd")
     assert obj["state"] == "new", obj
-    if newer:
+    assert "set aside" in (obj["reason"] or ""), obj
+    new_aside = root / "vault/compatfs/set-aside/cas_parent"
+    if newer or layout == "eve":
         assert now == existing
         aside = list((root / ".compatfs-set-aside").iterdir())
         assert len(aside) == 1 and aside[0].name.startswith("containerd.")
         kept = sha_tree(root, f".compatfs-set-aside/{aside[0].name}")
         assert {k.split("/", 2)[2]: v for k, v in kept.items()} == legacy
-        assert "set aside" in (obj["reason"] or ""), obj
+        assert not new_aside.exists() or not list(new_aside.iterdir())
     else:
         assert now == legacy
         assert not (root / ".compatfs-set-aside").exists()
+        aside = list(new_aside.iterdir())
+        assert len(aside) == 1 and aside[0].name.startswith("containerd.")
+        rel = aside[0].relative_to(root)
+        kept = sha_tree(root, str(rel))
+        assert {k.removeprefix(f"{rel}/"): v for k, v in kept.items()} == existing
+    assert not (root / "vault/.compatfs-set-aside").exists()
     assert temporaries(root) == []
 
 

@@ -17,9 +17,9 @@ import pytest
 
 from compatfs import devicegen
 from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
-from compatfs.migrator import tmp_name
 from compatfs.scan import TMP_DIR
 
+from .conftest import staged
 from .devices import device_root
 from .mounting import mounted
 
@@ -72,7 +72,7 @@ def test_a_file_made_in_a_container_volume_while_its_tree_is_copied_is_not_lost(
         run = tmp_path / "run"
         with mounted(root, run, stage="migrate", config=config, views=VIEWS) as m:
             until = time.monotonic() + 30
-            while not (vault / tmp_name(target)).exists():
+            while not staged(root, "vault_volumes", target).exists():
                 assert time.monotonic() < until, m.log_text()
                 time.sleep(0.05)
             view = root / "runx/pods/prepared" / name
@@ -122,3 +122,4 @@ def test_a_file_with_two_names_stays_and_says_why_and_xattrs_move_with_a_file(tm
         assert os.getxattr(moved, "user.origin") == b"agent"
         # no directory of compatfs' own is left among the new layout's names
         assert not (root / "vault/volumes" / TMP_DIR).exists()
+        assert sorted(os.listdir(root / "vault/volumes")) == [moved.name]

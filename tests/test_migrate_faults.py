@@ -21,6 +21,7 @@ import random
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -32,12 +33,11 @@ import pytest
 from compatfs import devicegen
 from compatfs.config import Config
 from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
-from compatfs.migrator import tmp_name
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 
-from .conftest import legacy_snapshot, temporaries
+from .conftest import legacy_snapshot, set_aside, staged, temporaries
 from .devices import device_root
 from .mounting import answers_within, assert_clean_exit, mounted
 
@@ -204,17 +204,34 @@ def crash_device(root: Path, more: tuple[AppDef, ...] = ()) -> None:
                           {0: rng.randbytes(MIB), 12 * MIB: rng.randbytes(3 * MIB)})
 
 
+def content(root: Path, path: str):
+    """:func:`digest` of *path* without the snapshotid.txt a move adds to a container
+    volume (layout eve; checked by :func:`assert_migrated`)."""
+    d = digest(root / path)
+    if isinstance(d, dict):
+        d.pop("snapshotid.txt", None)
+    return d
+
+
 def assert_nothing_lost(root: Path, moves: dict[str, str], before: dict) -> None:
     """Each object holds its original content at its legacy name or at its target."""
     for legacy, target in moves.items():
-        assert before[legacy] in (digest(root / legacy), digest(root / target)), legacy
+        assert before[legacy] in (content(root, legacy), content(root, target)), legacy
+        if legacy.startswith("runx/pods/prepared/") and (root / target).is_dir():
+            # a container volume at its target is complete: snapshotid.txt too
+            assert (root / target / "snapshotid.txt").read_bytes() == \
+                os.path.basename(legacy).encode(), target
 
 
 def assert_migrated(root: Path, moves: dict[str, str], before: dict) -> None:
     """Everything moved intact, nothing resolvable left, no temporary, no half-done record."""
     for legacy, target in moves.items():
         assert not os.path.lexists(root / legacy), f"{legacy} is still in the legacy store"
-        assert digest(root / target) == before[legacy], f"{legacy} -> {target}"
+        assert content(root, target) == before[legacy], f"{legacy} -> {target}"
+        if legacy.startswith("runx/pods/prepared/"):
+            sid = root / target / "snapshotid.txt"
+            assert sid.read_bytes() == os.path.basename(legacy).encode()
+            assert stat.S_IMODE(sid.stat().st_mode) == 0o644
     left = moves_of(root)
     assert left == {}, f"still to move: {left}"
     assert temporaries(root) == []
@@ -276,7 +293,7 @@ def test_migrate_killed_mid_copy_of_a_large_file(tmp_path):
         legacy = root / "img" / app.legacy_name(0)
         want = write_random(legacy, 128 * MIB, rng)  # 4 s at 32 MiB/s
         target = root / vol_target(app.drives[0])
-        tmp = target.parent / tmp_name(target.name)
+        tmp = staged(root, "vault_volumes", target.name)
         slow = config(tmp_path, "slow.yaml", "migration: {throttle_mib_per_s: 32}\n")
         argv = [sys.executable, "-m", "compatfs", "migrate", "--root", str(root), "--now",
                 "--run-dir", str(run), "--config", str(slow)]
@@ -369,8 +386,9 @@ def test_rollback_keeps_a_newer_legacy_copy(tmp_path):
         assert file_sha(legacy) == newer
         assert index_records(root) == {}
         # the older new-layout copy is not lost: set aside where it was
-        kept = [p for p in (root / "vault/volumes").rglob("*") if p.is_file()]
-        assert [(p.parent.name, file_sha(p)) for p in kept] == [(".compatfs-set-aside", old)]
+        kept = set_aside(root, "vault_volumes")
+        assert [file_sha(p) for p in kept] == [old]
+        assert [p.name for p in (root / "vault/volumes").iterdir()] == []
         assert temporaries(root) == []
 
 
@@ -503,12 +521,18 @@ def test_a_disk_that_fills_up_mid_copy_backs_off_and_loses_nothing(tmp_path):
 
 # -- 4. downgrade then upgrade ------------------------------------------------------------
 
+@pytest.mark.parametrize("layout", ["eve", "design-note"])
 @pytest.mark.parametrize("fault", [None, "set-aside"])
-def test_a_newer_destination_wins_and_an_older_one_is_replaced(tmp_path, fault):
+def test_an_existing_destination_and_the_legacy_copy_both_survive(tmp_path, fault, layout):
+    """A destination newer and one older than the legacy copy. eve: both destinations
+    stay byte-exact and both legacy copies are set aside byte-exact and reported;
+    design-note: the newer wins and the other is set aside byte-exact (the older
+    destination in vault/compatfs/set-aside/, never inside vault/volumes)."""
     run = tmp_path / "run"
     rng = random.Random(8)
     app = one_app(rng, ["raw", "qcow2"])
     t0 = 1_700_000_000
+    cfg = config(tmp_path, "layout.yaml", f"layout: {layout}\n")
     with device(tmp_path) as root:
         devicegen.write_device_state(str(root), [app])
         kept, replaced = (f"img/{app.legacy_name(i)}" for i in range(2))
@@ -516,37 +540,55 @@ def test_a_newer_destination_wins_and_an_older_one_is_replaced(tmp_path, fault):
         legacy_kept = write_random(root / kept, 2 * MIB, rng, mtime=t0)
         newer = write_random(kept_target, 3 * MIB, rng, mtime=t0 + 3600)
         legacy_replaced = write_random(root / replaced, 2 * MIB, rng, mtime=t0 + 3600)
-        write_random(replaced_target, 3 * MIB, rng, mtime=t0)
+        older = write_random(replaced_target, 3 * MIB, rng, mtime=t0)
+        set_asides = {kept, replaced} if layout == "eve" else {kept}
 
         if fault is not None:
-            crashed = migrate(root, run, fault=fault)
+            crashed = migrate(root, run, fault=fault, config=cfg)
             assert crashed.returncode == -signal.SIGKILL, crashed.stderr
             # killed between the commit and the move: the legacy name already belongs
-            # to the newer destination, and the legacy copy is intact
-            state, reason, _ = index_records(root)[kept]
+            # to the destination, and the legacy copy is intact
+            hit = [n for n in set_asides if n in index_records(root)]
+            assert len(hit) == 1, index_records(root)
+            state, reason, _ = index_records(root)[hit[0]]
             assert state == "new" and "set aside" in reason, reason
-            assert file_sha(root / kept) == legacy_kept
-        proc = migrate(root, run)
+            assert (root / hit[0]).exists()
+        proc = migrate(root, run, config=cfg)
         assert proc.returncode == 0, proc.stderr
-        # newer destination: untouched; the legacy copy is set aside, not deleted
+        # the newer destination: untouched; the legacy copy is set aside, not deleted
         assert file_sha(kept_target) == newer
         assert kept_target.stat().st_mtime_ns == (t0 + 3600) * 10**9
-        assert not (root / kept).exists()
-        aside = list((root / "img/.compatfs-set-aside").iterdir())
-        assert [file_sha(p) for p in aside] == [legacy_kept], aside
-        # older destination: replaced by the legacy content
-        assert file_sha(replaced_target) == legacy_replaced
-        assert not (root / replaced).exists()
+        aside = sorted((root / "img/.compatfs-set-aside").iterdir())
+        for n in (kept, replaced):
+            assert not (root / n).exists()
+        if layout == "eve":
+            # the older destination wins too, untouched; both legacy copies set aside
+            assert file_sha(replaced_target) == older
+            assert replaced_target.stat().st_mtime_ns == t0 * 10**9
+            assert sorted(file_sha(p) for p in aside) == sorted([legacy_kept, legacy_replaced])
+            assert set_aside(root, "vault_volumes") == []
+        else:
+            # the older destination is set aside, then replaced by the legacy content
+            assert [file_sha(p) for p in aside] == [legacy_kept], aside
+            assert file_sha(replaced_target) == legacy_replaced
+            assert [file_sha(p) for p in set_aside(root, "vault_volumes")] == [older]
+        assert sorted(os.listdir(root / "vault/volumes")) == \
+            sorted([kept_target.name, replaced_target.name])
         assert temporaries(root) == []
 
-        doc = status(root, run)
-        o = status_of(doc, kept)
-        assert o["state"] == "new" and "set aside" in (o["reason"] or ""), o
-        assert str(aside[0].relative_to(root)) in o["reason"], o
-        assert o["location"] == vol_target(app.drives[0]), o
-        assert status_of(doc, replaced)["state"] == "new"
+        proc = cli("status", "--root", str(root), "--run-dir", str(run), "--json",
+                   "--config", str(cfg))
+        doc = json.loads(proc.stdout)
+        for n in set_asides:
+            o = status_of(doc, n)
+            assert o["state"] == "new" and "set aside" in (o["reason"] or ""), o
+            assert any(str(p.relative_to(root)) in o["reason"] for p in aside), o
+            assert o["location"] == vol_target(app.drives[0 if n == kept else 1]), o
+        if layout == "design-note":
+            o = status_of(doc, replaced)
+            assert o["state"] == "new" and "older" in (o["reason"] or ""), o
+            assert str(set_aside(root, "vault_volumes")[0].relative_to(root)) in o["reason"], o
         assert {s for s, _, _ in index_records(root).values()} == {"new"}
-        assert_idle(root, run)
         assert file_sha(kept_target) == newer
 
 

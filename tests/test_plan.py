@@ -153,8 +153,12 @@ def test_same_target_twice_newest_wins(tmp_path):
     assert "is newer" in entries[f"img/{lower.name}"].reason
 
 
+@pytest.mark.parametrize("layout", ["eve", "design-note"])
 @pytest.mark.parametrize("dest_newer", [True, False])
-def test_downgrade_rule_newer_destination_wins(tmp_path, dest_newer):
+def test_existing_destination_rule(tmp_path, dest_newer, layout):
+    """eve: the destination always wins, the legacy copy is set aside; design-note:
+    the newer wins (an older destination is set aside before the legacy copy is
+    placed). The action says it, not only the reason."""
     rng = __import__("random").Random(6)
     app = devicegen.AppDef(devicegen.random_uuid(rng), "a",
                            [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng))])
@@ -162,13 +166,18 @@ def test_downgrade_rule_newer_destination_wins(tmp_path, dest_newer):
     legacy = tmp_path / "img" / app.legacy_name(0)
     devicegen.sparse_file(str(legacy), 4096, {0: b"legacy"}, mtime=1_500_000)
     dest = tmp_path / "vault/volumes" / f"{app.drives[0].volume_uuid}#0.qcow2"
-    devicegen.sparse_file(str(dest), 4096, {0: b"dest"},
-                          mtime=2_000_000 if dest_newer else 1_000_000)
-    e = by_legacy(plan_of(tmp_path))[f"img/{legacy.name}"]
-    if dest_newer:
-        assert e.action == "keep" and "newer" in e.reason
+    dest_mtime = 2_000_000 if dest_newer else 1_000_000
+    devicegen.sparse_file(str(dest), 4096, {0: b"dest"}, mtime=dest_mtime)
+    lay = Layout(str(tmp_path), rules=rules_for(layout))
+    plan = make_plan(lay, Resolver(lay, ()))
+    e = by_legacy(plan)[f"img/{legacy.name}"]
+    if layout == "eve" or dest_newer:
+        assert e.action == "set-aside", e
+        assert "set aside" in e.reason and ("newer" if dest_newer else "older") in e.reason
+        assert plan.totals()["to_move"] == 0
     else:
-        assert e.action == "copy" and e.reason is None
+        assert e.action == "copy" and "older" in e.reason and "set aside" in e.reason
+    assert dest.read_bytes()[:4] == b"dest" and os.stat(dest).st_mtime_ns == dest_mtime * 10**9
 
 
 def test_corrupt_checkpoint_leaves_volumes_unresolved(demo_root):

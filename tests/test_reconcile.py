@@ -39,7 +39,13 @@ def age(path: Path, ns: int) -> None:
 
 
 def aside(directory: Path) -> list[Path]:
-    d = directory / SET_ASIDE_DIR
+    """What compatfs set aside from the store at *directory*: in the store for a
+    legacy one, in vault/compatfs/set-aside/<store> for the vault's volumes."""
+    if directory.parts[-2:] == ("vault", "volumes"):
+        d = directory.parent / "compatfs/set-aside/vault_volumes"
+        assert not (directory / SET_ASIDE_DIR).exists()
+    else:
+        d = directory / SET_ASIDE_DIR
     return sorted(d.iterdir()) if d.exists() else []
 
 
