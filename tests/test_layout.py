@@ -1,6 +1,8 @@
 """Every location of both layouts, and the rule that only layout.py spells them.
 
-Facts from docs/eve-layout-brief.md section 2 (paths relative to /persist).
+The paths of docs/layouts.md (relative to /persist), as EVE's code spells them
+(docs/eve.md: sections 1 and 6-8 for the new layout, 9 for the legacy one, 5
+for the checkpoint).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from compatfs.layout import (
 )
 from compatfs.names import DownloadArea, ObjType
 
-# The defaults the brief fixes. "cas" may be either spelling the brief mentions.
+# The defaults docs/layouts.md fixes. "cas" is checked on its own below: EVE ships
+# vault/containerd (docs/eve.md section 8), the design note spelled it vault/case.
 BRIEF_DEFAULTS = {
     "img": "img",
     "prepared": "runx/pods/prepared",
