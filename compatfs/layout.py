@@ -39,7 +39,8 @@ LOCATIONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "cas": ("vault/containerd", "content-addressable storage (the design note said vault/case)"),
     # device state read by the resolver
     "checkpoint": ("checkpoint/lastconfig", "the checkpointed controller config"),
-    "checkpoint_alt": ("checkpoint/config", "the design note's name for the checkpoint, tried second"),
+    "checkpoint_alt": ("checkpoint/config", "the design note's name for the checkpoint, "
+                       "tried second (layout design-note only)"),
     "latch": ("status/zedmanager/AppAndImageToHash", "zedmanager's (app, image, purge) -> sha latch"),
     # compatfs' own state
     "state": ("vault/compatfs", "compatfs' own durable state, inside the vault"),
@@ -123,6 +124,10 @@ class Layout:
         layout's directory for clear-text volumes."""
         return self.rules.clear_volumes if clear_text else "vault_volumes"
 
-    def checkpoint_candidates(self) -> tuple[str, str]:
-        """The checkpoint paths in the order they are tried."""
-        return (self.path("checkpoint"), self.path("checkpoint_alt"))
+    def checkpoint_candidates(self) -> tuple[str, ...]:
+        """The checkpoint paths in the order they are tried: ``lastconfig``, and
+        the design note's ``checkpoint/config`` only when the rules name it (no
+        EVE release writes it)."""
+        if self.rules.checkpoint_alt:
+            return (self.path("checkpoint"), self.path("checkpoint_alt"))
+        return (self.path("checkpoint"),)

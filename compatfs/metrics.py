@@ -2,8 +2,8 @@
 
 The daemon rewrites ``<run dir>/metrics.prom`` atomically every few seconds
 (node_exporter's textfile collector, or any device agent, can ship it):
-objects per state, bytes migrated and remaining, the copy rate, errors, and
-FUSE request latency percentiles.
+the target layout (an info gauge), objects per state, bytes migrated and
+remaining, the copy rate, errors, and FUSE request latency percentiles.
 
 Latency is kept in a histogram of power-of-two microsecond buckets: two
 clock reads and one list increment per request, nothing else on the hot path.
@@ -12,6 +12,8 @@ clock reads and one list increment per request, nothing else on the hot path.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from .rules import release_text
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -57,6 +59,12 @@ def render(daemon: "Daemon") -> str:
         for labels, value in samples:
             lines.append(f"compatfs_{name}{labels} {value:g}")
 
+    rules = daemon.layout.rules
+    info = f'layout="{rules.layout}"'
+    if rules.release is not None:
+        info += f',eve_release="{release_text(rules.release)}"'
+    metric("info", "gauge", "The target layout the daemon places objects for (always 1).",
+           [(f"{{{info}}}", 1)])
     states: dict[str, int] = {}
     for rec in daemon.index.records.values():
         states[rec.state] = states.get(rec.state, 0) + 1

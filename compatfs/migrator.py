@@ -425,7 +425,9 @@ class Migrator:
                 continue
             if action == "copy" and self._renameable(top, dst_store):
                 action = "rename"
-            expect = dst_rel if e.location == "verified" and is_sha256(dst_rel) else None
+            # a verified object's name starts with its sha (then, from EVE 11.8, ".<media type>")
+            sha = dst_rel.partition(".")[0]
+            expect = sha if e.location == "verified" and is_sha256(sha) else None
             items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, dst_store, dst_rel,
                               e.obj.bytes, action, expect))
         for rec in list(self.index.records.values()):

@@ -31,6 +31,9 @@ class PlanEntry:
     reason: str | None
     location: str | None
     action: str          # "copy", "rename", "keep" (stays, see reason)
+    #: it stays because the target layout's rules keep it in the legacy store
+    #: (not because nothing maps it yet)
+    by_rule: bool = False
 
     def as_json(self, layout: Layout) -> dict[str, Any]:
         return {
@@ -38,6 +41,7 @@ class PlanEntry:
             "legacy": layout.relpath(self.obj.path),
             "target": layout.relpath(self.target) if self.target else None,
             "reason": self.reason,
+            "by_rule": self.by_rule,
             "bytes": self.obj.bytes,
             "action": self.action,
         }
@@ -89,6 +93,7 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         return {
             "root": self.layout.root,
+            "layout": self.layout.rules.name,
             "checkpoint": self.layout.relpath(self.checkpoint) if self.checkpoint else None,
             "config_hash": self.config_hash,
             "problems": self.problems,
@@ -160,7 +165,8 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
     for obj in scan(layout, include_prepared, bases):
         res = _resolve(resolver, obj)
         action = "keep" if res.target is None else "copy"
-        entries.append(PlanEntry(obj, res.target, res.reason, res.location, action))
+        entries.append(PlanEntry(obj, res.target, res.reason, res.location, action,
+                                 res.by_rule))
     _settle_conflicts(entries, layout)
 
     vault = layout.path("vault")
@@ -218,7 +224,8 @@ def render_text(plan: Plan) -> str:
     def rel(path: str) -> str:
         return shown(plan.layout.relpath(path))
 
-    lines = [f"compatfs plan for {shown(plan.layout.root)}",
+    lines = [f"compatfs plan for {shown(plan.layout.root)}, target layout "
+             f"{plan.layout.rules.name}",
              f"checkpoint: {rel(plan.checkpoint) if plan.checkpoint else 'none'}"
              + (f" (config hash {plan.config_hash})" if plan.config_hash else "")]
     for p in plan.problems:

@@ -5,24 +5,51 @@ latch and the operator's overrides, it answers "where does this legacy volume
 belong?" with a dictionary lookup. :class:`Resolver` owns the device state
 behind it (which checkpoint file, which latch) and rebuilds the map when any
 of it changes, since the controller keeps sending configs while old agents
-run. The rules (``docs/resolution.md``):
+run. What depends on the target layout is asked of its
+:class:`~compatfs.rules.Rules` (``docs/resolution.md``, ``docs/eve.md``).
+
+Volumes, in both layouts:
 
 1. drive *i* of an app pairs with ``volumeRefList[i]``;
 2. the app's purge counter applies to its first drive only;
 3. a drive's sha is its image's ``sha256``, else the latch's entry for
    (app, image, purge counter), else the sha of the content tree the
    volume's origin names;
-4. ``clear_text`` on the volume means ``novault``;
-5. a legacy name matches by (app, sha), sha compared case-insensitively, and
+4. a legacy name matches by (app, sha), sha compared case-insensitively, and
    its purge counter must be the one the drive was built with; anything else
    stays where it is, with the reason;
-6. its format must be the drive's: a VM volume's suffix is the drive image's
+5. its format must be the drive's: a VM volume's suffix is the drive image's
    format (else its content tree's), lower case, as volumemgr named the file;
    a container directory needs a container drive. A config without a format
    confirms no suffix, so several names for one drive never become several
-   volumes;
-7. an operator override for (app, sha) wins over all of the above (its
-   ``format``, else the checkpoint's for that drive, else any, is required).
+   volumes; a suffix that is not a ``Format`` name is never placed;
+6. an operator override for (app, sha) wins over all of the above (its
+   ``format``, else the checkpoint's for that drive, else any, is required);
+7. the new name is ``<lower volume UUID>#<generation>.<format>`` in
+   ``vault/volumes``, or in the layout's clear-text directory for a
+   ``clear_text`` volume (``clear/volumes`` in eve, ``novault/volumes`` in
+   design-note).
+
+Per layout:
+
+- the generation is ``Volume.generationCount`` in eve (what volumemgr names
+  the file by; a ``VolumeRef`` that says otherwise is reported as a problem),
+  the reference's in design-note;
+- downloads in progress (``pending/``, ``verifier/``) move in design-note; in
+  eve they stay in the legacy store, served by the views (no EVE release reads
+  them moved);
+- verified downloads move for the rules' object types only (not ``cert.obj``
+  in eve), named as the target's verifier keeps them: the bare lower-case sha,
+  or from EVE 11.8 ``<sha>.<escaped media type>``, which is known only for a
+  sha the checkpoint names as a disk image (an OCI layer); otherwise it stays;
+- the legacy containerd tree moves only when the target runs it from the CAS
+  location;
+- ``checkpoint/config`` is read when ``lastconfig`` is absent in design-note
+  only (:meth:`Layout.checkpoint_candidates`).
+
+A resolution with no target is either not placed *yet* (a volume the config
+does not map: its new objects wait in the unresolved area) or kept in the
+legacy store by the rules (``by_rule``: new objects are created there).
 """
 
 from __future__ import annotations
@@ -36,6 +63,10 @@ from .checkpoint import EMPTY_CONFIG, CheckpointError, DeviceConfig, FileSignatu
 from .config import Override
 from .layout import Layout
 from .names import CONTAINER_FORMAT, DownloadArea, LegacyVolumeName, ObjType, is_uuid
+from .rules import DEFAULT_RULES, OCI_LAYER_MEDIA_TYPE, Rules, release_text
+
+#: The suffixes EVE gives a volume: the names of the protobuf ``Format`` enum, lower case.
+FORMAT_NAMES = frozenset(f for f in checkpoint.FORMAT_SUFFIX.values() if f is not None)
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,9 @@ class Resolution:
     reason: str | None = None
     volume: VolumeTarget | None = None
     location: str | None = None   # the Layout key of the target's directory
+    #: no target because the target layout keeps the object in the legacy store
+    #: (not because nothing maps it yet): a new one is created there too
+    by_rule: bool = False
 
     @property
     def resolved(self) -> bool:
@@ -90,6 +124,13 @@ def _what(fmt: str) -> str:
     return "a container directory" if fmt == CONTAINER_FORMAT else f"suffix .{fmt}"
 
 
+def _target_name(rules: Rules) -> str:
+    """How a reason names the target: ``EVE 17.3`` or ``the design note's layout``."""
+    if rules.release is None:
+        return "the design note's layout"
+    return f"EVE {release_text(rules.release)}"
+
+
 def _mismatch(name: LegacyVolumeName, expected: str, where: str) -> str:
     return (f"format {_format_of(name)} does not match the config: {where} is {expected} "
             f"(legacy name: {_what(expected)})")
@@ -99,9 +140,17 @@ class VolumeMap:
     """(app UUID, sha) -> volume, built from one state of the device."""
 
     def __init__(self, config: DeviceConfig, latch_: latch.Latch,
-                 overrides: tuple[Override, ...] = (), unusable: str | None = None) -> None:
+                 overrides: tuple[Override, ...] = (), unusable: str | None = None,
+                 rules: Rules = DEFAULT_RULES) -> None:
         self.unusable = unusable
+        self.rules = rules
         self.problems: list[str] = []
+        #: lower-case sha -> the media type the target names its verified blob by,
+        #: or why none can be derived (built once here, looked up per name)
+        self.media_types: dict[str, str] = {}
+        self.no_media_type: dict[str, str] = {}
+        if rules.verified_media_type:
+            self._media_types(config)
         self._apps: dict[str, tuple[_Binding, ...]] = {}
         self._overrides = {
             (o.app.lower(), o.sha.lower()): (VolumeTarget(o.volume.lower(), o.generation,
@@ -115,8 +164,41 @@ class VolumeMap:
             self._apps[app.uuid] = tuple(self._bind(config, latch_, app, i, d)
                                           for i, d in enumerate(app.drives))
 
-    @staticmethod
-    def _bind(config: DeviceConfig, latch_: latch.Latch, app: checkpoint.AppSpec,
+    def _media_types(self, config: DeviceConfig) -> None:
+        """Which verified shas the target can name: EVE gives the root blob of a
+        content tree whose format is known and not a container the OCI layer
+        media type; a container image's comes from its registry, and a sha the
+        config does not name (or names without a format) has none to derive."""
+        formats: dict[str, set[str | None]] = {}
+        for tree in config.content_trees.values():
+            if tree.sha:
+                formats.setdefault(tree.sha.lower(), set()).add(tree.fmt)
+        for app in config.apps:
+            for drive in app.drives:
+                if drive.sha:
+                    formats.setdefault(drive.sha.lower(), set()).add(drive.fmt)
+        for sha, fmts in formats.items():
+            if CONTAINER_FORMAT in fmts:
+                self.no_media_type[sha] = ("the checkpoint names it as a container image, "
+                                           "whose media type only its registry gives")
+            elif None in fmts:
+                self.no_media_type[sha] = "the checkpoint gives its image no format"
+            else:
+                self.media_types[sha] = OCI_LAYER_MEDIA_TYPE
+
+    def media_type(self, sha: str) -> str | None:
+        """The media type of verified blob *sha* (lower case), None when unknown."""
+        return self.media_types.get(sha)
+
+    def no_media_type_reason(self, sha: str) -> str:
+        """Why :meth:`media_type` has none for *sha* (not a hot path)."""
+        if self.unusable is not None:
+            return self.unusable
+        return self.no_media_type.get(
+            sha, "the checkpoint names no content tree or drive image of this sha, so its "
+                 "media type (part of the name) is unknown")
+
+    def _bind(self, config: DeviceConfig, latch_: latch.Latch, app: checkpoint.AppSpec,
               index: int, drive: checkpoint.DriveSpec) -> _Binding:
         purge = app.purge if index == 0 else 0
         ref = app.volume_refs[index] if index < len(app.volume_refs) else None
@@ -137,11 +219,18 @@ class VolumeMap:
         if vol is None:
             return _Binding(index, sha, purge, fmt, None,
                             f"{where} refers to volume {ref.uuid}, which the config does not define")
-        if ref.generation < 0:
+        generation = vol.generation if self.rules.generation_from_volume else ref.generation
+        if self.rules.generation_from_volume and ref.generation != vol.generation:
+            self.problems.append(
+                f"{where}: volumeRefList says generation {ref.generation} for volume "
+                f"{ref.uuid}, the volume itself {vol.generation}; the volume is placed under "
+                f"#{vol.generation} (the name volumemgr opens), and the app's reference will "
+                f"not meet it until the controller sends matching counters")
+        if generation < 0:
             return _Binding(index, sha, purge, fmt, None,
-                            f"{where}: negative generation counter {ref.generation}")
+                            f"{where}: negative generation counter {generation}")
         return _Binding(index, sha, purge, fmt,
-                        VolumeTarget(ref.uuid, ref.generation, vol.clear_text, "checkpoint"), None)
+                        VolumeTarget(ref.uuid, generation, vol.clear_text, "checkpoint"), None)
 
     def volume_for(self, name: LegacyVolumeName) -> VolumeTarget | str:
         """The volume *name* belongs to, or the reason it has none."""
@@ -216,7 +305,7 @@ class Resolver:
         self.overrides = overrides
         self.snapshot = Snapshot(None, None, EMPTY_CONFIG,
                                  VolumeMap(EMPTY_CONFIG, latch.EMPTY_LATCH, overrides,
-                                           _NO_CHECKPOINT), ())
+                                           _NO_CHECKPOINT, layout.rules), ())
         self._lock = threading.Lock()     # one refresh at a time
         self._forced = False
         self.refresh()
@@ -286,7 +375,7 @@ class Resolver:
                 problems.append(unusable)
         latch_ = latch.load(self.layout.path("latch"), beneath=self.layout.root)
         problems.extend(latch_.problems)
-        vmap = VolumeMap(cfg, latch_, self.overrides, unusable)
+        vmap = VolumeMap(cfg, latch_, self.overrides, unusable, self.layout.rules)
         problems.extend(vmap.problems)
         return Snapshot(state, path, cfg, vmap, tuple(problems))
 
@@ -295,6 +384,9 @@ class Resolver:
         found = self.map.volume_for(name)
         if isinstance(found, str):
             return Resolution(None, found)
+        if fmt not in FORMAT_NAMES:
+            return Resolution(None, f"suffix .{fmt} is not a volume format EVE names a volume "
+                                    f"by ({', '.join(sorted(FORMAT_NAMES))})", by_rule=True)
         location = self.layout.volume_location(found.clear_text)
         return Resolution(os.path.join(self.layout.path(location), found.file_name(fmt)),
                           None, found, location)
@@ -319,10 +411,28 @@ class Resolver:
         image ID, or a lower-case sha for the verified area). The object
         type is not part of the new names; the index keeps it.
         """
-        del obj_type  # kept by the caller's index, not in the new name
+        rules = self.layout.rules
         if area is DownloadArea.VERIFIED:
-            return Resolution(os.path.join(self.layout.path("verified"), directory.lower()),
+            if obj_type not in rules.verified_types:
+                kept = ", ".join(sorted(t.value for t in rules.verified_types))
+                return Resolution(None, f"a verified {obj_type.value} object stays in the "
+                                        f"legacy store: {_target_name(rules)} moves only "
+                                        f"{kept} ones", by_rule=True)
+            sha = directory.lower()
+            name = rules.verified_name(sha, self.map.media_type(sha))
+            if name is None:
+                return Resolution(None, f"no name {_target_name(rules)} keeps can be derived: "
+                                        f"{self.map.no_media_type_reason(sha)}; it stays in "
+                                        "the legacy store (a bare-sha name would be deleted "
+                                        "at start and downloaded again)", by_rule=True)
+            return Resolution(os.path.join(self.layout.path("verified"), name),
                               location="verified")
+        if not rules.move_transient:
+            return Resolution(None, f"a download in progress stays in the legacy store, served "
+                                    f"by the views: no EVE release reads {area.value}/<id>/<file> "
+                                    "moved (new releases name their own and clear the rest at "
+                                    "start); it is downloaded again after the upgrade",
+                              by_rule=True)
         if area is DownloadArea.PENDING:
             base = os.path.join(self.layout.path("downloader"), "pending")
             location = "downloader"
@@ -331,5 +441,11 @@ class Resolver:
         return Resolution(os.path.join(base, directory, file_name), location=location)
 
     def resolve_containerd(self) -> Resolution:
-        """The legacy ``containerd`` tree moves whole into the CAS location."""
+        """The legacy ``containerd`` tree moves whole into the CAS location, when
+        the target runs its containerd from there."""
+        rules = self.layout.rules
+        if not rules.move_containerd:
+            return Resolution(None, f"{_target_name(rules)} runs its own containerd from this "
+                                    "tree (up to EVE 7.10 it is the system containerd's root): "
+                                    "it stays where it is", by_rule=True)
         return Resolution(self.layout.path("cas"), location="cas")

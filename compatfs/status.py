@@ -195,7 +195,8 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool,
             out.append(ObjectStatus(e.obj.kind, legacy, location, target or location, state,
                                     reason, e.obj.bytes))
         else:
-            state = "legacy" if e.target is not None else "unresolved"
+            # the legacy store is where it belongs when the rules keep it there
+            state = "legacy" if e.target is not None or e.by_rule else "unresolved"
             out.append(ObjectStatus(e.obj.kind, legacy, legacy, target, state, e.reason,
                                     e.obj.bytes))
     for vpath, rec in records.items():
@@ -243,6 +244,7 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
     index = index or IndexReport("none")
     return {
         "root": plan.layout.root,
+        "layout": plan.layout.rules.name,
         "stage": stage,
         "mounted": mounted,
         "views": views or {},
@@ -258,7 +260,7 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
 
 def render_text(doc: dict[str, Any]) -> str:
     lines = [f"compatfs status for {shown(doc['root'])}: stage {doc['stage']}, "
-             f"{'mounted' if doc['mounted'] else 'not mounted'}"]
+             f"{'mounted' if doc['mounted'] else 'not mounted'}, target layout {doc['layout']}"]
     dead = [v for v, state in doc.get("views", {}).items() if state == "dead"]
     if dead:
         lines.append(f"views dead: {', '.join(dead)} (the daemon serving them died; agents get "

@@ -13,7 +13,9 @@ Where a *new* object goes depends on the stage: in ``observe`` everything
 stays in the legacy store; in ``redirect`` and ``migrate`` a name the
 resolver can place goes straight to its new-layout location, a volume name it
 cannot place yet goes to the unresolved area inside the vault, and anything
-else stays in the legacy store. A rename keeps bytes on their side of the
+else stays in the legacy store: names that do not parse, and what the target
+layout's rules keep there (in ``eve``: downloads in progress, ``cert.obj``,
+verified objects whose name the target keeps cannot be derived). A rename keeps bytes on their side of the
 vault boundary when they cannot move by ``rename(2)``, so an agent never
 waits for a copy and never sees ``EXDEV``.
 
@@ -187,18 +189,22 @@ class View:
         try:
             if top == "img" and len(parts) == 1 and not is_dir:
                 res = self.resolver.resolve_vm(parse_vm_volume(parts[0]))
-                return self._volume(res, vpath, "vm-volume")
+                return self._volume(res, vpath, "vm-volume") or legacy
             if top == "prepared" and len(parts) == 1 and is_dir:
                 res = self.resolver.resolve_container(parse_container_volume(parts[0]))
-                return self._volume(res, vpath, "oci-volume")
+                return self._volume(res, vpath, "oci-volume") or legacy
             if top == "downloads" and len(parts) == 4 and not is_dir:
                 return self._download(parts) or legacy
         except NotAVolume:
             return legacy
         return legacy
 
-    def _volume(self, res: Resolution, vpath: str, kind: str) -> Placement:
+    def _volume(self, res: Resolution, vpath: str, kind: str) -> Placement | None:
+        """The new volume's place: its final name, the unresolved area while
+        nothing maps it, or None (the legacy store) when the rules keep it there."""
         if res.target is None or res.location is None:
+            if res.by_rule:
+                return None
             return Placement("unresolved", vpath, kind, "unresolved")
         rel = os.path.relpath(res.target, self.layout.path(res.location))
         return Placement(res.location, rel, kind, "new")
@@ -217,7 +223,8 @@ class View:
             if not (is_uuid(directory) or is_sha256(directory)):
                 return None
         res = self.resolver.resolve_download(obj_type, area, directory, file_name)
-        assert res.target is not None and res.location is not None
+        if res.target is None or res.location is None:
+            return None     # the rules keep it in the legacy store (eve: in progress)
         rel = os.path.relpath(res.target, self.layout.path(res.location))
         return Placement(res.location, rel, _AREA_KIND[area_name], "new")
 
