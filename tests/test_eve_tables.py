@@ -367,8 +367,11 @@ def test_converter_generation_comes_from_the_volume(tmp_path):
     vol = app.drives[0].volume_uuid
     _device(tmp_path, [app], ref_generation={vol: 5})
     devicegen.sparse_file(str(tmp_path / "img" / app.legacy_name(0)), 4096, {0: b"vm"})
-    [e] = eve_plan(tmp_path).entries
+    plan = eve_plan(tmp_path)
+    [e] = plan.entries
     assert e.target == str(tmp_path / "vault/volumes" / f"{vol}#2.qcow2")
+    # and the disagreement is reported, not silently accepted
+    assert any(vol in p and "generation 5" in p for p in plan.problems), plan.problems
 
 
 def test_converter_vm_volume_with_purge_counter(tmp_path):
@@ -532,7 +535,7 @@ def test_converter_verified_stays_when_no_name_11_8_keeps_exists(tmp_path, fmt):
     _device(tmp_path, [], content_trees=[] if fmt is None else [(sha, fmt)])
     _verified(tmp_path, ObjType.APP_IMG, data)
     e = _only(eve_plan(tmp_path, "17.3"), "verified")
-    assert e.target is None and e.action == "keep" and e.reason
+    assert e.target is None and e.action == "keep" and e.by_rule and e.reason
 
 
 @pytest.mark.parametrize("release", ["11.7", "17.3"])
@@ -550,7 +553,7 @@ def test_converter_verified_app_img_and_base_os_move_cert_stays(tmp_path, releas
         assert entries[obj_type].target == str(
             tmp_path / "vault/verifier/verified" / f"{sha}{suffix}")
     cert = entries[ObjType.CERT]
-    assert cert.target is None and cert.action == "keep" and cert.reason
+    assert cert.target is None and cert.action == "keep" and cert.by_rule and cert.reason
 
 
 def test_converter_verified_destination_exists(tmp_path):
@@ -570,7 +573,7 @@ def test_converter_transient_downloads_stay(tmp_path, area):
     devicegen.download_file(str(tmp_path), ObjType.APP_IMG, area,
                             "6ba7b810-9dad-41d1-80b4-00c04fd430c8", "part.img", b"partial")
     e = _only(eve_plan(tmp_path), area.value)
-    assert e.target is None and e.action == "keep" and e.reason
+    assert e.target is None and e.action == "keep" and e.by_rule and e.reason
 
 
 @pytest.mark.parametrize("release,moves", [("7.10", False), ("7.11", True), ("17.3", True)])
@@ -584,7 +587,7 @@ def test_converter_containerd_moves_only_for_7_11_on(tmp_path, release, moves):
     if moves:
         assert e.target == str(tmp_path / "vault/containerd")
     else:
-        assert e.target is None and e.action == "keep" and e.reason
+        assert e.target is None and e.action == "keep" and e.by_rule and e.reason
 
 
 def test_converter_plan_is_a_dry_run_and_idempotent(demo_root):
