@@ -29,6 +29,7 @@ import json
 import os
 import random
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from compatfs.names import (
     parse_vm_volume,
 )
 from compatfs.plan import make_plan
+from compatfs.proto import eve_config_pb2
 from compatfs.resolver import Resolver
 from compatfs.rules import OCI_LAYER_MEDIA_TYPE, RELEASES, release_text, rules_for
 from compatfs.scan import scan_img, scan_prepared
@@ -313,8 +315,9 @@ def _uuid(rng: random.Random) -> str:
     return devicegen.random_uuid(rng)
 
 
-def _device(root: Path, apps: list[devicegen.AppDef], *, ref_generation: dict[str, int] = {},
-            content_trees: list[tuple[str, int]] = ()) -> None:
+def _device(root: Path, apps: list[devicegen.AppDef], *,
+            ref_generation: dict[str, int] | None = None,
+            content_trees: tuple[tuple[str, int], ...] = ()) -> None:
     """Checkpoint and latch for *apps* under *root*; ``ref_generation`` gives an
     app's ``VolumeRef.generationCount`` for a volume where it differs from the
     volume's own, ``content_trees`` adds (sha, Format number) trees no volume uses."""
@@ -322,7 +325,7 @@ def _device(root: Path, apps: list[devicegen.AppDef], *, ref_generation: dict[st
     resp = devicegen.build_config(apps)
     for app in resp.config.apps:
         for ref in app.volumeRefList:
-            if ref.uuid in ref_generation:
+            if ref_generation and ref.uuid in ref_generation:
                 ref.generationCount = ref_generation[ref.uuid]
     rng = random.Random(len(apps))
     for sha, fmt in content_trees:
@@ -532,7 +535,7 @@ def test_converter_verified_stays_when_no_name_11_8_keeps_exists(tmp_path, fmt):
     container image): no name 17.3 keeps, so the object stays, with the reason."""
     data = b"blob"
     sha = devicegen.sha_of(data)
-    _device(tmp_path, [], content_trees=[] if fmt is None else [(sha, fmt)])
+    _device(tmp_path, [], content_trees=() if fmt is None else ((sha, fmt),))
     _verified(tmp_path, ObjType.APP_IMG, data)
     e = _only(eve_plan(tmp_path, "17.3"), "verified")
     assert e.target is None and e.action == "keep" and e.by_rule and e.reason
@@ -543,7 +546,7 @@ def test_converter_verified_app_img_and_base_os_move_cert_stays(tmp_path, releas
     """``renameVerifiedFiles`` moves appImg.obj and baseOs.obj, never cert.obj."""
     app_data, base_data, cert_data = b"app image", b"base os image", b"certificate"
     shas = [devicegen.sha_of(d) for d in (app_data, base_data)]
-    _device(tmp_path, [], content_trees=[(s, 1) for s in shas])   # RAW: media type derivable
+    _device(tmp_path, [], content_trees=tuple((s, 1) for s in shas))   # RAW: media type derivable
     _verified(tmp_path, ObjType.APP_IMG, app_data)
     _verified(tmp_path, ObjType.BASE_OS, base_data, upper=False)
     _verified(tmp_path, ObjType.CERT, cert_data)
@@ -658,8 +661,9 @@ def devices(draw):
 
 
 def _write_random_device(root: Path, apps: list[dict], wrap: bool) -> None:
-    from compatfs.proto import eve_config_pb2
-
+    """The checkpoint (``Volume`` and ``VolumeRef`` generations as drawn) and
+    latch of *apps*, written directly so each drive's sha can come from where
+    the draw says."""
     resp = eve_config_pb2.ConfigResponse(configHash="random")
     latch_dir = root / "status/zedmanager/AppAndImageToHash"
     latch_dir.mkdir(parents=True)
@@ -685,7 +689,7 @@ def _write_random_device(root: Path, apps: list[dict], wrap: bool) -> None:
                                       a["purge"] if i == 0 else 0)
             elif d["sha_source"] == "content_tree":
                 tree = resp.config.contentInfo.add()
-                tree.uuid = str(devicegen.uuidlib.uuid5(devicegen.uuidlib.NAMESPACE_URL, d["sha"]))
+                tree.uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, d["sha"]))
                 tree.sha256, tree.iformat = d["sha"], d["format"]
                 vol.origin.type = 2
                 vol.origin.downloadContentTreeID = tree.uuid
