@@ -250,6 +250,8 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     """A small legacy device: VM and container volumes, every download area, a
     wrapped checkpoint with unknown fields, the latch, and a few names that
     stay where they are (an unknown app, a stale purge counter, stray files).
+    The verified appImg.obj object is the image of the ``fresh`` app's drive;
+    the baseOs.obj one is not in the config.
     """
     rng = random.Random(seed)
     u = lambda: random_uuid(rng)  # noqa: E731
@@ -262,7 +264,9 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     pod = AppDef(u(), "pod", [DriveDef(u(), random_sha(rng), "container", sha_in_image=False,
                                        content_tree=True)])
     # an app whose volume volumemgr has yet to create (the demo tour creates it)
-    fresh = AppDef(u(), "fresh", [DriveDef(u(), random_sha(rng), "raw")])
+    # from a verified image the config names (so EVE 11.8+ can name it too)
+    verified = rng.randbytes(200 << 10)
+    fresh = AppDef(u(), "fresh", [DriveDef(u(), sha_of(verified), "raw")])
     apps = [web, db, pod, fresh]
     write_device_state(root, apps, wrap=True, rng=rng)
 
@@ -284,7 +288,6 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     download_file(root, ObjType.APP_IMG, DownloadArea.PENDING, image_id, "ubuntu.img",
                   blob[: 100 << 10])
     download_file(root, ObjType.APP_IMG, DownloadArea.VERIFIER, u(), "alpine.qcow2", blob)
-    verified = rng.randbytes(200 << 10)
     download_file(root, ObjType.APP_IMG, DownloadArea.VERIFIED, sha_of(verified).upper(),
                   "debian.qcow2", verified)
     base = rng.randbytes(150 << 10)

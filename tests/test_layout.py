@@ -23,6 +23,7 @@ from compatfs.layout import (
     check_relative_path,
 )
 from compatfs.names import DownloadArea, ObjType
+from compatfs.rules import rules_for
 
 # The defaults docs/layouts.md fixes. "cas" is checked on its own below: EVE ships
 # vault/containerd (docs/eve.md section 8), the design note spelled it vault/case.
@@ -168,16 +169,22 @@ def test_layout_error_is_a_value_error() -> None:
 
 
 def test_checkpoint_candidates_order(tmp_path: Path) -> None:
+    """checkpoint/config is the design note's name: tried second there, never in eve."""
     root = str(tmp_path)
-    assert Layout(root).checkpoint_candidates() == (
+    assert Layout(root, rules=rules_for("design-note")).checkpoint_candidates() == (
         os.path.join(root, "checkpoint", "lastconfig"),
         os.path.join(root, "checkpoint", "config"),
     )
+    for release in ("5.8", "17.3"):
+        assert Layout(root, rules=rules_for("eve", release)).checkpoint_candidates() == (
+            os.path.join(root, "checkpoint", "lastconfig"),)
+    assert Layout(root).checkpoint_candidates() == (os.path.join(root, "checkpoint", "lastconfig"),)
 
 
 def test_checkpoint_candidates_follow_overrides(tmp_path: Path) -> None:
     root = str(tmp_path)
-    layout = Layout(root, {"checkpoint": "cp/first", "checkpoint_alt": "cp/second"})
+    layout = Layout(root, {"checkpoint": "cp/first", "checkpoint_alt": "cp/second"},
+                    rules_for("design-note"))
     assert layout.checkpoint_candidates() == (
         os.path.join(root, "cp", "first"),
         os.path.join(root, "cp", "second"),

@@ -15,28 +15,41 @@ from compatfs.layout import Layout
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan, render_text
 from compatfs.resolver import Resolver
+from compatfs.rules import OCI_LAYER_MEDIA_TYPE, path_escape, rules_for
 
 from .conftest import run_cli, tree_snapshot
 
 
-def plan_of(root: Path, overrides=()):
-    layout = Layout(str(root))
+DESIGN_NOTE = rules_for("design-note")
+
+
+def plan_of(root: Path, overrides=(), rules=None):
+    """The plan of *root* in layout eve 17.3 (the default), or under *rules*."""
+    layout = Layout(str(root), rules=rules) if rules is not None else Layout(str(root))
     return make_plan(layout, Resolver(layout, tuple(overrides)))
+
+
+def config_file(tmp_path: Path, layout: str, release: str | None = None) -> Path:
+    path = tmp_path / f"compatfs-{layout}-{release}.yaml"
+    path.write_text(f"layout: {layout}\n" + (f"eve_release: \"{release}\"\n" if release else ""))
+    return path
 
 
 def by_legacy(plan) -> dict:
     return {plan.layout.relpath(e.obj.path): e for e in plan.entries}
 
 
-def test_demo_plan_places_every_kind(demo_root):
+@pytest.mark.parametrize("rules", [None, DESIGN_NOTE], ids=["eve", "design-note"])
+def test_demo_plan_places_every_kind(demo_root, rules):
     root, (web, db, pod, _) = demo_root
-    entries = by_legacy(plan_of(root))
+    entries = by_legacy(plan_of(root, rules=rules))
     qcow = entries[f"img/{web.legacy_name(0)}"]
     assert qcow.obj.kind == "vm-volume"
     assert qcow.target == str(root / "vault/volumes" / f"{web.drives[0].volume_uuid}#0.qcow2")
     assert qcow.action == "copy"
     clear = entries[f"img/{web.legacy_name(1, sha_upper=True)}"]
-    assert clear.target == str(root / "novault/volumes" / f"{web.drives[1].volume_uuid}#0.raw")
+    clear_dir = "novault/volumes" if rules is DESIGN_NOTE else "clear/volumes"
+    assert clear.target == str(root / clear_dir / f"{web.drives[1].volume_uuid}#0.raw")
     assert clear.action == "rename"  # same filesystem, no encryption boundary
     latched = entries[f"img/{db.legacy_name(0)}"]
     assert latched.target.endswith(f"{db.drives[0].volume_uuid}#1.raw")
@@ -52,9 +65,9 @@ def test_demo_plan_places_every_kind(demo_root):
     assert kinds == {"vm-volume", "oci-volume", "pending", "verifier", "verified", "other"}
 
 
-def test_downloads_map_into_the_agents_directories(demo_root):
+def test_design_note_downloads_map_into_the_agents_directories(demo_root):
     root, _ = demo_root
-    for rel, e in by_legacy(plan_of(root)).items():
+    for rel, e in by_legacy(plan_of(root, rules=DESIGN_NOTE)).items():
         if e.obj.kind == "verified":
             sha_dir = rel.split("/")[3]
             assert e.target == str(root / "vault/verifier/verified" / sha_dir.lower())
@@ -62,6 +75,35 @@ def test_downloads_map_into_the_agents_directories(demo_root):
             assert e.target == str(root / "vault/downloader/pending" / "/".join(rel.split("/")[3:]))
         elif e.obj.kind == "verifier":
             assert e.target == str(root / "vault/verifier/verifier" / "/".join(rel.split("/")[3:]))
+
+
+def test_eve_downloads_placed_as_the_release_reads_them(demo_root):
+    """E10-E13 on the demo device: downloads in progress stay (by rule); the
+    verified appImg.obj object is the fresh app's image (a raw disk image the
+    checkpoint names), the baseOs.obj one is in no config."""
+    root, (*_, fresh) = demo_root
+    sha = fresh.drives[0].sha
+    by_release = {}
+    for release in ("11.7", "17.3"):
+        by_release[release] = by_legacy(plan_of(root, rules=rules_for("eve", release)))
+    for release, entries in by_release.items():
+        kinds = {}
+        for rel, e in entries.items():
+            kinds.setdefault(e.obj.kind, []).append(e)
+            if e.obj.kind in ("pending", "verifier"):
+                assert e.target is None and e.by_rule and e.action == "keep"
+                assert "no EVE release reads" in e.reason
+        assert len(kinds["pending"]) == 1 and len(kinds["verifier"]) == 1
+        app_img = entries[f"downloads/appImg.obj/verified/{sha.upper()}/debian.qcow2"]
+        base = next(e for r, e in entries.items() if r.startswith("downloads/baseOs.obj/verified/"))
+        verified = root / "vault/verifier/verified"
+        if release == "11.7":
+            assert app_img.target == str(verified / sha)
+            assert base.target == str(verified / base.obj.path.split("/")[-2].lower())
+        else:
+            assert app_img.target == str(verified / f"{sha}.{path_escape(OCI_LAYER_MEDIA_TYPE)}")
+            assert base.target is None and base.by_rule
+            assert "no name EVE 17.3 keeps can be derived" in base.reason
 
 
 def test_bytes_are_allocated_not_apparent(demo_root):
@@ -78,6 +120,7 @@ def test_plan_json_document_and_nothing_changes_on_disk(demo_root):
     assert tree_snapshot(root) == before
     doc = json.loads(proc.stdout)
     assert set(doc) >= {"objects", "totals"}
+    assert doc["layout"] == "eve 17.3"
     for obj in doc["objects"]:
         assert set(obj) >= {"kind", "legacy", "target", "reason", "bytes"}
         assert obj["kind"] in {"vm-volume", "oci-volume", "pending", "verifier", "verified", "other"}
@@ -89,7 +132,8 @@ def test_plan_json_document_and_nothing_changes_on_disk(demo_root):
     assert totals["to_move"] == sum(o["target"] is not None for o in doc["objects"])
     vault = totals["destinations"]["vault_volumes"]
     assert vault["path"] == "vault/volumes" and vault["fits"] is True and vault["free"] > 0
-    assert totals["destinations"]["novault_volumes"]["copy_bytes"] == 0
+    assert totals["destinations"]["clear_volumes"]["copy_bytes"] == 0
+    assert "novault_volumes" not in totals["destinations"]
 
 
 def test_plan_text_has_destination_totals(demo_root):
@@ -142,8 +186,10 @@ def test_corrupt_checkpoint_leaves_volumes_unresolved(demo_root):
     assert vols and all(o["target"] is None for o in vols)
     assert all("checkpoint unusable" in o["reason"] for o in vols)
     assert any("checkpoint unusable" in p for p in doc["problems"])
-    # downloads do not depend on the checkpoint
-    assert all(o["target"] for o in doc["objects"] if o["kind"] == "verified")
+    # EVE 17.3 names a verified object by a media type only the checkpoint gives
+    verified = [o for o in doc["objects"] if o["kind"] == "verified"]
+    assert verified and all(o["target"] is None and "checkpoint unusable" in o["reason"]
+                            and o["by_rule"] for o in verified)
     text = run_cli("plan", "--root", str(root))
     assert text.returncode == 0 and "compatfs: warning: checkpoint unusable" in text.stderr
     assert "Traceback" not in text.stderr
@@ -196,7 +242,7 @@ def test_verified_dir_with_two_files_places_one(tmp_path):
     sha = devicegen.sha_of(data)
     devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "a.img", data)
     devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "b.img", data)
-    entries = plan_of(tmp_path).entries
+    entries = plan_of(tmp_path, rules=rules_for("eve", "11.7")).entries
     assert [e.target is not None for e in entries] == [True, False]
     assert "more than one file" in entries[1].reason
 
@@ -206,7 +252,7 @@ def test_two_object_types_same_sha_claim_one_target(tmp_path):
     sha = devicegen.sha_of(data)
     devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "a", data)
     devicegen.download_file(str(tmp_path), ObjType.BASE_OS, DownloadArea.VERIFIED, sha, "b", data)
-    entries = plan_of(tmp_path).entries
+    entries = plan_of(tmp_path, rules=rules_for("eve", "11.7")).entries
     assert sum(e.target is not None for e in entries) == 1
 
 
@@ -216,6 +262,8 @@ def test_override_places_an_unknown_app(tmp_path):
     (tmp_path / "img" / f"{sha}-{app}.vhdx").write_bytes(b"x")
     assert plan_of(tmp_path).entries[0].target is None
     e = plan_of(tmp_path, [Override(app, sha, vol, 3, True)]).entries[0]
+    assert e.target == str(tmp_path / "clear/volumes" / f"{vol}#3.vhdx")
+    e = plan_of(tmp_path, [Override(app, sha, vol, 3, True)], DESIGN_NOTE).entries[0]
     assert e.target == str(tmp_path / "novault/volumes" / f"{vol}#3.vhdx")
 
 
@@ -243,7 +291,7 @@ def test_destination_too_small_does_not_fit(small_vault):
     dest = plan.destinations["vault_volumes"]
     assert dest.copy_bytes >= 4 << 20 and dest.free <= 1 << 20
     assert dest.fits is False
-    assert plan.destinations["novault_volumes"].fits is True
+    assert plan.destinations["clear_volumes"].fits is True
     assert "NO" in render_text(plan)
 
 
@@ -256,7 +304,10 @@ def test_missing_root_is_a_clear_error(tmp_path):
 def test_demo_command_runs(tmp_path):
     proc = run_cli("demo", "--dir", str(tmp_path / "d"), "--json", check=True)
     doc = json.loads(proc.stdout)
-    assert doc["totals"]["to_move"] >= 8
+    # eve 17.3: four volumes, the verified appImg.obj image and containerd/; the
+    # downloads in progress and the verified baseOs.obj object stay by rule
+    assert doc["layout"] == "eve 17.3"
+    assert doc["totals"]["to_move"] == 6
     assert (tmp_path / "d" / "checkpoint/lastconfig").exists()
     again = run_cli("demo", "--dir", str(tmp_path / "d"))
     assert again.returncode == 2 and "not empty" in again.stderr
@@ -311,3 +362,37 @@ def test_names_with_control_characters_cannot_drive_the_terminal_or_forge_lines(
         [line] = [ln for ln in proc.stdout.splitlines() if "31mred" in ln]
         assert "e\\x1b[31mred\\x0aforged line" in line
         assert not any(ln.startswith("forged line") for ln in proc.stdout.splitlines())
+
+
+@pytest.mark.parametrize("layout,release,name", [("eve", None, "eve 17.3"),
+                                                 ("eve", "7.10", "eve 7.10"),
+                                                 ("design-note", None, "design-note")])
+def test_plan_names_the_target_layout(demo_root, tmp_path, layout, release, name):
+    root, _ = demo_root
+    cfg = str(config_file(tmp_path, layout, release))
+    text = run_cli("plan", "--root", str(root), "--config", cfg, check=True).stdout
+    assert text.splitlines()[0] == f"compatfs plan for {root}, target layout {name}"
+    doc = json.loads(run_cli("plan", "--root", str(root), "--config", cfg, "--json",
+                             check=True).stdout)
+    assert doc["layout"] == name
+    containerd = next(o for o in doc["objects"] if o["legacy"] == "containerd")
+    if release == "7.10":      # E14: that release's system containerd root stays
+        assert containerd["target"] is None and containerd["by_rule"]
+        assert "EVE 7.10 runs its own containerd" in containerd["reason"]
+    else:
+        assert containerd["target"] == "vault/containerd"
+
+
+def test_plan_lists_a_generation_mismatch_as_a_problem(tmp_path):
+    rng = __import__("random").Random(11)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "gen",
+                           [devicegen.DriveDef(devicegen.random_uuid(rng),
+                                               devicegen.random_sha(rng), "raw", generation=3)])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].volumeRefList[0].generationCount = 2
+    devicegen.write_atomic(str(tmp_path / "checkpoint/lastconfig"),
+                           devicegen.encode_checkpoint(resp))
+    devicegen.sparse_file(str(tmp_path / "img" / app.legacy_name(0)), 4096, {0: b"v"})
+    proc = run_cli("plan", "--root", str(tmp_path), check=True)
+    assert "problem: drive 0 of app" in proc.stdout and "generation 2" in proc.stdout
+    assert f"{app.drives[0].volume_uuid}#3.raw" in proc.stdout

@@ -18,6 +18,9 @@ from compatfs.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
 from compatfs.names import DownloadArea, ObjType, parse_container_volume, parse_vm_volume
 from compatfs.resolver import Resolution, Resolver
+from compatfs.rules import OCI_LAYER_MEDIA_TYPE, rules_for
+
+DESIGN_NOTE = rules_for("design-note")
 
 
 # -- helpers -------------------------------------------------------------------
@@ -40,9 +43,14 @@ def ids() -> Ids:
     return Ids(42)
 
 
-def resolver_for(root: Path, apps: list[AppDef], overrides=(), **kw) -> Resolver:
+def resolver_for(root: Path, apps: list[AppDef], overrides=(), rules=None, **kw) -> Resolver:
+    """A resolver over *apps*' checkpoint and latch, in layout eve 17.3 unless *rules*."""
     devicegen.write_device_state(str(root), apps, **kw)
-    return Resolver(Layout(str(root)), tuple(overrides))
+    return Resolver(layout_of(root, rules), tuple(overrides))
+
+
+def layout_of(root: Path, rules=None) -> Layout:
+    return Layout(str(root), rules=rules) if rules is not None else Layout(str(root))
 
 
 def write_config(root: Path, resp, name: str = "lastconfig", wrap: bool = False) -> None:
@@ -64,6 +72,10 @@ def vault(root: Path, name: str) -> str:
 
 def novault(root: Path, name: str) -> str:
     return str(root / "novault" / "volumes" / name)
+
+
+def clear(root: Path, name: str) -> str:
+    return str(root / "clear" / "volumes" / name)
 
 
 def assert_unresolved(res: Resolution, *words: str) -> None:
@@ -216,7 +228,7 @@ def test_sha_compared_case_insensitively(tmp_path, ids):
 
 # -- rule 4 and the new name ------------------------------------------------------
 
-def test_clear_text_means_novault_and_generation_comes_from_volume_ref(tmp_path, ids):
+def test_design_note_clear_text_means_novault_and_generation_comes_from_volume_ref(tmp_path, ids):
     secret = DriveDef(ids.uuid(), ids.sha(), "qcow2", generation=4)
     clear = DriveDef(ids.uuid(), ids.sha(), "vhdx", clear_text=True, generation=0)
     app = AppDef(ids.uuid(), "vaults", [secret, clear])
@@ -225,7 +237,8 @@ def test_clear_text_means_novault_and_generation_comes_from_volume_ref(tmp_path,
     for vol in resp.config.volumes:
         vol.generationCount = 9
     write_config(tmp_path, resp)
-    r = Resolver(Layout(str(tmp_path)))
+    r = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
+    assert r.problems == ()      # the design note takes the reference's: nothing to report
 
     res = vm(r, app.legacy_name(0))
     assert res.target == vault(tmp_path, f"{secret.volume_uuid}#4.qcow2")
@@ -235,6 +248,87 @@ def test_clear_text_means_novault_and_generation_comes_from_volume_ref(tmp_path,
     assert res.target == novault(tmp_path, f"{clear.volume_uuid}#0.vhdx")
     assert res.location == "novault_volumes"
     assert res.volume.clear_text is True
+
+
+def test_eve_clear_text_means_clear_volumes_and_generation_comes_from_volume(tmp_path, ids):
+    """E1, E2: volumemgr names a volume by Volume.generationCount, in
+    clear/volumes when it is clear_text; a VolumeRef that says another
+    generation is reported, not followed."""
+    secret = DriveDef(ids.uuid(), ids.sha(), "qcow2", generation=4)
+    plain = DriveDef(ids.uuid(), ids.sha(), "vhdx", clear_text=True, generation=0)
+    app = AppDef(ids.uuid(), "vaults", [secret, plain])
+    resp = devicegen.build_config([app])
+    resp.config.volumes[0].generationCount = 9      # the reference still says 4
+    write_config(tmp_path, resp)
+    r = Resolver(Layout(str(tmp_path)))
+    assert r.layout.rules.name == "eve 17.3"
+
+    res = vm(r, app.legacy_name(0))
+    assert res.target == vault(tmp_path, f"{secret.volume_uuid}#9.qcow2")
+    assert res.volume.generation == 9
+    res = vm(r, app.legacy_name(1))
+    assert res.target == clear(tmp_path, f"{plain.volume_uuid}#0.vhdx")
+    assert res.location == "clear_volumes" and res.volume.clear_text is True
+    # the mismatch is a problem (plan and status list it), the matching one is not
+    [problem] = r.problems
+    assert "drive 0 of app" in problem and secret.volume_uuid in problem
+    assert "generation 4" in problem and "itself 9" in problem and "#9" in problem
+    # the same device in the design note's layout: the reference's, no problem
+    dn = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
+    assert vm(dn, app.legacy_name(0)).target == vault(tmp_path, f"{secret.volume_uuid}#4.qcow2")
+    assert dn.problems == ()
+
+
+def test_eve_volume_uuid_is_lower_case_whatever_the_config_says(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", generation=2)
+    app = AppDef(ids.uuid(), "upper", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].volumeRefList[0].uuid = drive.volume_uuid.upper()
+    resp.config.volumes[0].uuid = drive.volume_uuid.upper()
+    write_config(tmp_path, resp)
+    res = vm(Resolver(Layout(str(tmp_path))), app.legacy_name(0))
+    assert res.target == vault(tmp_path, f"{drive.volume_uuid.lower()}#2.qcow2")
+
+
+def test_generation_mismatch_problem_goes_when_the_counters_meet(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "raw", generation=1)
+    app = AppDef(ids.uuid(), "gen", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.apps[0].volumeRefList[0].generationCount = 2
+    write_config(tmp_path, resp)
+    r = Resolver(Layout(str(tmp_path)))
+    assert len(r.problems) == 1 and "generation 2" in r.problems[0]
+    assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{drive.volume_uuid}#1.raw")
+    write_config(tmp_path, devicegen.build_config([app]))
+    assert r.refresh() is True and r.problems == ()
+
+
+def test_negative_volume_generation_is_unresolved_in_eve(tmp_path, ids):
+    drive = DriveDef(ids.uuid(), ids.sha(), "raw", generation=3)
+    app = AppDef(ids.uuid(), "neg", [drive])
+    resp = devicegen.build_config([app])
+    resp.config.volumes[0].generationCount = -1
+    write_config(tmp_path, resp)
+    assert_unresolved(vm(Resolver(Layout(str(tmp_path))), app.legacy_name(0)),
+                      "negative generation counter -1")
+    # the design note reads the reference's (3)
+    dn = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
+    assert dn.resolve_vm(parse_vm_volume(app.legacy_name(0))).target == \
+        vault(tmp_path, f"{drive.volume_uuid}#3.raw")
+
+
+@pytest.mark.parametrize("rules", [None, DESIGN_NOTE], ids=["eve", "design-note"])
+def test_suffix_that_is_not_a_format_name_is_kept_by_rule(tmp_path, ids, rules):
+    """E3: EVE names a volume by a Format enum name; an override without a
+    format accepts any suffix of the legacy grammar, but only a Format name
+    is placed (and a new one is made in the legacy store, not parked)."""
+    app, sha, vol = ids.uuid(), ids.sha(), ids.uuid()
+    r = Resolver(layout_of(tmp_path, rules), (Override(app, sha, vol, 1),))
+    assert vm(r, f"{sha}-{app}.vhdx").resolved
+    res = vm(r, f"{sha}-{app}.img")
+    assert_unresolved(res, "suffix .img is not a volume format", "qcow2")
+    assert res.by_rule is True
+    assert vm(r, f"{ids.sha()}-{app}.raw").by_rule is False    # not mapped yet: not by rule
 
 
 def test_format_of_new_name_is_the_legacy_suffix(tmp_path, ids):
@@ -389,17 +483,19 @@ def test_app_without_valid_uuid_is_a_problem(tmp_path, ids):
 
 # -- rule 7: overrides -------------------------------------------------------------
 
-def test_override_wins_over_checkpoint(tmp_path, ids):
+@pytest.mark.parametrize("rules", [None, DESIGN_NOTE], ids=["eve", "design-note"])
+def test_override_wins_over_checkpoint(tmp_path, ids, rules):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2", generation=1)
     app = AppDef(ids.uuid(), "app", [drive])
     other_vol = ids.uuid()
     ov = Override(app.uuid, drive.sha, other_vol, generation=7, clear_text=True)
-    r = resolver_for(tmp_path, [app], overrides=[ov])
+    r = resolver_for(tmp_path, [app], overrides=[ov], rules=rules)
     res = vm(r, app.legacy_name(0, sha_upper=True))
-    assert res.target == novault(tmp_path, f"{other_vol}#7.qcow2")
+    where = novault if rules is DESIGN_NOTE else clear
+    assert res.target == where(tmp_path, f"{other_vol}#7.qcow2")
     assert res.volume.origin == "override"
     # without the override the checkpoint's answer comes back
-    plain = Resolver(Layout(str(tmp_path)))
+    plain = Resolver(layout_of(tmp_path, rules))
     assert vm(plain, app.legacy_name(0)).target == vault(tmp_path, f"{drive.volume_uuid}#1.qcow2")
 
 
@@ -529,23 +625,36 @@ def test_latch_problems_are_listed(tmp_path, ids):
 
 # -- which checkpoint file -----------------------------------------------------------
 
-def test_checkpoint_config_used_when_lastconfig_absent(tmp_path, ids):
+def test_design_note_checkpoint_config_used_when_lastconfig_absent(tmp_path, ids):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
     app = AppDef(ids.uuid(), "app", [drive])
-    r = resolver_for(tmp_path, [app], checkpoint_name="config")
+    r = resolver_for(tmp_path, [app], checkpoint_name="config", rules=DESIGN_NOTE)
     assert not (tmp_path / "checkpoint" / "lastconfig").exists()
     assert r.checkpoint_path == str(tmp_path / "checkpoint" / "config")
     assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{drive.volume_uuid}#0.qcow2")
 
 
-def test_lastconfig_wins_when_both_exist(tmp_path, ids):
+def test_eve_never_reads_checkpoint_config(tmp_path, ids):
+    """No EVE release writes checkpoint/config: in layout eve it is not a checkpoint."""
+    drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
+    app = AppDef(ids.uuid(), "app", [drive])
+    r = resolver_for(tmp_path, [app], checkpoint_name="config")
+    assert r.checkpoint_path is None and r.problems == ()
+    assert_unresolved(vm(r, app.legacy_name(0)), "first boot")
+    devicegen.write_device_state(str(tmp_path), [app])       # lastconfig appears
+    assert r.refresh() is True
+    assert r.checkpoint_path == str(tmp_path / "checkpoint" / "lastconfig")
+    assert vm(r, app.legacy_name(0)).resolved
+
+
+def test_design_note_lastconfig_wins_when_both_exist(tmp_path, ids):
     drive = DriveDef(ids.uuid(), ids.sha(), "qcow2")
     app = AppDef(ids.uuid(), "app", [drive])
     old_vol, new_vol = drive.volume_uuid, ids.uuid()
     devicegen.write_device_state(str(tmp_path), [app], checkpoint_name="config")
     drive.volume_uuid = new_vol
     devicegen.write_device_state(str(tmp_path), [app], checkpoint_name="lastconfig")
-    r = Resolver(Layout(str(tmp_path)))
+    r = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
     assert r.checkpoint_path == str(tmp_path / "checkpoint" / "lastconfig")
     assert vm(r, app.legacy_name(0)).target == vault(tmp_path, f"{new_vol}#0.qcow2")
     # remove lastconfig: the other file takes over on refresh
@@ -559,7 +668,7 @@ def test_wrapped_checkpoint_with_unknown_fields_resolves(tmp_path, ids):
     app = AppDef(ids.uuid(), "app", [drive], purge=1)
     r = resolver_for(tmp_path, [app], wrap=True, rng=random.Random(8))
     assert r.config.wrapping == "AuthContainer"
-    assert vm(r, app.legacy_name(0)).target == novault(tmp_path, f"{drive.volume_uuid}#3.raw")
+    assert vm(r, app.legacy_name(0)).target == clear(tmp_path, f"{drive.volume_uuid}#3.raw")
 
 
 # -- refresh ------------------------------------------------------------------------
@@ -629,8 +738,8 @@ def test_refresh_after_latch_directory_appears(tmp_path, ids):
 
 # -- downloads ------------------------------------------------------------------------
 
-def test_resolve_download_areas(tmp_path, ids):
-    r = Resolver(Layout(str(tmp_path)))
+def test_design_note_resolve_download_areas(tmp_path, ids):
+    r = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
     image_id = ids.uuid()
     res = r.resolve_download(ObjType.APP_IMG, DownloadArea.PENDING, image_id, "ubuntu.img")
     assert res.target == str(tmp_path / "vault" / "downloader" / "pending" / image_id / "ubuntu.img")
@@ -645,16 +754,17 @@ def test_resolve_download_areas(tmp_path, ids):
     assert res.resolved
 
 
-def test_resolve_download_ignores_object_type(tmp_path, ids):
+def test_design_note_resolve_download_ignores_object_type(tmp_path, ids):
     """The object type is not part of the new names: both types land in one place."""
-    r = Resolver(Layout(str(tmp_path)))
+    r = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
     sha = ids.sha()
     targets = {r.resolve_download(t, DownloadArea.VERIFIED, sha, "f").target for t in ObjType}
     assert targets == {str(tmp_path / "vault" / "verifier" / "verified" / sha)}
 
 
-def test_resolve_download_follows_layout_overrides(tmp_path, ids):
-    layout = Layout(str(tmp_path), {"verified": "elsewhere/verified", "downloader": "dl"})
+def test_design_note_resolve_download_follows_layout_overrides(tmp_path, ids):
+    layout = Layout(str(tmp_path), {"verified": "elsewhere/verified", "downloader": "dl"},
+                    DESIGN_NOTE)
     r = Resolver(layout)
     sha = ids.sha()
     assert r.resolve_download(ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "x").target == \
@@ -662,3 +772,133 @@ def test_resolve_download_follows_layout_overrides(tmp_path, ids):
     image_id = ids.uuid()
     assert r.resolve_download(ObjType.APP_IMG, DownloadArea.PENDING, image_id, "x").target == \
         str(tmp_path / "dl" / "pending" / image_id / "x")
+
+
+# -- downloads in layout eve ------------------------------------------------------------
+
+def eve(release: str):
+    return rules_for("eve", release)
+
+
+@pytest.mark.parametrize("release", ["5.8", "7.4", "17.3"])
+@pytest.mark.parametrize("area", [DownloadArea.PENDING, DownloadArea.VERIFIER])
+def test_eve_downloads_in_progress_stay_legacy_by_rule(tmp_path, ids, release, area):
+    """E13: no EVE release reads pending/<id>/<file> or verifier/<id>/<file> moved."""
+    r = Resolver(Layout(str(tmp_path), rules=eve(release)))
+    res = r.resolve_download(ObjType.APP_IMG, area, ids.uuid(), "ubuntu.img")
+    assert_unresolved(res, "stays in the legacy store", "served by the views",
+                      f"no EVE release reads {area.value}/", "downloaded again after the upgrade")
+    assert res.by_rule is True and res.location is None
+
+
+@pytest.mark.parametrize("release", ["5.8", "11.7", "17.3"])
+def test_eve_verified_cert_obj_stays_legacy_by_rule(tmp_path, ids, release):
+    """E12: EVE's upgrade moves appImg.obj and baseOs.obj verified objects, not cert.obj."""
+    r = Resolver(Layout(str(tmp_path), rules=eve(release)))
+    res = r.resolve_download(ObjType.CERT, DownloadArea.VERIFIED, ids.sha(), "cert.pem")
+    assert_unresolved(res, "verified cert.obj object stays in the legacy store",
+                      f"EVE {release} moves only appImg.obj, baseOs.obj")
+    assert res.by_rule is True
+    # the design note moves every type
+    dn = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
+    assert dn.resolve_download(ObjType.CERT, DownloadArea.VERIFIED, "a" * 64, "c").resolved
+
+
+@pytest.mark.parametrize("release", ["5.8", "7.9", "11.7"])
+@pytest.mark.parametrize("obj_type", [ObjType.APP_IMG, ObjType.BASE_OS])
+def test_eve_before_11_8_names_verified_objects_by_bare_lower_sha(tmp_path, ids, release,
+                                                                  obj_type):
+    """E10: 5.8 to 11.7 read vault/verifier/verified/<lower sha>, whatever the config."""
+    r = Resolver(Layout(str(tmp_path), rules=eve(release)))
+    sha = ids.sha().upper()
+    res = r.resolve_download(obj_type, DownloadArea.VERIFIED, sha.lower(), "disk.qcow2")
+    assert res.target == str(tmp_path / "vault" / "verifier" / "verified" / sha.lower())
+    assert res.location == "verified" and res.by_rule is False
+
+
+def _tree_device(root: Path, ids: Ids, fmt: str, *, in_image: bool, upper: bool = False):
+    """A checkpoint naming one image sha, in a content tree (in_image False) or a
+    drive image, with format *fmt*; returns the sha (lower case)."""
+    drive = DriveDef(ids.uuid(), ids.sha(), fmt, sha_in_image=in_image,
+                     content_tree=not in_image)
+    app = AppDef(ids.uuid(), "blob", [drive])
+    resp = devicegen.build_config([app])
+    if upper:
+        for tree in resp.config.contentInfo:
+            tree.sha256 = tree.sha256.upper()
+        for d in resp.config.apps[0].drives:
+            d.image.sha256 = d.image.sha256.upper()
+    write_config(root, resp)
+    return drive.sha.lower()
+
+
+@pytest.mark.parametrize("release", ["11.8", "17.3"])
+@pytest.mark.parametrize("where", ["content-tree", "drive-image", "upper-case"])
+def test_eve_11_8_names_verified_disk_images_by_media_type(tmp_path, ids, release, where):
+    """E11: from 11.8 a verified file is <sha>.<PathEscape(media type)>; a disk image
+    the checkpoint names (content tree or drive image, sha compared in lower case)
+    is an OCI layer."""
+    sha = _tree_device(tmp_path, ids, "qcow2", in_image=where == "drive-image",
+                       upper=where == "upper-case")
+    r = Resolver(Layout(str(tmp_path), rules=eve(release)))
+    assert r.map.media_types == {sha: OCI_LAYER_MEDIA_TYPE}     # built once per snapshot
+    res = r.resolve_download(ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "disk.qcow2")
+    assert res.target == str(tmp_path / "vault" / "verifier" / "verified" /
+                             f"{sha}.application%2Fvnd.oci.image.layer.v1.tar+gzip")
+    assert res.location == "verified"
+
+
+@pytest.mark.parametrize("case", ["not-in-config", "container", "no-format", "first-boot"])
+def test_eve_11_8_keeps_verified_objects_whose_name_cannot_be_derived(tmp_path, ids, case):
+    """E11: never a bare-sha name the 11.8+ verifier deletes at start: the object
+    stays in the legacy store with the reason."""
+    if case == "container":
+        sha = _tree_device(tmp_path, ids, "container", in_image=False)
+        why = "container image"
+    elif case == "no-format":
+        sha = _tree_device(tmp_path, ids, "unknown", in_image=True)
+        why = "gives its image no format"
+    elif case == "not-in-config":
+        _tree_device(tmp_path, ids, "raw", in_image=True)
+        sha = ids.sha()
+        why = "names no content tree or drive image"
+    else:
+        sha = ids.sha()
+        why = "first boot"
+    r = Resolver(Layout(str(tmp_path), rules=eve("11.8")))
+    res = r.resolve_download(ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "x")
+    assert_unresolved(res, "no name EVE 11.8 keeps can be derived", why, "legacy store")
+    assert res.by_rule is True
+    # 11.7 reads the bare sha: always derivable
+    old = Resolver(Layout(str(tmp_path), rules=eve("11.7")))
+    assert old.resolve_download(ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "x").target == \
+        str(tmp_path / "vault" / "verifier" / "verified" / sha)
+
+
+def test_media_types_follow_a_new_checkpoint(tmp_path, ids):
+    r = Resolver(Layout(str(tmp_path)))
+    sha = ids.sha()
+    assert not r.resolve_download(ObjType.BASE_OS, DownloadArea.VERIFIED, sha, "f").resolved
+    drive = DriveDef(ids.uuid(), sha, "raw")
+    devicegen.write_device_state(str(tmp_path), [AppDef(ids.uuid(), "a", [drive])])
+    assert r.refresh() is True
+    assert r.resolve_download(ObjType.BASE_OS, DownloadArea.VERIFIED, sha, "f").resolved
+
+
+# -- containerd ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("release", ["5.8", "7.10"])
+def test_eve_before_7_11_keeps_containerd(tmp_path, release):
+    """E14: up to 7.10 containerd/ is the system containerd's root: it stays."""
+    r = Resolver(Layout(str(tmp_path), rules=eve(release)))
+    res = r.resolve_containerd()
+    assert_unresolved(res, f"EVE {release} runs its own containerd from this tree",
+                      "it stays where it is")
+    assert res.by_rule is True
+
+
+@pytest.mark.parametrize("rules", [eve("7.11"), eve("17.3"), DESIGN_NOTE],
+                         ids=["7.11", "17.3", "design-note"])
+def test_containerd_moves_to_the_cas_location(tmp_path, rules):
+    res = Resolver(Layout(str(tmp_path), rules=rules)).resolve_containerd()
+    assert res.target == str(tmp_path / "vault" / "containerd") and res.location == "cas"

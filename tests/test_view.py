@@ -20,8 +20,17 @@ from compatfs.backing import Backing
 from compatfs.devicegen import AppDef, DriveDef
 from compatfs.index import DB_NAME, Index, Record
 from compatfs.layout import Layout
+from compatfs.names import ObjType
+from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
+from compatfs.rules import DEFAULT_RULES, OCI_LAYER_MEDIA_TYPE, Rules, rules_for
 from compatfs.view import Placement, View
+
+DESIGN_NOTE = rules_for("design-note")
+BOTH = pytest.mark.parametrize("layout_rules", [DEFAULT_RULES, DESIGN_NOTE],
+                               ids=["eve", "design-note"])
+#: tests of what the design note does with downloads in progress (moved into the vault)
+DESIGN_NOTE_ONLY = pytest.mark.parametrize("layout_rules", [DESIGN_NOTE], ids=["design-note"])
 
 VIEWS = ("img", "downloads", "prepared")
 OBJ = "appImg.obj"
@@ -35,7 +44,7 @@ class Device:
     pod: AppDef      # a container volume
     stray: AppDef    # not in the checkpoint
     image_id: str
-    sha: str         # of a verified download, lower case
+    sha: str         # of a verified download, lower case; not in the checkpoint
 
     def vol(self, app: AppDef, i: int = 0) -> str:
         d = app.drives[i]
@@ -62,9 +71,9 @@ def device(tmp_path, rng) -> Device:
 class Views:
     """Builds Views over one root and closes what they opened."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, rules: Rules = DEFAULT_RULES) -> None:
         self.root = root
-        self.layout = Layout(str(root))
+        self.layout = Layout(str(root), rules=rules)
         self.opened: list[tuple[Backing, Index]] = []
 
     def __call__(self, stage: str = "redirect", index_path: str | None = None) -> View:
@@ -80,8 +89,14 @@ class Views:
 
 
 @pytest.fixture
-def views(device):
-    v = Views(device.root)
+def layout_rules() -> Rules:
+    """The target layout of the views (eve 17.3 unless a test parametrizes it)."""
+    return DEFAULT_RULES
+
+
+@pytest.fixture
+def views(device, layout_rules):
+    v = Views(device.root, layout_rules)
     yield v
     v.close()
 
@@ -116,17 +131,36 @@ def mkdirs(view: View, vdir: str) -> None:
 
 # -- placement ------------------------------------------------------------------------
 
-def placement_cases(d: Device) -> list[tuple[str, bool, Placement]]:
-    """(view path, is_dir, where it goes in a placing stage)."""
+def placement_cases(d: Device, rules: Rules) -> list[tuple[str, bool, Placement]]:
+    """(view path, is_dir, where it goes in a placing stage) under *rules*."""
     web0, web1, db0 = d.web.legacy_name(0), d.web.legacy_name(1), d.db.legacy_name(0)
     pod = d.pod.legacy_name(0, container=True)
     iid, sha = d.image_id, d.sha
     legacy = lambda v: Placement(*v.split("/", 1))  # noqa: E731
+
+    def moved(vpath: str, where: Placement) -> Placement:
+        """*where* if the rules move downloads in progress, else the legacy store."""
+        return where if rules.move_transient else legacy(vpath)
+
+    def verified(vpath: str, obj_type: ObjType, sha_: str, media_type: str | None) -> Placement:
+        name = rules.verified_name(sha_, media_type)
+        if obj_type not in rules.verified_types or name is None:
+            return legacy(vpath)
+        return Placement("verified", name, "verified", "new")
+
+    web_sha = d.web.drives[0].sha     # a qcow2 image the checkpoint names: an OCI layer
+    cases = [(vpath, where) for vpath, where in (
+        (f"downloads/{OBJ}/pending/{iid}/ubuntu.img",
+         Placement("downloader", f"pending/{iid}/ubuntu.img", "pending", "new")),
+        (f"downloads/{OBJ}/pending/{sha}/claimed.img",
+         Placement("downloader", f"pending/{sha}/claimed.img", "pending", "new")),
+        (f"downloads/baseOs.obj/verifier/{iid}/rootfs.img",
+         Placement("verifier", f"{iid}/rootfs.img", "verifier", "new")))]
     return [
         (f"img/{web0}", False, Placement("vault_volumes", d.vol(d.web, 0), "vm-volume", "new")),
         (f"img/{d.web.legacy_name(0, sha_upper=True)}", False,
          Placement("vault_volumes", d.vol(d.web, 0), "vm-volume", "new")),
-        (f"img/{web1}", False, Placement("novault_volumes", d.vol(d.web, 1), "vm-volume", "new")),
+        (f"img/{web1}", False, Placement(rules.clear_volumes, d.vol(d.web, 1), "vm-volume", "new")),
         (f"img/{db0}", False, Placement("vault_volumes", d.vol(d.db), "vm-volume", "new")),
         # a name that parses but that the config does not map: parked in the vault
         (f"img/{d.db.legacy_name(0, purge=1)}", False,
@@ -134,14 +168,14 @@ def placement_cases(d: Device) -> list[tuple[str, bool, Placement]]:
         (f"img/{d.stray.legacy_name(0)}", False,
          Placement("unresolved", f"img/{d.stray.legacy_name(0)}", "vm-volume", "unresolved")),
         (f"prepared/{pod}", True, Placement("vault_volumes", d.vol(d.pod), "oci-volume", "new")),
-        (f"downloads/{OBJ}/pending/{iid}/ubuntu.img", False,
-         Placement("downloader", f"pending/{iid}/ubuntu.img", "pending", "new")),
-        (f"downloads/{OBJ}/pending/{sha}/claimed.img", False,
-         Placement("downloader", f"pending/{sha}/claimed.img", "pending", "new")),
-        (f"downloads/baseOs.obj/verifier/{iid}/rootfs.img", False,
-         Placement("verifier", f"{iid}/rootfs.img", "verifier", "new")),
+        *((vpath, False, moved(vpath, where)) for vpath, where in cases),
         (f"downloads/cert.obj/verified/{sha.upper()}/ca.pem", False,
-         Placement("verified", sha, "verified", "new")),
+         verified(f"downloads/cert.obj/verified/{sha.upper()}/ca.pem", ObjType.CERT, sha, None)),
+        (f"downloads/{OBJ}/verified/{sha}/other.img", False,
+         verified(f"downloads/{OBJ}/verified/{sha}/other.img", ObjType.APP_IMG, sha, None)),
+        (f"downloads/{OBJ}/verified/{web_sha.upper()}/web.qcow2", False,
+         verified(f"downloads/{OBJ}/verified/{web_sha.upper()}/web.qcow2", ObjType.APP_IMG,
+                  web_sha, OCI_LAYER_MEDIA_TYPE)),
         # not placed: stays in the legacy store
         (f"img/{web0}", True, legacy(f"img/{web0}")),
         ("img/notes.txt", False, legacy("img/notes.txt")),
@@ -165,11 +199,12 @@ def placement_cases(d: Device) -> list[tuple[str, bool, Placement]]:
     ]
 
 
+@BOTH
 @pytest.mark.parametrize("stage", ["observe", "redirect", "migrate", "rollback"])
-def test_placement_per_stage_and_kind(device, views, stage):
+def test_placement_per_stage_and_kind(device, views, stage, layout_rules):
     view = views(stage)
     placing = stage in ("redirect", "migrate")
-    for vpath, is_dir, where in placement_cases(device):
+    for vpath, is_dir, where in placement_cases(device, layout_rules):
         expect = where if placing else Placement(*vpath.split("/", 1))
         assert view.placement(vpath, is_dir) == expect, (stage, vpath)
 
@@ -186,11 +221,30 @@ def test_placement_follows_a_new_checkpoint(device, views):
     assert view.placement(f"img/{device.db.legacy_name(0)}", False).state == "unresolved"
 
 
-def test_create_puts_the_bytes_where_the_placement_says(device, views):
+def test_eve_placements_follow_the_release(device, views):
+    """What differs between eve releases and the design note, spelled out."""
+    view = views()
+    web_sha = device.web.drives[0].sha
+    vpath = f"downloads/{OBJ}/verified/{web_sha}/web.qcow2"
+    media = f"{web_sha}.application%2Fvnd.oci.image.layer.v1.tar+gzip"
+    assert view.placement(vpath, False) == Placement("verified", media, "verified", "new")
+    assert view.placement(f"img/{device.web.legacy_name(1)}", False).store == "clear_volumes"
+    pending = f"downloads/{OBJ}/pending/{device.image_id}/f"
+    assert view.placement(pending, False) == Placement("downloads", pending.partition("/")[2])
+    old = Views(device.root, rules_for("eve", "11.7"))
+    try:
+        assert old("redirect").placement(vpath, False) == \
+            Placement("verified", web_sha, "verified", "new")
+    finally:
+        old.close()
+
+
+@BOTH
+def test_create_puts_the_bytes_where_the_placement_says(device, views, layout_rules):
     view = views()
     root = device.root
     seen = set()
-    for vpath, is_dir, where in placement_cases(device):
+    for vpath, is_dir, where in placement_cases(device, layout_rules):
         if is_dir or (where.store, where.rel) in seen:
             continue  # the upper-case sha names the same volume as the lower-case one
         seen.add((where.store, where.rel))
@@ -209,7 +263,8 @@ def test_create_puts_the_bytes_where_the_placement_says(device, views):
     in_legacy = {f"{top}/{f}" for top, d in (("img", "img"), ("downloads", "downloads"),
                                              ("prepared", "runx/pods/prepared"))
                  for f in files(root / d)}
-    assert in_legacy == {v for v, d, w in placement_cases(device) if w.is_legacy and not d}
+    assert in_legacy == {v for v, d, w in placement_cases(device, layout_rules)
+                         if w.is_legacy and not d}
 
 
 def test_observe_creates_in_the_legacy_store_only(device, views):
@@ -224,6 +279,7 @@ def test_observe_creates_in_the_legacy_store_only(device, views):
     assert view.index.records == {}
 
 
+@BOTH
 def test_taken_new_location_is_never_clobbered(device, views):
     view = views()
     root = device.root
@@ -245,6 +301,7 @@ def test_taken_new_location_is_never_clobbered(device, views):
 
 # -- renames ----------------------------------------------------------------------------
 
+@DESIGN_NOTE_ONLY
 def test_rename_of_a_placed_download_follows_to_each_new_place(device, views):
     view = views()
     vault = device.root / "vault"
@@ -313,6 +370,38 @@ def test_rename_over_a_placed_volume_replaces_it(device, views):
     assert view.listdir("img") == [device.web.legacy_name(0)]
 
 
+def test_eve_download_stays_legacy_until_verified_then_is_planned_where_the_release_reads_it(
+        device, views):
+    """E11, E13: in eve a download in progress is written and renamed in the legacy
+    store (a rename there stays there); once in verified/ the plan sends it to
+    <sha>.<media type> (its sha is a disk image the checkpoint names), and a new
+    verified object of that sha is created there directly."""
+    view = views()
+    vault, legacy = device.root / "vault", device.root / "downloads" / OBJ
+    iid, sha = device.image_id, device.web.drives[0].sha
+    dl = f"downloads/{OBJ}"
+    mkdirs(view, f"{dl}/pending/{iid}")
+    p = write_new(view, f"{dl}/pending/{iid}/f", b"blob")
+    assert p.is_legacy and (legacy / "pending" / iid / "f").read_bytes() == b"blob"
+    mkdirs(view, f"{dl}/verifier/{iid}")
+    view.rename(f"{dl}/pending/{iid}/f", f"{dl}/verifier/{iid}/f")
+    assert (legacy / "verifier" / iid / "f").read_bytes() == b"blob"
+    mkdirs(view, f"{dl}/verified/{sha.upper()}")
+    view.rename(f"{dl}/verifier/{iid}/f", f"{dl}/verified/{sha.upper()}/f")
+    assert view.index.records == {} and files(vault) == set()
+    assert read(view, f"{dl}/verified/{sha.upper()}/f") == b"blob"
+    name = f"{sha}.application%2Fvnd.oci.image.layer.v1.tar+gzip"
+    [entry] = [e for e in make_plan(view.layout, view.resolver).entries
+               if e.obj.kind == "verified"]
+    assert entry.target == str(vault / "verifier" / "verified" / name)
+    # the verifier of a device already in redirect writes it there itself
+    view.unlink(f"{dl}/verified/{sha.upper()}/f")
+    p = write_new(view, f"{dl}/verified/{sha.upper()}/f", b"blob")
+    assert (p.store, p.rel) == ("verified", name)
+    assert (vault / "verifier" / "verified" / name).read_bytes() == b"blob"
+
+
+@DESIGN_NOTE_ONLY
 def test_rename_of_a_placed_file_over_a_legacy_file_replaces_it(device, views):
     """rename(2) leaves one object under the new name; the replaced legacy
     file must not linger underneath and come back when the name moves on."""
@@ -357,6 +446,7 @@ def test_rename_from_the_legacy_store_stays_in_the_legacy_store(device, views):
     assert files(root / "vault") == set()
 
 
+@DESIGN_NOTE_ONLY
 def test_rename_of_a_legacy_directory_carries_the_records_below_it(device, views):
     view = views()
     dl = f"downloads/{OBJ}"
@@ -494,6 +584,7 @@ def test_recover_drops_records_whose_bytes_are_gone_and_keeps_the_rest(device, v
     assert read(view, f"downloads/{OBJ}/verified/{device.sha.upper()}/f") == b"verified"
 
 
+@DESIGN_NOTE_ONLY
 def test_recover_after_a_real_interrupted_rename(device, views, tmp_path, monkeypatch):
     """The intent is on disk before the rename: kill the rename, recover, and
     the object is at one of its two places, under its new name."""
@@ -574,8 +665,10 @@ def assert_untouched(path: Path, before: dict[str, tuple]) -> None:
     assert (path / "target.img").read_bytes() == b"target"
 
 
+@BOTH
 @pytest.mark.parametrize("stage", ["observe", "redirect"])
-def test_a_symlink_planted_as_a_directory_is_never_followed(device, views, outside, stage):
+def test_a_symlink_planted_as_a_directory_is_never_followed(device, views, outside, stage,
+                                                            layout_rules):
     root = device.root
     (root / "downloads").mkdir(exist_ok=True)
     os.symlink(outside, root / "downloads" / OBJ)
@@ -606,7 +699,8 @@ def test_a_symlink_planted_as_a_directory_is_never_followed(device, views, outsi
     refused(store.chmod, rel, 0o777)
     refused(store.utime, rel, 0, 0)
     refused(store.open, f"{OBJ}/pending/{iid}/g", os.O_WRONLY | os.O_CREAT, 0o644)
-    if stage == "observe":
+    if stage == "observe" or not layout_rules.move_transient:
+        # the legacy store (eve keeps downloads in progress there): refused at the link
         refused(view.create, f"downloads/{OBJ}/pending/{iid}/g", os.O_WRONLY, 0o644)
     else:
         # placed in the vault: nothing goes through the link
@@ -670,13 +764,14 @@ def view_rel(key: str) -> str:
     return Layout("/").rel(key)
 
 
-@pytest.mark.parametrize("link", ["vault/verifier", "vault/compatfs", "novault", "downloads",
-                                  "runx/pods"])
-def test_backing_never_opens_a_location_through_a_symlink(tmp_path, outside, link):
+@pytest.mark.parametrize("link,rules", [
+    ("vault/verifier", DEFAULT_RULES), ("vault/compatfs", DEFAULT_RULES), ("clear", DEFAULT_RULES),
+    ("novault", DESIGN_NOTE), ("downloads", DEFAULT_RULES), ("runx/pods", DEFAULT_RULES)])
+def test_backing_never_opens_a_location_through_a_symlink(tmp_path, outside, link, rules):
     root = tmp_path / "persist"
     (root / link).parent.mkdir(parents=True, exist_ok=True)
     os.symlink(outside, root / link)
-    layout = Layout(str(root))
+    layout = Layout(str(root), rules=rules)
     before = snapshot(outside)
     with pytest.raises(OSError) as err:
         Backing.open(layout, VIEWS, create_new=True, require_encrypted=False).close()
