@@ -1,8 +1,9 @@
 """Every location of both layouts, and the rule that only layout.py spells them.
 
-The paths of docs/layouts.md (relative to /persist), as EVE's code spells them
-(docs/eve.md: sections 1 and 6-8 for the new layout, 9 for the legacy one, 5
-for the checkpoint).
+The paths of docs/layouts.md (relative to /persist): EVE's own, as its code
+spells them (docs/eve.md: section 9 for the legacy layout, 1 and 6-8 for the
+new one, 5 for the checkpoint), and the design note's where it differs
+(``novault/volumes``, ``checkpoint/config``).
 """
 
 from __future__ import annotations
