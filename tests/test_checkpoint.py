@@ -457,7 +457,7 @@ def test_generate_check_detects_a_stale_module(tmp_path):
 
 
 M = FieldDescriptor
-# (message, field, number, type, repeated, message/enum type name or None) -- the brief's table
+# (message, field, number, type, repeated, message/enum type name or None) -- docs/eve.md section 1
 FIELD_TABLE = [
     ("ConfigResponse", "config", 1, M.TYPE_MESSAGE, False, "EdgeDevConfig"),
     ("ConfigResponse", "configHash", 2, M.TYPE_STRING, False, None),

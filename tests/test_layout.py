@@ -1,6 +1,9 @@
 """Every location of both layouts, and the rule that only layout.py spells them.
 
-Facts from docs/eve-layout-brief.md section 2 (paths relative to /persist).
+The paths of docs/layouts.md (relative to /persist): EVE's own, as its code
+spells them (docs/eve.md: section 9 for the legacy layout, 1 and 6-8 for the
+new one, 5 for the checkpoint), and the design note's where it differs
+(``novault/volumes``, ``checkpoint/config``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from compatfs.layout import (
 from compatfs.names import DownloadArea, ObjType
 from compatfs.rules import rules_for
 
-# The defaults the brief fixes. "cas" may be either spelling the brief mentions.
+# The defaults docs/layouts.md fixes. "cas" is checked on its own below: EVE ships
+# vault/containerd (docs/eve.md section 8), the design note spelled it vault/case.
 BRIEF_DEFAULTS = {
     "img": "img",
     "prepared": "runx/pods/prepared",

@@ -4,8 +4,10 @@ Every fault point of compatfs/migrator.py is hit by a SIGKILL
 (``COMPATFS_FAULT``), of ``compatfs migrate --now``, of ``compatfs
 rollback`` and of a daemon in stage migrate; a later run must finish the job
 with every byte intact, nothing resolvable left behind, no temporary and no
-record stuck half-way. Then the migration rules: a full disk waits instead of failing, downgrade-then-upgrade keeps the newer
-destination, a verified download that does not hash to its name is
+record stuck half-way. Then the rules of docs/migration.md (docs/eve.md
+section 3 gives the EVE converter's own): a full disk waits instead of
+failing, downgrade-then-upgrade keeps the newer destination, a verified
+download that does not hash to its name is
 quarantined, one failure never stops the others, small objects go first, and
 ``compatfs status`` shows a migration as it runs.
 """

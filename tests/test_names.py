@@ -1,11 +1,15 @@
 """The legacy and new-layout name grammars (compatfs.names).
 
-Facts from docs/eve-layout-brief.md section 2:
+The grammars of docs/layouts.md ("Name grammars"): legacy names as 5.6.0's
+volumemgr builds them (``appRwVolumeName``, docs/eve.md section 9), new names
+as new EVE's ``VolumeStatus.PathName()`` does (docs/eve.md section 1):
 
 - VM file:   <sha>-<uuid>#<purge>.<format>, or <sha>-<uuid>.<format> when purge is 0
 - container: <sha>-<uuid>#<purge> or <sha>-<uuid>
 - new:       <volumeUUID>#<generation>.<format>
-- sha is hex of any case, uuid is hex and dashes, purge a decimal uint32,
+- sha is 64 hex digits of any case, uuid a canonical 8-4-4-4-12 UUID of any
+  case (EVE's own parser accepts any run of hex digits and dashes; compatfs is
+  stricter on purpose, tests/test_eve_tables.py), purge a decimal uint32,
   format the lower-case format name.
 """
 

@@ -3,7 +3,10 @@
 Every test here runs the real daemon (tests/mounting.py) over a loop-mounted
 ext4 root with a real fscrypt vault (tests/devices.py), where ``rename(2)``
 from outside into the vault fails with ``EXDEV`` as on a device. The agents'
-habits are those of EVE 5.6's agents (docs/eve.md); after each step the
+habits are 5.6.0's (docs/eve.md sections 7 and 9: downloads land in
+``pending/<id>/``, are checked in ``verifier/<id>/`` and kept in
+``verified/<SHA>/``; volumemgr builds ``img/<sha>-<app>[#<purge>].<fmt>``
+and resizes and deletes it; docs/views.md); after each step the
 test looks *under* the views (through directory fds opened before mounting)
 and into the new layout, so it sees where the bytes really are.
 """
