@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from . import copy as copier
-from . import inuse
+from . import inuse, snapshotid
 from .backing import CAS_PARENT, ROOT_STORE, Side, Store, aside_name
 from .config import Migration
 from .index import Record
@@ -130,10 +130,6 @@ def tmp_place(store: Store, rel: str) -> tuple[Store, str]:
 #: The suffix of a temporary's name beside its target (compatfs before temporaries
 #: had a directory of their own).
 OLD_TMP_SUFFIX = ".compatfs-tmp"
-
-#: EVE's name for the file in a container volume that names its containerd snapshot.
-SNAPSHOT_ID_FILE = "snapshotid.txt"
-
 
 _niced = threading.local()
 
@@ -777,14 +773,14 @@ class Migrator:
         if snapshot:
             # in the legacy tree, before the rename: the tree appears with it (old
             # EVE never reads it; rollback takes it out again)
-            _write_snapshot_id(src, item.src_rel, _legacy_name(item.vpath))
+            snapshotid.write(src, item.src_rel, snapshotid.legacy_name(item.vpath))
         reason = self._displace(dst, item.dst_rel)
         try:
             src.rename(item.src_rel, dst, item.dst_rel)
         except OSError as exc:
             self.index.delete(item.vpath)
             if snapshot:
-                _drop_snapshot_id(src, item.src_rel, _legacy_name(item.vpath))
+                snapshotid.drop(src, item.src_rel, snapshotid.legacy_name(item.vpath))
             if exc.errno == errno.EXDEV:
                 return False
             raise
@@ -1025,7 +1021,7 @@ class Migrator:
                                              compare=self.settings.verify != "off"))
             if self._wants_snapshot_id(item):
                 # inside the copy before its rename: the tree appears with it, complete
-                _write_snapshot_id(stage, tmp_rel, _legacy_name(item.vpath))
+                snapshotid.write(stage, tmp_rel, snapshotid.legacy_name(item.vpath))
             # from here to the switch nothing awaits: no request comes in between
             if self.trees.get(item.vpath):
                 raise Converging("something inside was changed during the copy")
@@ -1043,7 +1039,7 @@ class Migrator:
     # -- downgrade then upgrade ---------------------------------------------------------
     def _wants_snapshot_id(self, item: Item) -> bool:
         """A container volume gets ``snapshotid.txt`` when it moves (layout eve)."""
-        return item.kind == "oci-volume" and self.view.layout.rules.snapshot_id
+        return snapshotid.wanted(self.view.layout.rules, item.kind)
 
     def _set_aside(self, item: Item) -> None:
         """The destination wins (the plan says why: layout eve keeps it always, the
@@ -1200,7 +1196,7 @@ class Migrator:
                 self.index.put(Record(rec.view, rec.target_store, rec.target_rel, rec.kind, "new"))
                 return f"{rec.view}: finished an interrupted rename"
             if rec.kind == "oci-volume":    # what the move wrote into it first
-                _drop_snapshot_id(here, rec.rel, _legacy_name(rec.view))
+                snapshotid.drop(here, rec.rel, snapshotid.legacy_name(rec.view))
             self.index.delete(rec.view)
             return f"{rec.view}: an interrupted rename had not happened; stays"
         if rec.state == "copying":
@@ -1278,60 +1274,6 @@ def _drop_tmp_dir(store: Store) -> None:
     store.staging.drop_if_empty()
     if store.staging.store is not store:
         Side(store, TMP_DIR).drop_if_empty()
-
-
-def _legacy_name(vpath: str) -> str:
-    """The legacy base name of a view path: ``<sha>-<app>[#<purge>]`` for a container."""
-    return vpath.rpartition("/")[2]
-
-
-def _write_snapshot_id(store: Store, tree: str, legacy_name: str) -> None:
-    """``<tree>/snapshotid.txt`` := *legacy_name*, byte-exact, no newline, mode 0644,
-    durable (file and directory synced): the containerd snapshot key old EVE made
-    the volume's snapshot under, which new EVE reads from there (docs/eve.md, E5)."""
-    name = f"{tree}/{SNAPSHOT_ID_FILE}"
-    fd = store.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Unmovable(f"{SNAPSHOT_ID_FILE} in it is not a regular file")
-        os.fchmod(fd, 0o644)
-        data = memoryview(os.fsencode(legacy_name))
-        done = 0
-        while done < len(data):
-            done += os.write(fd, data[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = store.open_dir(tree)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _drop_snapshot_id(store: Store, tree: str, legacy_name: str) -> bool:
-    """Remove ``<tree>/snapshotid.txt`` if it is the one a move wrote (a regular file
-    holding exactly *legacy_name*); True if it was removed."""
-    name = f"{tree}/{SNAPSHOT_ID_FILE}"
-    want = os.fsencode(legacy_name)
-    try:
-        fd = store.open(name, os.O_RDONLY | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != len(want) \
-                or os.pread(fd, len(want) + 1, 0) != want:
-            return False
-    finally:
-        os.close(fd)
-    store.unlink(name)
-    dfd = store.open_dir(tree)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return True
 
 
 def _why(exc: BaseException) -> str:
@@ -1449,7 +1391,7 @@ class Rollback:
             return False  # the move had not happened; the next run starts it again
         if rec.kind == "oci-volume":
             # the legacy tree comes back as old EVE had it: without what the move added
-            _drop_snapshot_id(legacy, rest, _legacy_name(rec.view))
+            snapshotid.drop(legacy, rest, snapshotid.legacy_name(rec.view))
         if src.remove(rec.rel):
             self.m._fsync_parent(src, rec.rel)
         _drop_tmp_dir(src)          # the migration's, left empty in the new layout
