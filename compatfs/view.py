@@ -31,6 +31,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from . import snapshotid
 from .backing import Backing, Store, aside_name
 from .index import KEPT_LEGACY, Index, Record
 from .layout import Layout
@@ -286,6 +287,9 @@ class View:
         return fd, p
 
     def mkdir(self, vpath: str, mode: int) -> Placement:
+        """Make the directory *vpath*. A container volume made at its final name
+        holds ``snapshotid.txt`` from the start (:meth:`_wants_snapshot_id`):
+        written before the reply, and if it cannot be, the mkdir is undone."""
         p = self.place_new(vpath, is_dir=True)
         if p.is_legacy:
             self.backing.get(p.store).mkdir(p.rel, mode)
@@ -295,6 +299,12 @@ class View:
             self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
             try:
                 store.mkdir(p.rel, mode)
+                if self._wants_snapshot_id(p):
+                    try:
+                        snapshotid.write(store, p.rel, snapshotid.legacy_name(vpath))
+                    except Exception:
+                        _undo(vpath, store.remove, p.rel)   # made just now: nothing else in it
+                        raise
             except Exception:
                 self._forget(vpath)
                 raise
@@ -302,6 +312,12 @@ class View:
             store.remove_made(made)
             raise
         return p
+
+    def _wants_snapshot_id(self, p: Placement) -> bool:
+        """A directory placed at *p* carries ``snapshotid.txt`` (layout eve, a container
+        volume at its final name: old EVE keys its containerd snapshot by the legacy
+        name, new EVE reads the key from there; docs/eve.md, E5)."""
+        return p.state == "new" and snapshotid.wanted(self.layout.rules, p.kind)
 
     def _placed(self, rec: Record | None, vpath: str) -> bool:
         """*rec* places *vpath* outside the legacy store (not a record kept
@@ -337,7 +353,7 @@ class View:
     def rmdir(self, vpath: str) -> None:
         store, rel, rec = self.locate(vpath)
         if rec is not None:
-            store.rmdir(rel)
+            self._rmdir_recorded(vpath, store, rel, rec)
             self._forget(vpath)
             if self._placed(rec, vpath):
                 self._drop_legacy_shadow(vpath, directory=True)
@@ -345,6 +361,27 @@ class View:
         if vpath in self.index.children:
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), vpath)
         store.rmdir(rel)
+
+    def _rmdir_recorded(self, vpath: str, store: Store, rel: str, rec: Record) -> None:
+        """rmdir(2) of a directory with a record. A container volume whose only
+        entry left is the ``snapshotid.txt`` compatfs wrote (a regular file holding
+        its legacy name) is empty to the agent, which never made that file: it goes
+        with the directory; should the rmdir still fail, it is written back."""
+        try:
+            store.rmdir(rel)
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY or rec.kind != "oci-volume" \
+                    or store.listdir(rel) != [snapshotid.SNAPSHOT_ID_FILE]:
+                raise
+            name = snapshotid.legacy_name(vpath)
+            if not snapshotid.drop(store, rel, name):
+                raise
+        try:
+            store.rmdir(rel)
+        except Exception:
+            _undo(vpath, snapshotid.write, store, rel, name)
+            raise
 
     def _drop_legacy_shadow(self, vpath: str, directory: bool) -> None:
         """Remove a legacy-store object the record shadowed (a copy left behind)."""
@@ -669,12 +706,29 @@ class View:
             if want.state != "new" or not self._usable(want):
                 continue
             cur = self.backing.get(rec.store)
-            self.index.put(Record(rec.view, want.store, want.rel, want.kind, want.state,
-                                  rec.store, rec.rel))
+            # a container volume carries snapshotid.txt at its final name: written
+            # into it first, so it arrives with it (taken out again if it does not)
+            sid, name = self._wants_snapshot_id(want), snapshotid.legacy_name(rec.view)
+            if sid:
+                try:
+                    snapshotid.write(cur, rec.rel, name)
+                except OSError as exc:
+                    log.warning("%s: stays parked: cannot write %s in it: %s", rec.view,
+                                snapshotid.SNAPSHOT_ID_FILE, exc.strerror or exc)
+                    continue
+            try:
+                self.index.put(Record(rec.view, want.store, want.rel, want.kind, want.state,
+                                      rec.store, rec.rel))
+            except Exception:
+                if sid:
+                    _undo(rec.view, snapshotid.drop, cur, rec.rel, name)
+                raise
             try:
                 cur.rename(rec.rel, self._prepare(want)[0], want.rel)
             except OSError as exc:
                 self.index.put(rec)
+                if sid:
+                    _undo(rec.view, snapshotid.drop, cur, rec.rel, name)
                 if exc.errno != errno.EXDEV:
                     log.warning("%s: cannot move to %s/%s: %s", rec.view, want.store, want.rel,
                                 exc.strerror)
