@@ -632,6 +632,122 @@ def test_replace_unresolved_places_parked_volumes(device, views):
     assert view.replace_unresolved() == []
 
 
+# -- E5: snapshotid.txt in container volumes the views place --------------------------------
+
+def placed_pod(device: Device) -> Path:
+    return device.root / "vault" / "volumes" / device.vol(device.pod)
+
+
+@BOTH
+def test_a_container_volume_made_at_its_final_name_carries_snapshotid(device, views,
+                                                                      layout_rules):
+    """eve: the mkdir itself writes snapshotid.txt (the legacy base name, no newline,
+    0644); the agent sees it, and emptying what it made then rmdir removes the
+    volume. design-note: nothing is written."""
+    view = views()
+    name = device.pod.legacy_name(0, container=True)
+    vpath = f"prepared/{name}"
+    assert view.mkdir(vpath, 0o755) == Placement("vault_volumes", device.vol(device.pod),
+                                                 "oci-volume", "new")
+    placed = placed_pod(device)
+    if layout_rules.snapshot_id:
+        sid = placed / "snapshotid.txt"
+        assert sid.read_bytes() == name.encode()
+        assert stat.S_IMODE(sid.stat().st_mode) == 0o644 and sid.is_file()
+        assert view.listdir(vpath) == ["snapshotid.txt"]
+    else:
+        assert os.listdir(placed) == [] and view.listdir(vpath) == []
+    view.mkdir(f"{vpath}/rootfs", 0o755)
+    write_new(view, f"{vpath}/image-config.json", b"{}")
+    with pytest.raises(OSError) as info:
+        view.rmdir(vpath)
+    assert info.value.errno == errno.ENOTEMPTY
+    assert (placed / "snapshotid.txt").exists() == layout_rules.snapshot_id
+    view.unlink(f"{vpath}/image-config.json")
+    view.rmdir(f"{vpath}/rootfs")
+    view.rmdir(vpath)
+    assert not placed.exists() and view.index.get(vpath) is None
+    assert name not in view.listdir("prepared")
+
+
+def test_rmdir_keeps_a_snapshotid_compatfs_did_not_write(device, views):
+    """Only a regular file holding exactly the legacy name is compatfs' own: one the
+    agent rewrote is the agent's, and the volume is not empty."""
+    view = views()
+    vpath = f"prepared/{device.pod.legacy_name(0, container=True)}"
+    view.mkdir(vpath, 0o755)
+    sid = placed_pod(device) / "snapshotid.txt"
+    sid.write_bytes(b"the agent's own")
+    with pytest.raises(OSError) as info:
+        view.rmdir(vpath)
+    assert info.value.errno == errno.ENOTEMPTY
+    assert sid.read_bytes() == b"the agent's own" and view.index.get(vpath) is not None
+
+
+def test_a_container_volume_mkdir_is_undone_when_snapshotid_cannot_be_written(
+        device, views, monkeypatch):
+    from compatfs import snapshotid
+
+    def full(*_args) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    view = views()
+    vpath = f"prepared/{device.pod.legacy_name(0, container=True)}"
+    monkeypatch.setattr(snapshotid, "write", full)
+    with pytest.raises(OSError) as info:
+        view.mkdir(vpath, 0o755)
+    assert info.value.errno == errno.ENOSPC
+    assert not placed_pod(device).exists() and view.index.get(vpath) is None
+    assert view.listdir("prepared") == []
+    monkeypatch.undo()
+    view.mkdir(vpath, 0o755)       # nothing was left behind to get in the way
+    assert (placed_pod(device) / "snapshotid.txt").exists()
+
+
+def test_rmdir_that_fails_after_dropping_snapshotid_writes_it_back(device, views, monkeypatch):
+    from compatfs.backing import Store
+
+    view = views()
+    name = device.pod.legacy_name(0, container=True)
+    vpath = f"prepared/{name}"
+    view.mkdir(vpath, 0o755)
+    real, calls = Store.rmdir, []
+
+    def rmdir(store: Store, rel: str) -> None:
+        calls.append(rel)
+        if len(calls) == 2:            # the retry once snapshotid.txt is gone
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(store, rel)
+
+    monkeypatch.setattr(Store, "rmdir", rmdir)
+    with pytest.raises(OSError) as info:
+        view.rmdir(vpath)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO and calls == [device.vol(device.pod)] * 2
+    assert (placed_pod(device) / "snapshotid.txt").read_bytes() == name.encode()
+    assert view.index.get(vpath) is not None
+
+
+def test_a_parked_container_volume_gets_snapshotid_at_its_final_name(device, views):
+    """Made while the config does not map it, a container volume is parked without
+    snapshotid.txt; placed when the config maps it, it arrives with it."""
+    view = views()
+    name = device.pod.legacy_name(0, container=True, purge=1)   # not the config's counter
+    vpath = f"prepared/{name}"
+    assert view.mkdir(vpath, 0o755).state == "unresolved"
+    write_new(view, f"{vpath}/image-config.json", b"{}")
+    assert view.listdir(vpath) == ["image-config.json"]
+    device.pod.purge = 1
+    devicegen.write_device_state(str(device.root), [device.web, device.db, device.pod])
+    assert view.resolver.refresh()
+    assert view.replace_unresolved() == [
+        (vpath, Placement("vault_volumes", device.vol(device.pod), "oci-volume", "new"))]
+    placed = placed_pod(device)
+    assert (placed / "snapshotid.txt").read_bytes() == name.encode()
+    assert (placed / "image-config.json").read_bytes() == b"{}"
+    assert sorted(view.listdir(vpath)) == ["image-config.json", "snapshotid.txt"]
+
+
 # -- symbolic links planted in a store ----------------------------------------------------
 
 @pytest.fixture
