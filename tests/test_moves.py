@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -299,6 +300,72 @@ def test_no_snapshotid_when_the_destination_existed(tmp_path):
         assert len(aside) == 1 and tree(aside[0]) == legacy
         assert set_aside(root, "vault_volumes") == []
         only_final_names(root)
+
+
+# -- E2: the generation a volume is placed under -----------------------------------------------
+
+@pytest.mark.parametrize("layout", ["eve", "design-note"])
+def test_generation_mismatch_places_under_the_volume_generation(tmp_path, layout):
+    """The app's VolumeRef says generation 5 (a VM volume) and 0 (a container volume),
+    the Volumes 3 and 2. eve: ``migrate --now`` puts both under the Volume's
+    generation, the name new volumemgr opens, byte-exact (the container with
+    snapshotid.txt), and ``plan`` and ``status`` report each mismatch as a problem.
+    design-note: the VolumeRef's generation, no problem."""
+    rng = random.Random(15)
+    vm = DriveDef(random_uuid(rng), random_sha(rng), "qcow2", volume_uuid=random_uuid(rng),
+                  generation=3)
+    pod = DriveDef(random_uuid(rng), random_sha(rng), "container", volume_uuid=random_uuid(rng),
+                   generation=2)
+    app = AppDef(random_uuid(rng), "gen", [vm, pod])
+    ref_gen = {vm.volume_uuid: 5, pod.volume_uuid: 0}
+    config = write_config(tmp_path, f"mount_prepared: true\nlayout: {layout}\n")
+    eve = layout == "eve"
+    with device(tmp_path) as (root, _):
+        assert fscrypt.path_is_encrypted(str(root / "vault"))
+        devicegen.write_device_state(str(root), [app])
+        resp = devicegen.build_config([app])
+        for ref in resp.config.apps[0].volumeRefList:
+            ref.generationCount = ref_gen[ref.uuid]
+        devicegen.write_atomic(str(root / "checkpoint/lastconfig"),
+                               devicegen.encode_checkpoint(resp))
+        img = root / "img" / app.legacy_name(0)
+        devicegen.sparse_file(str(img), 8 * MIB, {0: b"head", 5 * MIB: rng.randbytes(70000)})
+        want = hashlib.sha256(img.read_bytes()).hexdigest()
+        name = app.legacy_name(1, container=True)
+        devicegen.container_tree(str(root / "runx/pods/prepared" / name), rng)
+        legacy_tree = tree(root / "runx/pods/prepared" / name)
+
+        def mismatches(problems: list[str]) -> set[str]:
+            return {u for u in ref_gen for p in problems
+                    if u in p and f"volumeRefList says generation {ref_gen[u]}" in p}
+
+        plan = cli("plan", "--root", str(root), "--config", str(config))
+        assert plan.returncode == 0, plan.stderr
+        problems = [ln for ln in plan.stdout.splitlines() if ln.startswith("problem: ")]
+        assert mismatches(problems) == (set(ref_gen) if eve else set()), plan.stdout
+        proc = migrate(root, tmp_path, config)
+        assert proc.returncode == 0, proc.stderr
+
+        gen = (lambda d: d.generation) if eve else (lambda d: ref_gen[d.volume_uuid])
+        vm_at = root / "vault/volumes" / f"{vm.volume_uuid}#{gen(vm)}.qcow2"
+        pod_at = root / "vault/volumes" / f"{pod.volume_uuid}#{gen(pod)}.container"
+        assert sorted(os.listdir(root / "vault/volumes")) == sorted([vm_at.name, pod_at.name])
+        assert hashlib.sha256(vm_at.read_bytes()).hexdigest() == want
+        assert not img.exists()
+        moved = tree(pod_at)
+        if eve:
+            assert moved.pop("snapshotid.txt") == (0o644, name.encode())
+        assert moved == legacy_tree
+        only_final_names(root)
+
+        status = cli("status", "--root", str(root), "--run-dir", str(tmp_path / "run"),
+                     "--config", str(config), "--json")
+        assert status.returncode == 0, status.stderr
+        doc = json.loads(status.stdout)
+        assert mismatches(doc["problems"]) == (set(ref_gen) if eve else set()), doc["problems"]
+        states = {o["legacy"]: o["state"] for o in doc["objects"]}
+        assert states[f"img/{app.legacy_name(0)}"] == "new"
+        assert states[f"runx/pods/prepared/{name}"] == "new"
 
 
 # -- E10: verified names ----------------------------------------------------------------------
