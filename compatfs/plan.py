@@ -25,9 +25,10 @@ MOVES = ("copy", "rename")
 
 
 def destinations(layout: Layout) -> tuple[str, ...]:
-    """Destination locations of *layout*'s target, in report order."""
-    return ("vault_volumes", layout.rules.clear_volumes, "downloader", "verifier", "verified",
-            "cas")
+    """Destination locations of *layout*'s target, in report order (the locations of
+    downloads in progress only where the target moves them)."""
+    transient = ("downloader", "verifier") if layout.rules.move_transient else ()
+    return ("vault_volumes", layout.rules.clear_volumes, *transient, "verified", "cas")
 
 
 @dataclass

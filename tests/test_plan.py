@@ -418,3 +418,16 @@ def test_plan_lists_a_generation_mismatch_as_a_problem(tmp_path):
     proc = run_cli("plan", "--root", str(tmp_path), check=True)
     assert "problem: drive 0 of app" in proc.stdout and "generation 2" in proc.stdout
     assert f"{app.drives[0].volume_uuid}#3.raw" in proc.stdout
+
+
+def test_destinations_are_those_of_the_target_layout(tmp_path) -> None:
+    """eve moves no download in progress, so its plan lists no location for them."""
+    from compatfs.layout import Layout
+    from compatfs.plan import destinations
+    from compatfs.rules import rules_for
+
+    eve = destinations(Layout(str(tmp_path), rules=rules_for("eve")))
+    note = destinations(Layout(str(tmp_path), rules=rules_for("design-note")))
+    assert eve == ("vault_volumes", "clear_volumes", "verified", "cas")
+    assert note == ("vault_volumes", "novault_volumes", "downloader", "verifier", "verified",
+                    "cas")
