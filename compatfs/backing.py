@@ -338,7 +338,8 @@ class Store:
 VIEW_STORES = {"img": "img", "downloads": "downloads", "prepared": "prepared"}
 
 #: Where new-layout data may be placed (of the two clear-text volume locations,
-#: only the one the target layout names is opened: :func:`new_stores`).
+#: only the one the target layout names is made: :func:`new_stores`; the other is
+#: opened when it exists, to serve what an earlier run under the other layout placed).
 NEW_STORES = ("vault_volumes", "clear_volumes", "novault_volumes", "downloader", "verifier",
               "verified", "unresolved", "cas")
 #: The clear-text volume locations: EVE's (``clear/volumes``) and the design note's.
@@ -422,7 +423,7 @@ def _own_sides(root: Store, layout: Layout, stores: dict[str, Store],
     directory is missing (not *create*: nothing is placed) keeps none: a copy
     or a set-aside there fails with ENOENT rather than land in EVE's directory."""
     owns: dict[str, Store] = {}
-    for key in [k for k in new_stores(layout) if k in stores] \
+    for key in [k for k in NEW_STORES if k in stores] \
             + ([CAS_PARENT] if CAS_PARENT in stores else []):
         store = stores[key]
         own_key = own_location(key)
@@ -518,10 +519,11 @@ class Backing:
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
             cas_parent = os.path.dirname(layout.rel("cas"))
-            for key, rel in [(k, layout.rel(k)) for k in new_stores(layout)] \
-                    + [(CAS_PARENT, cas_parent)]:
+            used = new_stores(layout)
+            for key, rel in [(k, layout.rel(k)) for k in NEW_STORES] + [(CAS_PARENT, cas_parent)]:
                 path = os.path.join(layout.root, rel)
-                if create_new and not read_only and key != "cas" and rel:
+                if create_new and not read_only and key != "cas" and rel \
+                        and (key in used or key == CAS_PARENT):
                     # EVE's volumemgr makes its volume directories 0700
                     private = key in VAULT_STORES or key == "clear_volumes"
                     root.makedirs(rel, 0o700 if private else 0o755)

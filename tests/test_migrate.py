@@ -397,3 +397,25 @@ def test_eve_7_10_keeps_containerd_and_names_verified_objects_by_bare_sha(device
     assert text.splitlines()[0].endswith("not mounted, target layout eve 7.10")
     obj = next(o for o in status["objects"] if o["legacy"] == "containerd")
     assert obj["state"] == "legacy" and "EVE 7.10 runs its own containerd" in obj["reason"]
+
+
+def test_what_design_note_placed_is_still_served_under_eve(device, tmp_path):
+    """A device migrated under layout design-note (clear-text volume in
+    novault/volumes) whose config then says eve: the volume stays where it is,
+    and its legacy name still reads it through the views (the store of the other
+    layout is opened, never made)."""
+    root = device
+    web, db, pod, fresh = devicegen.make_demo(str(root))
+    clear_name = f"img/{web.legacy_name(1, sha_upper=True)}"
+    want = sha_tree(root, "img")[clear_name]
+    run = tmp_path / "run"
+    moved = run_cli("migrate", "--root", str(root), "--now", "--run-dir", str(run),
+                    "--config", str(layout_config(tmp_path, "design-note")))
+    assert moved.returncode == 0, moved.stderr
+    placed = f"novault/volumes/{web.drives[1].volume_uuid}#{web.drives[1].generation}.raw"
+    assert sha_tree(root, "novault")[placed] == want
+    with mounted(root, run, stage="redirect", config=layout_config(tmp_path, "eve")):
+        with open(root / clear_name, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == want
+    assert not (root / "clear/volumes").exists() or not os.listdir(root / "clear/volumes")
+    assert sha_tree(root, "novault")[placed] == want
