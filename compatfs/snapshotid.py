@@ -44,10 +44,18 @@ def write(store: Store, tree: str, name: str) -> None:
     (file and directory synced). Raises ``OSError`` (``EINVAL`` when something that is
     not a regular file has the name; ``ELOOP`` for a symbolic link)."""
     path = f"{tree}/{SNAPSHOT_ID_FILE}"
-    fd = store.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+    try:
+        if not stat.S_ISREG(store.lstat(path).st_mode):   # never open a FIFO or a device
+            raise OSError(errno.EINVAL, f"{SNAPSHOT_ID_FILE} in it is not a regular file")
+    except FileNotFoundError:
+        pass
+    # truncated only once it is known to be a regular file (the check above can race
+    # with a rename in the tree; the fstat below cannot)
+    fd = store.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, f"{SNAPSHOT_ID_FILE} in it is not a regular file")
+        os.ftruncate(fd, 0)
         os.fchmod(fd, 0o644)
         data = memoryview(os.fsencode(name))
         done = 0

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -376,3 +377,28 @@ def test_verified_names_are_checked_by_the_sha_before_the_first_dot():
     assert _expected_sha("verified", f"{sha}.application%2Fvnd.oci.image.layer.v1.tar+gzip") == sha
     assert _expected_sha("verified", "notasha.x") is None
     assert _expected_sha("vault_volumes", sha) is None
+
+
+def test_snapshotid_write_refuses_a_fifo_and_rewrites_a_regular_file(tmp_path):
+    """Something an agent left at the name in its tree: a FIFO is refused without
+    being opened (an open for writing would block or, with O_NONBLOCK and no reader,
+    fail with ENXIO), a regular file is rewritten to exactly the legacy name."""
+    from compatfs import snapshotid
+
+    tree = tmp_path / "vol"
+    tree.mkdir()
+    store = Store("vault_volumes", str(tmp_path), os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        os.mkfifo(tree / "snapshotid.txt")
+        with pytest.raises(OSError) as info:
+            snapshotid.write(store, "vol", "abc-def")
+        assert info.value.errno == errno.EINVAL
+        assert stat.S_ISFIFO(os.lstat(tree / "snapshotid.txt").st_mode)
+        os.unlink(tree / "snapshotid.txt")
+        (tree / "snapshotid.txt").write_bytes(b"a much longer old content\n")
+        os.chmod(tree / "snapshotid.txt", 0o600)
+        snapshotid.write(store, "vol", "abc-def")
+        assert (tree / "snapshotid.txt").read_bytes() == b"abc-def"
+        assert stat.S_IMODE(os.lstat(tree / "snapshotid.txt").st_mode) == 0o644
+    finally:
+        store.close()
