@@ -21,14 +21,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import pyfuse3
 
 from . import config
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .daemonstate import Commands, DaemonState
 
 CONTROL_NAME = ".compatfs"
 PREFIX = "user.compatfs."
@@ -60,9 +58,7 @@ def _setting(table: dict[str, config.Key], name: str, value: str) -> Any:
 
 
 def _set_throttle(c: "Control", value: str) -> None:
-    rate = _setting(config.MIGRATION, "throttle_mib_per_s", value)
-    c.daemon.migrator.throttle.set_rate(rate * (1 << 20) or None)
-    c.throttle_mib_per_s = rate
+    c.commands.set_throttle(_setting(config.MIGRATION, "throttle_mib_per_s", value))
 
 
 def _set_log_level(c: "Control", value: str) -> None:
@@ -71,25 +67,18 @@ def _set_log_level(c: "Control", value: str) -> None:
     logging.getLogger().setLevel(value.upper())
 
 
-def _counts(c: "Control") -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for rec in c.daemon.index.records.values():
-        counts[rec.state] = counts.get(rec.state, 0) + 1
-    return counts
-
-
 KEYS: dict[str, Key] = {
     "version": Key("compatfs version", lambda c: __import__("compatfs").__version__),
     "pid": Key("daemon pid", lambda c: os.getpid()),
-    "root": Key("the /persist directory served", lambda c: c.daemon.layout.root),
-    "stage": Key("rollout stage", lambda c: c.daemon.stage),
-    "paused": Key("whether migration is paused", lambda c: c.daemon.migrator.paused),
-    "records": Key("index records by state", _counts),
-    "migration": Key("migration progress", lambda c: c.daemon.migrator.progress.as_json()),
-    "faults": Key("unexpected errors answered with EIO", lambda c: c.daemon.ops.faults),
-    "problems": Key("problems with the checkpoint or latch", lambda c: list(c.daemon.resolver.problems)),
+    "root": Key("the /persist directory served", lambda c: c.state().root),
+    "stage": Key("rollout stage", lambda c: c.state().stage),
+    "paused": Key("whether migration is paused", lambda c: c.state().paused),
+    "records": Key("index records by state", lambda c: dict(c.state().records)),
+    "migration": Key("migration progress", lambda c: dict(c.state().migration)),
+    "faults": Key("unexpected errors answered with EIO", lambda c: c.state().faults),
+    "problems": Key("problems with the checkpoint or latch", lambda c: list(c.state().problems)),
     "throttle_mib_per_s": Key("migration copy rate limit, MiB/s (0: unlimited)",
-                              lambda c: c.throttle_mib_per_s, _set_throttle),
+                              lambda c: c.state().throttle_mib_per_s, _set_throttle),
     "log_level": Key("daemon log level",
                      lambda c: logging.getLevelName(logging.getLogger().level).lower(),
                      _set_log_level),
@@ -97,24 +86,23 @@ KEYS: dict[str, Key] = {
 
 
 def _pause(c: "Control", arg: str) -> None:
-    c.daemon.migrator.pause()
+    c.commands.pause()
 
 
 def _resume(c: "Control", arg: str) -> None:
-    c.daemon.migrator.resume()
+    c.commands.resume()
 
 
 def _migrate_now(c: "Control", arg: str) -> None:
     name = arg.strip().strip("/")
     if not name or ".." in name.split("/"):
         raise ControlError(errno.EINVAL, "give a legacy name, e.g. img/<sha>-<uuid>.qcow2")
-    c.daemon.migrator.migrate_now(name)
+    c.commands.migrate_now(name)
 
 
 def _reload(c: "Control", arg: str) -> None:
     # read in the daemon's config watcher, off the event loop, within its poll period
-    c.daemon.resolver.invalidate()
-    c.daemon.migrator.wake()
+    c.commands.reload()
 
 
 COMMANDS: dict[str, tuple[str, Callable[["Control", str], None]]] = {
@@ -127,11 +115,12 @@ COMMANDS: dict[str, tuple[str, Callable[["Control", str], None]]] = {
 
 
 class Control:
-    """The control interface of one daemon."""
+    """The control interface of one daemon: what it reads is a snapshot taken by
+    *state* at each request; what it changes goes through *commands*."""
 
-    def __init__(self, daemon: "Daemon") -> None:
-        self.daemon = daemon
-        self.throttle_mib_per_s = daemon.cfg.migration.throttle_mib_per_s
+    def __init__(self, state: Callable[[], DaemonState], commands: Commands) -> None:
+        self.state = state
+        self.commands = commands
 
     def names(self) -> list[bytes]:
         return [(PREFIX + k).encode() for k in KEYS] + [(CMD_PREFIX + k).encode() for k in COMMANDS]
@@ -166,4 +155,7 @@ class Control:
 
     def document(self) -> bytes:
         """The whole status, for a read of the control file."""
-        return (json.dumps({k: key.get(self) for k, key in KEYS.items()}, indent=1) + "\n").encode()
+        snapshot = self.state()
+        taken = Control(lambda: snapshot, self.commands)   # one snapshot for every key
+        return (json.dumps({k: key.get(taken) for k, key in KEYS.items()}, indent=1)
+                + "\n").encode()

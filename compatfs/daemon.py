@@ -36,14 +36,19 @@ from typing import Awaitable, Callable
 import pyfuse3
 import trio
 
-from . import fscrypt, metrics, mounts
+from . import __version__, fscrypt, metrics, mounts
 from .backing import ROOT_STORE, Backing
+from .changes import NO_CHANGES
 from .config import Config
 from .control import Control
+from .daemonstate import DaemonState
+from .enums import count_by_state, views_for as _views_for
+from .handles import HandleTable
 from .index import Index, IndexRefused, open_index
 from .migrator import Migrator
 from .operations import Operations
 from .resolver import Resolver
+from .rules import release_text
 from .view import PLACING_STAGES, View
 
 log = logging.getLogger(__name__)
@@ -65,7 +70,7 @@ class DaemonError(Exception):
 
 
 def views_for(cfg: Config) -> tuple[str, ...]:
-    return ("img", "downloads", "prepared") if cfg.mount_prepared else ("img", "downloads")
+    return _views_for(cfg.mount_prepared)
 
 
 @dataclass
@@ -143,17 +148,50 @@ class Daemon:
             log.warning("%s", problem)
         self.view = View(self.layout, self.backing, self.index, self.resolver, self.stage,
                          self.views)
-        self.ops = Operations(self.view, self.attr_timeout)
+        handles = HandleTable()
         bases = {view: f"/proc/self/fd/{self.backing.get(view).fd}" for view in self.views}
-        self.migrator = Migrator(self.view, self.cfg.migration, self.ops, bases,
+        self.migrator = Migrator(self.view, self.cfg.migration,
+                                 None if self.offline else handles, bases,
                                  on_switch=self._invalidate)
+        self.throttle_mib_per_s = self.cfg.migration.throttle_mib_per_s
         for line in self.migrator.recover() + self.view.recover():
             log.info("recovery: %s", line)
-        if self.stage == "migrate":
-            self.ops.dirty = self.migrator.dirty
-            self.ops.trees = self.migrator.trees
-            self.ops.on_open = self.migrator.prioritize
-        self.ops.control = Control(self)
+        self.ops = Operations(
+            self.view, self.attr_timeout, handles=handles,
+            changes=self.migrator.changes if self.stage == "migrate" else NO_CHANGES,
+            control=Control(self.snapshot, self))
+
+    # -- what the control file and the metrics see and ask -------------------------------
+    def snapshot(self) -> DaemonState:
+        """The daemon's state now, for the control file and the metrics."""
+        rules = self.layout.rules
+        return DaemonState(
+            root=self.layout.root, stage=self.stage, layout=rules.layout,
+            eve_release=release_text(rules.release) if rules.release is not None else None,
+            paused=self.migrator.paused, records=count_by_state(self.index.records.values()),
+            migration=self.migrator.progress.as_json(), faults=self.ops.faults,
+            problems=tuple(self.resolver.problems),
+            throttle_mib_per_s=self.throttle_mib_per_s, requests=self.ops.latency.copy(),
+            write_behind_started=self.ops.write_behind.started,
+            write_behind_dropped=self.ops.write_behind.dropped)
+
+    def pause(self) -> None:
+        self.migrator.pause()
+
+    def resume(self) -> None:
+        self.migrator.resume()
+
+    def migrate_now(self, vpath: str) -> None:
+        self.migrator.migrate_now(vpath)
+
+    def reload(self) -> None:
+        # read in the config watcher, off the event loop, within its poll period
+        self.resolver.invalidate()
+        self.migrator.wake()
+
+    def set_throttle(self, mib_per_s: float) -> None:
+        self.migrator.throttle.set_rate(mib_per_s * (1 << 20) or None)
+        self.throttle_mib_per_s = mib_per_s
 
     def _wait_for_vault(self) -> bool:
         """Wait up to ``vault_wait_s`` for the vault to exist and be unlocked.
@@ -302,7 +340,7 @@ class Daemon:
         """Keep <run dir>/metrics.prom current, for a device agent to ship."""
         while True:
             try:
-                metrics.write(self, self.run)
+                metrics.write(self.snapshot(), self.run)
             except OSError as exc:
                 log.debug("metrics file: %s", exc)
             await trio.sleep(METRICS_SECONDS)

@@ -5,52 +5,22 @@ The daemon rewrites ``<run dir>/metrics.prom`` atomically every few seconds
 the target layout (an info gauge), objects per state, bytes migrated and
 remaining, the copy rate, errors, and FUSE request latency percentiles.
 
-Latency is kept in a histogram of power-of-two microsecond buckets: two
-clock reads and one list increment per request, nothing else on the hot path.
+Latency comes from :mod:`compatfs.latency`, counted by the FUSE layer; the rest
+from the snapshot the daemon takes (:class:`compatfs.daemonstate.DaemonState`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .rules import release_text
+from .daemonstate import DaemonState
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
     from .mounts import RunDir
 
-#: Bucket i counts requests that took less than 2**i microseconds (the last: the rest).
-BUCKETS = 24
 
-
-class LatencyHistogram:
-    __slots__ = ("counts",)
-
-    def __init__(self) -> None:
-        self.counts = [0] * BUCKETS
-
-    def add(self, nanoseconds: int) -> None:
-        self.counts[min((nanoseconds >> 10).bit_length(), BUCKETS - 1)] += 1
-
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def percentile(self, q: float) -> float:
-        """The upper bound, in seconds, of the bucket holding the *q* quantile."""
-        total = self.total()
-        if total == 0:
-            return 0.0
-        rank = q * total
-        seen = 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                return (1 << i) * 1024 / 1e9
-        return (1 << (BUCKETS - 1)) * 1024 / 1e9
-
-
-def render(daemon: "Daemon") -> str:
-    """The metrics of *daemon* as Prometheus text."""
+def render(state: DaemonState) -> str:
+    """The metrics of a daemon, from its *state*, as Prometheus text."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -59,45 +29,41 @@ def render(daemon: "Daemon") -> str:
         for labels, value in samples:
             lines.append(f"compatfs_{name}{labels} {value:g}")
 
-    rules = daemon.layout.rules
-    info = f'layout="{rules.layout}"'
-    if rules.release is not None:
-        info += f',eve_release="{release_text(rules.release)}"'
+    info = f'layout="{state.layout}"'
+    if state.eve_release is not None:
+        info += f',eve_release="{state.eve_release}"'
     metric("info", "gauge", "The target layout the daemon places objects for (always 1).",
            [(f"{{{info}}}", 1)])
-    states: dict[str, int] = {}
-    for rec in daemon.index.records.values():
-        states[rec.state] = states.get(rec.state, 0) + 1
-    p = daemon.migrator.progress
+    p = state.migration
     metric("objects", "gauge", "Index records by state (placed, migrating, failed...).",
-           [(f'{{state="{s}"}}', n) for s, n in sorted(states.items())])
+           [(f'{{state="{s}"}}', n) for s, n in sorted(state.records.items())])
     metric("migration_bytes_done", "gauge", "Bytes copied in the current migration pass.",
-           [("", p.bytes_done)])
+           [("", p["bytes_done"])])
     metric("migration_bytes_remaining", "gauge", "Bytes left in the current migration pass.",
-           [("", max(0, p.bytes_total - p.bytes_done))])
+           [("", max(0, p["bytes_total"] - p["bytes_done"]))])
     metric("migration_rate_bytes_per_second", "gauge", "Copy rate of the current pass.",
-           [("", p.rate())])
+           [("", p["rate"])])
     metric("migration_failed", "gauge", "Objects that failed in the current pass.",
-           [("", p.failed)])
+           [("", p["failed"])])
     metric("migration_waiting", "gauge", "Objects waiting for room on their destination.",
-           [("", len(p.waiting))])
+           [("", len(p["waiting"]))])
     metric("migration_faults_total", "counter",
            "Unexpected errors inside the migrator (the object failed alone; serving went on).",
-           [("", p.faults)])
+           [("", p["faults"])])
     metric("faults_total", "counter", "Unexpected errors answered with EIO.",
-           [("", daemon.ops.faults)])
-    hist = daemon.ops.latency
+           [("", state.faults)])
+    hist = state.requests
     metric("fuse_requests_total", "counter", "FUSE requests served.", [("", hist.total())])
-    wb = daemon.ops.write_behind
     metric("write_behind_total", "counter",
            "Ranges of sequential writes whose writeback was started early, by outcome.",
-           [('{outcome="started"}', wb.started), ('{outcome="dropped"}', wb.dropped)])
+           [('{outcome="started"}', state.write_behind_started),
+            ('{outcome="dropped"}', state.write_behind_dropped)])
     metric("fuse_request_seconds", "gauge", "FUSE request latency quantiles (bucket bounds).",
            [(f'{{quantile="{q}"}}', hist.percentile(q)) for q in (0.5, 0.9, 0.99)])
     return "\n".join(lines) + "\n"
 
 
-def write(daemon: "Daemon", run: "RunDir") -> None:
+def write(state: DaemonState, run: "RunDir") -> None:
     """Replace the metrics file atomically (a reader never sees half of it); the
     run dir makes the temporary, exclusively and with mode 0644."""
-    run.write_file(run.METRICS, render(daemon))
+    run.write_file(run.METRICS, render(state))

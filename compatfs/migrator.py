@@ -61,22 +61,21 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import trio
 
 from . import copy as copier
 from . import inuse, snapshotid
 from .backing import CAS_PARENT, ROOT_STORE, Side, Store, aside_name
+from .changes import ChangeObserver, FileKey
 from .config import Migration
+from .handles import HandleTable
 from .index import Record
 from .names import is_sha256
 from .plan import make_plan
 from .scan import TMP_DIR
 from .view import KEPT_LEGACY, View, split
-
-if TYPE_CHECKING:
-    from .operations import Operations
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +253,44 @@ class DirtyLog:
         copier.copy_ranges(src_fd, dst_fd, ranges)
 
 
+class LiveChanges:
+    """The migration's :class:`~compatfs.changes.ChangeObserver`: writes and sizes
+    reach the dirty log of a file being copied, changes inside a tree being copied
+    mark it for another copy, and an opened name moves up the queue."""
+
+    __slots__ = ("dirty", "trees", "_opened")
+
+    def __init__(self, dirty: dict[FileKey, DirtyLog], trees: dict[str, bool],
+                 opened: Callable[[str], None]) -> None:
+        self.dirty = dirty
+        self.trees = trees
+        self._opened = opened
+
+    @property
+    def following(self) -> bool:
+        return bool(self.dirty) or bool(self.trees)
+
+    def wrote(self, key: FileKey, buf: bytes | memoryview, offset: int) -> None:
+        if self.dirty:
+            log = self.dirty.get(key)
+            if log is not None:
+                log.write(buf, offset)
+
+    def resized(self, key: FileKey, size: int) -> None:
+        if self.dirty:
+            log = self.dirty.get(key)
+            if log is not None:
+                log.resize(size)
+
+    def changing(self, vpath: str) -> None:
+        for top in self.trees:
+            if vpath == top or vpath.startswith(top + "/"):
+                self.trees[top] = True
+
+    def opened(self, vpath: str) -> None:
+        self._opened(vpath)
+
+
 @dataclass
 class Item:
     """One object to move."""
@@ -340,19 +377,20 @@ def _refuse_if_held(path: str) -> None:
 class Migrator:
     """Moves legacy objects of one :class:`View` into the new layout.
 
-    With *ops* (the daemon), writes through the views are tracked and open
+    With *handles* (the daemon's open files), writes through the views are
+    followed (:attr:`changes` is the observer the views report to) and open
     handles are switched; without (``compatfs migrate --now``, nothing else
     writes), neither is needed.
     """
 
-    def __init__(self, view: View, settings: Migration, ops: "Operations | None" = None,
+    def __init__(self, view: View, settings: Migration, handles: HandleTable | None = None,
                  bases: dict[str, str] | None = None,
                  on_switch: Callable[[str], None] | None = None) -> None:
         self.view = view
         self.backing = view.backing
         self.index = view.index
         self.settings = settings
-        self.ops = ops
+        self.handles = handles
         self.bases = bases or {}
         self.on_switch = on_switch
         rate = settings.throttle_mib_per_s * MIB
@@ -384,6 +422,8 @@ class Migrator:
         self._fault_times = int(times) if times else None
         self._fault_raise = os.environ.get("COMPATFS_FAULT_MODE") == "raise"
         self._settling = False
+        #: what the views report to while this migrator runs
+        self.changes: ChangeObserver = LiveChanges(self.dirty, self.trees, self.prioritize)
 
     # -- test hook: fail at a named point -----------------------------------------------
     def _fault(self, point: str) -> None:
@@ -492,9 +532,9 @@ class Migrator:
                                             i.vpath not in open_paths, i.bytes, i.vpath))
 
     def _open_paths(self) -> set[str]:
-        if self.ops is None:
+        if self.handles is None:
             return set()
-        return {h.vpath for h in self.ops.handles.values()}
+        return self.handles.open_paths()
 
     def wake(self) -> None:
         """Look for work now (the config changed, a command asked)."""
@@ -822,7 +862,7 @@ class Migrator:
                 pass
             tmp_fd = stage.open(tmp_rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             key = (st0.st_dev, st0.st_ino)
-            if self.ops is not None:
+            if self.handles is not None:
                 self.dirty[key] = DirtyLog()
             self.progress.current[item.vpath] = (0, st0.st_blocks * 512)  # data, not holes
             verify = self.settings.verify
@@ -878,9 +918,9 @@ class Migrator:
         log.debug("%s: converged with writes mirrored", item.vpath)
 
     def _open_for_writing(self, key: tuple[int, int] | None) -> bool:
-        if self.ops is None or key is None:
+        if self.handles is None or key is None:
             return False
-        return any(h.writable and h.backing == key for h in self.ops.handles.values())
+        return self.handles.open_for_writing(key)
 
     async def _in_thread(self, fn, src_fd: int, dst_fd: int, *, hash: bool, compare: bool,
                          item: Item):
@@ -921,8 +961,8 @@ class Migrator:
         copier.copy_xattrs(src_fd, tmp_fd)   # as they are now: set through a view meanwhile too
         copier.finish_file(tmp_fd, st)
         self._place_and_switch(item, dst, st)
-        if self.ops is not None and key is not None:
-            self.ops.switch_backing(key, dst, item.dst_rel)
+        if self.handles is not None and key is not None:
+            self.handles.switch(key, dst, item.dst_rel)
         self._switched(item.vpath)
         self._fault("switched")
 
@@ -1011,7 +1051,7 @@ class Migrator:
         dst.staging.make()
         stage.remove(tmp_rel)
         dfd, dname = stage.open_dir(dst.staging.dir), tmp_rel.rpartition("/")[2]  # fsync: real fd
-        if self.ops is not None:
+        if self.handles is not None:
             self.trees[item.vpath] = False   # the views mark it when they change it
         try:
             with src.parent(item.src_rel) as (sfd, sname):

@@ -18,28 +18,23 @@ import functools
 import logging
 import os
 import stat
-from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .changes import NO_CHANGES, ChangeObserver
 from .control import CONTROL_NAME, Control, ControlError
+from .handles import Handle, HandleTable, backing_flags
 from .inodes import ROOT, InodeTable
-from .metrics import LatencyHistogram
+from .latency import LatencyHistogram
 from .view import View, join
 from .writebehind import Stream, WriteBehind
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-#: Flags that must not reach the backing open: the kernel does the caching.
-#: O_TRUNC stays: libfuse enables atomic_o_trunc, so the kernel passes it in
-#: open and sends no separate truncate; dropping it kept the old bytes.
-_STRIP_FLAGS = os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
-
 
 def _boundary(fn: F) -> F:
     """The errno boundary: only FUSEError leaves a handler."""
@@ -67,46 +62,30 @@ def _boundary(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@dataclass(slots=True)
-class Handle:
-    fd: int
-    ino: int
-    writable: bool
-    flags: int = 0                        # as the agent opened it (for re-opening)
-    vpath: str = ""                       # the legacy name it was opened by
-    backing: tuple[int, int] = (0, 0)     # (st_dev, st_ino) of the file behind it
-    stream: Stream | None = None          # where its sequential writes stand, if writable
-
-
 class Operations(pyfuse3.Operations):
     """pyfuse3 operations over a :class:`View`. The root lists the views."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, view: View, timeout: float = 10.0) -> None:
+    def __init__(self, view: View, timeout: float = 10.0, *, handles: HandleTable | None = None,
+                 changes: ChangeObserver = NO_CHANGES, control: Control | None = None) -> None:
         super().__init__()
         self.view = view
         self.inodes = InodeTable()
         self.timeout = timeout
-        self.handles: dict[int, Handle] = {}
+        #: every open file; the migration is given this table to switch handles
+        self.handles = handles if handles is not None else HandleTable()
         self.open_count: dict[int, int] = {}
         self.dirs: dict[int, tuple[int, list[str]]] = {}
         self._next_fh = 1
         self.faults = 0
         self.latency = LatencyHistogram()
         self.write_behind = WriteBehind()
-        #: dirty-range logs of files being migrated, by backing (st_dev, st_ino);
-        #: the migrator's, shared (empty when nothing migrates)
-        self.dirty: dict[tuple[int, int], Any] = {}
-        #: legacy names of the trees being copied -> changed since their copy began;
-        #: the migrator's, shared (empty when no tree is being copied)
-        self.trees: dict[str, bool] = {}
-        #: called with the legacy name of every file an agent opens (the migrator
-        #: moves it to the front of its queue)
-        self.on_open: Callable[[str], None] | None = None
+        #: told of every change an agent makes, for a copy under way to follow
+        self.changes = changes
         #: the control interface behind each view's hidden .compatfs file
-        self.control: Control | None = None
+        self.control = control
         self._control_inodes: set[int] = set()
         self._documents: dict[int, bytes] = {}
         self._root_st = view.backing.get(view.views[0]).lstat("")
@@ -159,7 +138,7 @@ class Operations(pyfuse3.Operations):
 
     def _open_fd_of(self, ino: int) -> int | None:
         """An open backing fd of *ino*, for a file whose last name is gone."""
-        for h in self.handles.values():
+        for h in self.handles:
             if h.ino == ino:
                 return h.fd
         return None
@@ -175,7 +154,7 @@ class Operations(pyfuse3.Operations):
     def _new_fh(self, handle: Handle) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = handle
+        self.handles.add(fh, handle)
         self.open_count[handle.ino] = self.open_count.get(handle.ino, 0) + 1
         return fh
 
@@ -243,8 +222,7 @@ class Operations(pyfuse3.Operations):
         handle = self.handles.get(fh) if fh is not None else None
         try:
             vpath = self.inodes.path(inode)
-            if self.trees:
-                self._tree_changed(vpath)
+            self.changes.changing(vpath)
             store, rel, _ = self.view.locate(vpath)
         except FileNotFoundError:
             fd = handle.fd if handle is not None else self._open_fd_of(inode)
@@ -252,20 +230,20 @@ class Operations(pyfuse3.Operations):
                 raise
             self._setattr_fd(fd, attr, fields)  # unlinked but still open
             st = os.fstat(fd)
-            if fields.update_size and self.dirty:
-                self._resized((st.st_dev, st.st_ino), attr.st_size)
+            if fields.update_size:
+                self.changes.resized((st.st_dev, st.st_ino), attr.st_size)
             return self._attrs(inode, st)
         if fields.update_size:
             if handle is not None:
                 os.ftruncate(handle.fd, attr.st_size)
             else:
                 store.truncate(rel, attr.st_size)
-            if self.dirty:
+            if self.changes.following:
                 if handle is not None:
-                    self._resized(handle.backing, attr.st_size)
+                    self.changes.resized(handle.backing, attr.st_size)
                 else:
                     st = store.lstat(rel)
-                    self._resized((st.st_dev, st.st_ino), attr.st_size)
+                    self.changes.resized((st.st_dev, st.st_ino), attr.st_size)
         if fields.update_mode:
             store.chmod(rel, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
@@ -275,20 +253,6 @@ class Operations(pyfuse3.Operations):
             store.utime(rel, attr.st_atime_ns if fields.update_atime else None,
                         attr.st_mtime_ns if fields.update_mtime else None)
         return self._attrs(inode, store.lstat(rel))
-
-    def _tree_changed(self, vpath: str) -> None:
-        """*vpath* is about to change: a tree being copied that holds it must be
-        copied again (only called while a tree is being copied)."""
-        for top in self.trees:
-            if vpath == top or vpath.startswith(top + "/"):
-                self.trees[top] = True
-
-    def _resized(self, backing: tuple[int, int], size: int) -> None:
-        """The file *backing* was given *size* (truncate, ``O_TRUNC``): a copy of it
-        under way must follow (only called while something migrates)."""
-        log = self.dirty.get(backing)
-        if log is not None:
-            log.resize(size)
 
     @staticmethod
     def _setattr_fd(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
@@ -314,8 +278,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
-        if self.trees:
-            self._tree_changed(vpath)
+        self.changes.changing(vpath)
         p = self.view.plain_place(vpath)
         store, rest = self.view.backing.get(p.store), p.rel
         store.mknod(rest, mode & ~ctx.umask, rdev)
@@ -326,8 +289,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
-        if self.trees:
-            self._tree_changed(vpath)
+        self.changes.changing(vpath)
         p = self.view.mkdir(vpath, (mode & ~ctx.umask) & 0o7777)
         store = self.view.backing.get(p.store)
         self._own(vpath.rpartition('/')[0], ctx, lambda u, g: store.chown(p.rel, u, g))
@@ -337,8 +299,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vpath, n = self._vpath(parent_inode, name)
-        if self.trees:
-            self._tree_changed(vpath)
+        self.changes.changing(vpath)
         p = self.view.plain_place(vpath)
         store, rest = self.view.backing.get(p.store), p.rel
         store.symlink(os.fsdecode(target), rest)
@@ -348,16 +309,14 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         vpath, n = self._vpath(parent_inode, name)
-        if self.trees:
-            self._tree_changed(vpath)
+        self.changes.changing(vpath)
         self.view.unlink(vpath)
         self.inodes.detach(parent_inode, n)
 
     @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         vpath, n = self._vpath(parent_inode, name)
-        if self.trees:
-            self._tree_changed(vpath)
+        self.changes.changing(vpath)
         self.view.rmdir(vpath)
         self.inodes.detach(parent_inode, n)
 
@@ -368,9 +327,8 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         old, n_old = self._vpath(parent_inode_old, name_old)
         new, n_new = self._vpath(parent_inode_new, name_new)
-        if self.trees:
-            self._tree_changed(old)
-            self._tree_changed(new)
+        self.changes.changing(old)
+        self.changes.changing(new)
         self.view.rename(old, new, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
         self.inodes.move(parent_inode_old, n_old, parent_inode_new, n_new)
 
@@ -378,8 +336,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         new, n = self._vpath(new_parent_inode, new_name)
-        if self.trees:
-            self._tree_changed(new)
+        self.changes.changing(new)
         self.view.link(self.inodes.path(inode), new)
         st = self.view.lstat(new)
         self.inodes.add_name(inode, new_parent_inode, n)
@@ -390,16 +347,15 @@ class Operations(pyfuse3.Operations):
     # -- files --------------------------------------------------------------------
     def _file_info(self, fd: int, ino: int, flags: int, vpath: str) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and self.trees:
-            self._tree_changed(vpath)
+        if writable:
+            self.changes.changing(vpath)
         st = os.fstat(fd)
-        if flags & os.O_TRUNC and self.dirty:
-            self._resized((st.st_dev, st.st_ino), 0)   # the backing open truncated it
+        if flags & os.O_TRUNC:
+            self.changes.resized((st.st_dev, st.st_ino), 0)   # the backing open truncated it
         fi = pyfuse3.FileInfo(fh=self._new_fh(Handle(fd, ino, writable, flags, vpath,
                                                      (st.st_dev, st.st_ino),
                                                      Stream() if writable else None)))
-        if self.on_open is not None:
-            self.on_open(vpath)
+        self.changes.opened(vpath)
         if flags & os.O_DIRECT:
             fi.direct_io = True
         else:
@@ -424,20 +380,16 @@ class Operations(pyfuse3.Operations):
             old = self._open_fd_of(inode)  # reopened through /proc/self/fd while unlinked
             if old is None:
                 raise
-            fd = os.open(f"/proc/self/fd/{old}", self._backing_flags(flags) | os.O_CLOEXEC)
+            fd = os.open(f"/proc/self/fd/{old}", backing_flags(flags) | os.O_CLOEXEC)
             return self._file_info(fd, inode, flags, "")
-        fd = store.open(rel, self._backing_flags(flags))
+        fd = store.open(rel, backing_flags(flags))
         return self._file_info(fd, inode, flags, vpath)
-
-    @staticmethod
-    def _backing_flags(flags: int) -> int:
-        return flags & ~_STRIP_FLAGS
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         vpath, n = self._vpath(parent_inode, name)
-        fd, _ = self.view.create(vpath, self._backing_flags(flags), (mode & ~ctx.umask) & 0o7777)
+        fd, _ = self.view.create(vpath, backing_flags(flags), (mode & ~ctx.umask) & 0o7777)
         try:
             self._own(vpath.rpartition('/')[0], ctx, lambda u, g: os.fchown(fd, u, g))
             entry = self._entry(parent_inode, n, os.fstat(fd))
@@ -463,10 +415,7 @@ class Operations(pyfuse3.Operations):
             done += os.pwrite(fd, view[done:], off + done)
         if handle.stream is not None:
             self.write_behind.wrote(handle.stream, fd, off, done)
-        if self.dirty:
-            log = self.dirty.get(handle.backing)
-            if log is not None:
-                log.write(buf, off)
+        self.changes.wrote(handle.backing, buf, off)
         return done
 
     @_boundary
@@ -478,6 +427,8 @@ class Operations(pyfuse3.Operations):
         if self._documents.pop(fh, None) is not None:
             return
         handle = self.handles.pop(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
         left = self.open_count.get(handle.ino, 1) - 1
         if left:
             self.open_count[handle.ino] = left
@@ -581,8 +532,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode in self._control_inodes and self.control is not None:
             return self._control_call(self.control.set, os.fsdecode(name), value)
-        if self.trees:
-            self._tree_changed(self.inodes.path(inode))
+        self.changes.changing(self.inodes.path(inode))
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.setxattr, fd, leaf, name, value)
@@ -591,37 +541,15 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode in self._control_inodes:
             raise FUSEError(errno.EROFS)
-        if self.trees:
-            self._tree_changed(self.inodes.path(inode))
+        self.changes.changing(self.inodes.path(inode))
         parent, rel = self._xattr_path(inode)
         with parent as (fd, leaf):
             _xattr(os.removexattr, fd, leaf, name)
 
-    def switch_backing(self, backing: tuple[int, int], store: Any, rel: str) -> int:
-        """Re-open every handle on the file *backing* on *store*/*rel* (its new copy),
-        with the flags it was opened with; returns how many. Synchronous: no other
-        request runs in between, so no write is lost or reordered."""
-        switched = 0
-        for h in self.handles.values():
-            if h.backing != backing:
-                continue
-            fd = store.open(rel, self._backing_flags(h.flags) & ~os.O_TRUNC)
-            os.close(h.fd)
-            h.fd = fd
-            st = os.fstat(fd)
-            h.backing = (st.st_dev, st.st_ino)
-            switched += 1
-        return switched
-
     def close_all(self) -> None:
         """Close every open backing fd (at shutdown), after the write-behind worker."""
         self.write_behind.close()
-        for h in self.handles.values():
-            try:
-                os.close(h.fd)
-            except OSError:
-                pass
-        self.handles.clear()
+        self.handles.close_all()
 
 
 def _xattr(call: Callable[..., Any], dir_fd: int, name: str, *args: Any) -> Any:

@@ -163,19 +163,13 @@ def test_a_stuck_daemon_never_hangs_ctl_status_or_a_new_mount(live):
     ("design-note", None, '{layout="design-note"}')])
 def test_metrics_name_the_target_layout(layout, release, labels):
     """compatfs_info carries the layout (and, for eve, the release) as labels."""
-    from types import SimpleNamespace
-
     from compatfs import metrics
-    from compatfs.layout import Layout
+    from compatfs.daemonstate import DaemonState
     from compatfs.migrator import Progress
-    from compatfs.rules import rules_for
-    from compatfs.writebehind import WriteBehind
 
-    daemon = SimpleNamespace(
-        layout=Layout("/persist", rules=rules_for(layout, release)),
-        index=SimpleNamespace(records={}), migrator=SimpleNamespace(progress=Progress()),
-        ops=SimpleNamespace(faults=0, latency=metrics.LatencyHistogram(),
-                            write_behind=WriteBehind()))
-    text = metrics.render(daemon)
+    state = DaemonState(root="/persist", stage="migrate", layout=layout, eve_release=release,
+                        paused=False, records={}, migration=Progress().as_json(), faults=0,
+                        problems=(), throttle_mib_per_s=0.0)
+    text = metrics.render(state)
     assert f"\ncompatfs_info{labels} 1\n" in text
     assert "# TYPE compatfs_info gauge" in text

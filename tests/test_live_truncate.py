@@ -34,6 +34,7 @@ from compatfs.config import Migration
 from compatfs.index import Index
 from compatfs.layout import Layout
 from compatfs.migrator import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator
+from compatfs.handles import HandleTable
 from compatfs.operations import Operations
 from compatfs.resolver import Resolver
 from compatfs.view import View
@@ -135,10 +136,10 @@ class Bench:
         layout = Layout(str(root))
         self.backing = Backing.open(layout, ("img",), create_new=True, require_encrypted=False)
         view = View(layout, self.backing, Index(None), Resolver(layout), "migrate", ("img",))
-        self.ops = Operations(view)
+        handles = HandleTable()
         self.m = Migrator(view, Migration(throttle_mib_per_s=throttle_mib, verify="copy",
-                                          reserve_percent=0), self.ops)
-        self.ops.dirty = self.m.dirty
+                                          reserve_percent=0), handles)
+        self.ops = Operations(view, handles=handles, changes=self.m.changes)
         self.item = Item("img/v.img", "vm-volume", False, "img", "v.img", "vault_volumes",
                          "v.raw", size, "copy")
         self.target = root / "vault" / "volumes" / "v.raw"
