@@ -435,7 +435,8 @@ def test_generated_modules_are_up_to_date():
 def test_generate_check_detects_a_stale_module(tmp_path):
     """--check really compares: a doctored copy is reported out of date."""
     proto_dir = Path(checkpoint.__file__).parent / "proto"
-    for name in ("eve_config.proto", "eve_auth.proto", "eve_config_pb2.py", "eve_auth_pb2.py"):
+    for name in ("eve_config.proto", "eve_auth.proto", "eve_config_pb2.py", "eve_auth_pb2.py",
+                 "eve_config_pb2.pyi", "eve_auth_pb2.pyi"):
         (tmp_path / name).write_bytes((proto_dir / name).read_bytes())
     # as if generated from an older eve_auth.proto where payload was field 2
     module = tmp_path / "eve_auth_pb2.py"
