@@ -73,10 +73,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from benchlib import commit, drop_caches, log, run
+
 from compatfs import daemonproc, devicefs, devicegen, mounts
 from compatfs.backing import NEW_STORES, STAGING_DIR, own_location
 from compatfs.layout import Layout
@@ -338,7 +339,7 @@ class Tree:
 
     def check_migrated(self) -> None:
         """Every legacy file is gone and its target is there, as big as its source."""
-        for rel, target in zip(self.files, self.targets):
+        for rel, target in zip(self.files, self.targets, strict=True):
             if os.path.exists(os.path.join(self.root, rel)):
                 raise RuntimeError(f"{rel}: still in its legacy place after migrating")
             want = os.stat(self.stash(rel))
@@ -385,16 +386,17 @@ def build_mix(root: str, rng: random.Random, data: bytes, quick: bool) -> Tree:
         qcow2_filled(tree.stash(rel), q_virtual, q_fill)
         tree.files.append(rel)
         tree.targets.append(vol_target(qcow.drives[i]))
-    for i in range(n_verified):
+    for _ in range(n_verified):
         blob = rng.randbytes(verified_size)
         sha = devicegen.sha_of(blob)
-        rel = f"downloads/{ObjType.APP_IMG.value}/{DownloadArea.VERIFIED.value}/{sha.upper()}/image.img"
+        rel = (f"downloads/{ObjType.APP_IMG.value}/{DownloadArea.VERIFIED.value}/"
+               f"{sha.upper()}/image.img")
         write_data(tree.stash(rel), len(blob), [], b"")
         with open(tree.stash(rel), "r+b") as f:
             f.write(blob)
         tree.files.append(rel)
         tree.targets.append(f"vault/verifier/verified/{sha}")
-    for i in range(n_pending):
+    for _ in range(n_pending):
         image_id = u()
         rel = f"downloads/{ObjType.APP_IMG.value}/{DownloadArea.PENDING.value}/{image_id}/image.img"
         write_data(tree.stash(rel), pending_size, [(0, pending_size)], data)
@@ -670,7 +672,7 @@ def part_reads(bench: str, args, res: Results, rng: random.Random, data: bytes) 
             f"{len(during_cp)} during cp + sync ({cp_took:.1f} s, median "
             f"{statistics.median(during_cp) if during_cp else 0:,.0f} MiB/s)")
     def overall(rates: list[float]) -> float:
-        """MiB/s over all the reads: bytes read / time spent reading (each read is the same size)."""
+        """MiB/s over all the reads: bytes read / time spent reading (each read the same size)."""
         return len(rates) / sum(1 / r for r in rates)
 
     d, i = overall(during), overall(idle)
@@ -686,7 +688,8 @@ def part_reads(bench: str, args, res: Results, rng: random.Random, data: bytes) 
     if during_cp:
         dc = overall(during_cp)
         res.row(f"  reference: the same reads while cp --sparse=always + sync copy the same "
-                f"{bulk_count * bulk_size // MiB} MiB into the vault, unthrottled ({cp_took:.0f} s); "
+                f"{bulk_count * bulk_size // MiB} MiB into the vault, unthrottled "
+                f"({cp_took:.0f} s); "
                 f"{len(during_cp)} reads", "MiB/s", f"{i:,.0f}", f"{dc:,.0f}",
                 f"{dc / i:.2f}x", "reported", "—")
     res.notes.append(f"reads: during migration min {min(during):,.0f} / max {max(during):,.0f} "

@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from benchlib import drop_caches
+
 from compatfs import devicegen
 from compatfs.names import DownloadArea, ObjType
 
@@ -48,7 +49,8 @@ def build(root: str, n: int, seed: int = 1) -> dict[str, int]:
     block = b"\xab" * 4096
     for app in apps:
         for d in range(2):
-            devicegen.sparse_file(os.path.join(root, "img", app.legacy_name(d)), 1 << 30, {0: block})
+            devicegen.sparse_file(os.path.join(root, "img", app.legacy_name(d)), 1 << 30,
+                                  {0: block})
     for pod in pods:
         path = os.path.join(root, "runx/pods/prepared", pod.legacy_name(0, container=True))
         os.makedirs(os.path.join(path, "rootfs"))
@@ -82,7 +84,8 @@ def run_once(root: str, fmt: list[str], cold: bool = False) -> tuple[float, int]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objects", type=int, default=10_000)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()

@@ -64,10 +64,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from benchlib import commit, drop_caches, log, run
+
 from compatfs import daemonproc, devicegen, mounts
 
 MiB = 1 << 20
@@ -82,7 +83,8 @@ RSS_NAMES = 100_000
 CONFIG = "require_encrypted_vault: false\n"
 
 
-def wait_until(what: str, ready: Callable[[], bool], alive: Callable[[], bool] = lambda: True) -> None:
+def wait_until(what: str, ready: Callable[[], bool],
+               alive: Callable[[], bool] = lambda: True) -> None:
     deadline = time.monotonic() + DEADLINE
     while not ready():
         if not alive():
@@ -168,7 +170,8 @@ class Device:
 
     @property
     def big_native(self) -> str:
-        return os.path.join(self.root, "vault", "volumes", self.app.drives[0].volume_uuid + "#0.raw")
+        return os.path.join(self.root, "vault", "volumes",
+                            self.app.drives[0].volume_uuid + "#0.raw")
 
     @property
     def big_view(self) -> str:
@@ -180,7 +183,8 @@ class Device:
 
     @property
     def write_placed(self) -> str:
-        return os.path.join(self.root, "vault", "volumes", self.app.drives[1].volume_uuid + "#0.raw")
+        return os.path.join(self.root, "vault", "volumes",
+                            self.app.drives[1].volume_uuid + "#0.raw")
 
 
 def pattern(rng: random.Random) -> bytes:
@@ -343,7 +347,8 @@ def _fmt(v: float | None, unit: str) -> str:
 
 
 def machine() -> str:
-    work_fs = run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", "/var/tmp"], check=False).stdout.split()
+    work_fs = run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", "/var/tmp"],
+                  check=False).stdout.split()
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) / (1 << 20)
     return (f"machine: {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB, Python "
@@ -360,7 +365,8 @@ def overlay_version() -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="one run, 256 MiB big file, 128 MiB writes")
     ap.add_argument("--plain", action="store_true",
@@ -499,10 +505,12 @@ def main() -> int:
         interrupted = True
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # the clean-up runs to its end
-        left = [e.mount_point for e in mounts.mount_table() if e.mount_point.startswith(bench + "/")]
+        left = [e.mount_point for e in mounts.mount_table()
+                if e.mount_point.startswith(bench + "/")]
         for mp in reversed(left):
             run(["umount", "-l", mp], check=False)
-        left = [e.mount_point for e in mounts.mount_table() if e.mount_point.startswith(bench + "/")]
+        left = [e.mount_point for e in mounts.mount_table()
+                if e.mount_point.startswith(bench + "/")]
         if left:
             print(f"views_bench: still mounted, {bench} kept: {', '.join(left)}", file=sys.stderr)
         else:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative_path
-from .rules import LAYOUTS, DEFAULT_RELEASE, Rules, UnknownRelease, release_text, rules_for
 from .names import CONTAINER_FORMAT, INT64_MAX, KNOWN_FORMATS, is_sha256, is_uuid
+from .rules import DEFAULT_RELEASE, LAYOUTS, Rules, UnknownRelease, release_text, rules_for
 from .untrusted import UntrustedFileError, read_regular
 
 STAGES = ("off", "observe", "redirect", "migrate", "rollback")
@@ -212,7 +213,8 @@ TOP: dict[str, Key] = {
                           "Also mount a legacy view over runx/pods/prepared (container volumes)."),
     "paths": Key(dict, {}, "Location overrides, each relative to root (see the table below)."),
     "migration": Key(dict, {}, "How the background migration runs (see the table below)."),
-    "overrides": Key(list, [], "Operator mappings of (app, sha) to a volume; they win over the checkpoint."),
+    "overrides": Key(list, [], "Operator mappings of (app, sha) to a volume; "
+                               "they win over the checkpoint."),
 }
 
 OVERRIDE: dict[str, Key] = {
@@ -234,10 +236,12 @@ MIGRATION: dict[str, Key] = {
     "reserve_percent": Key(_number(0, 50), 5.0,
                            "Free space a copy must leave on the destination, % of its size."),
     "retries": Key(_whole(1, 100), 3, "Attempts before an object is marked failed."),
-    "retry_backoff_s": Key(_number(0, 86400), 10.0, "Wait before the first retry; doubles each time."),
+    "retry_backoff_s": Key(_number(0, 86400), 10.0,
+                           "Wait before the first retry; doubles each time."),
     "verify": Key(_verify, "copy", "Check each copy against its source before switching to it: "
                   "true, false or readback."),
-    "rescan_s": Key(_number(1, 86400), 30.0, "How often the legacy locations are scanned for work."),
+    "rescan_s": Key(_number(1, 86400), 30.0,
+                    "How often the legacy locations are scanned for work."),
 }
 
 

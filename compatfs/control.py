@@ -20,8 +20,9 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyfuse3
 
@@ -45,8 +46,8 @@ class ControlError(Exception):
 @dataclass(frozen=True)
 class Key:
     doc: str
-    get: Callable[["Control"], Any]
-    set: Callable[["Control", str], None] | None = None
+    get: Callable[[Control], Any]
+    set: Callable[[Control, str], None] | None = None
 
 
 def _setting(table: dict[str, config.Key], name: str, value: str) -> Any:
@@ -57,11 +58,11 @@ def _setting(table: dict[str, config.Key], name: str, value: str) -> Any:
         raise ControlError(errno.EINVAL, str(exc)) from None
 
 
-def _set_throttle(c: "Control", value: str) -> None:
+def _set_throttle(c: Control, value: str) -> None:
     c.commands.set_throttle(_setting(config.MIGRATION, "throttle_mib_per_s", value))
 
 
-def _set_log_level(c: "Control", value: str) -> None:
+def _set_log_level(c: Control, value: str) -> None:
     if value not in LOG_LEVELS:
         raise ControlError(errno.EINVAL, f"one of {', '.join(LOG_LEVELS)}")
     logging.getLogger().setLevel(value.upper())
@@ -85,27 +86,27 @@ KEYS: dict[str, Key] = {
 }
 
 
-def _pause(c: "Control", arg: str) -> None:
+def _pause(c: Control, arg: str) -> None:
     c.commands.pause()
 
 
-def _resume(c: "Control", arg: str) -> None:
+def _resume(c: Control, arg: str) -> None:
     c.commands.resume()
 
 
-def _migrate_now(c: "Control", arg: str) -> None:
+def _migrate_now(c: Control, arg: str) -> None:
     name = arg.strip().strip("/")
     if not name or ".." in name.split("/"):
         raise ControlError(errno.EINVAL, "give a legacy name, e.g. img/<sha>-<uuid>.qcow2")
     c.commands.migrate_now(name)
 
 
-def _reload(c: "Control", arg: str) -> None:
+def _reload(c: Control, arg: str) -> None:
     # read in the daemon's config watcher, off the event loop, within its poll period
     c.commands.reload()
 
 
-COMMANDS: dict[str, tuple[str, Callable[["Control", str], None]]] = {
+COMMANDS: dict[str, tuple[str, Callable[[Control, str], None]]] = {
     "pause": ("stop starting new copies (running ones stop at their next step)", _pause),
     "resume": ("start copying again", _resume),
     "migrate-now": ("move the named legacy object to the front of the queue and start "

@@ -20,7 +20,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from typing import TextIO
 
 from . import devicefs, devicegen, mounts
 from .config import Config
@@ -167,7 +168,8 @@ def tour(out: TextIO = sys.stdout) -> int:
                       f"{_landed(root, layout, res, layout.rel('verifier'))}\n")
             verified = os.path.join(dl, "verified", sha.upper())
             os.makedirs(verified, exist_ok=True)
-            os.rename(os.path.join(verifier, "ubuntu.qcow2"), os.path.join(verified, "ubuntu.qcow2"))
+            os.rename(os.path.join(verifier, "ubuntu.qcow2"),
+                      os.path.join(verified, "ubuntu.qcow2"))
             shutil.rmtree(pending)
             shutil.rmtree(verifier)
             with open(os.path.join(verified, "ubuntu.qcow2"), "rb") as f:

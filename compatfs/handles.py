@@ -76,7 +76,7 @@ class HandleTable:
         """Whether an agent holds the file *key* open for writing."""
         return any(h.writable and h.backing == key for h in self._handles.values())
 
-    def switch(self, key: FileKey, store: "Store", rel: str) -> int:
+    def switch(self, key: FileKey, store: Store, rel: str) -> int:
         """Re-open every handle on the file *key* on *store*/*rel* (its new copy),
         with the flags it was opened with; returns how many. Synchronous: no other
         request runs in between, so no write is lost or reordered."""

@@ -19,7 +19,7 @@ class LatencyHistogram:
     def add(self, nanoseconds: int) -> None:
         self.counts[min((nanoseconds >> 10).bit_length(), BUCKETS - 1)] += 1
 
-    def copy(self) -> "LatencyHistogram":
+    def copy(self) -> LatencyHistogram:
         return LatencyHistogram(self.counts)
 
     def total(self) -> int:

@@ -9,12 +9,12 @@ relative to the root.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
-from typing import Mapping
 
-from .names import ObjType, DownloadArea
+from .names import DownloadArea, ObjType
 from .rules import DEFAULT_RULES, Rules
 
 DEFAULT_ROOT = "/persist"
@@ -41,7 +41,8 @@ LOCATIONS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "checkpoint": ("checkpoint/lastconfig", "the checkpointed controller config"),
     "checkpoint_alt": ("checkpoint/config", "the design note's name for the checkpoint, "
                        "tried second (layout design-note only)"),
-    "latch": ("status/zedmanager/AppAndImageToHash", "zedmanager's (app, image, purge) -> sha latch"),
+    "latch": ("status/zedmanager/AppAndImageToHash",
+              "zedmanager's (app, image, purge) -> sha latch"),
     # compatfs' own state
     "state": ("vault/compatfs", "compatfs' own durable state, inside the vault; also "
               "staging/ and set-aside/ of the vault's locations"),

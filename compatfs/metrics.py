@@ -63,7 +63,7 @@ def render(state: DaemonState) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(state: DaemonState, run: "RunDir") -> None:
+def write(state: DaemonState, run: RunDir) -> None:
     """Replace the metrics file atomically (a reader never sees half of it); the
     run dir makes the temporary, exclusively and with mode 0644."""
     run.write_file(run.METRICS, render(state))

@@ -219,7 +219,8 @@ class VolumeMap:
                             f"{where} refers to volume {ref.uuid!r}, not a UUID")
         if vol is None:
             return _Binding(index, sha, purge, fmt, None,
-                            f"{where} refers to volume {ref.uuid}, which the config does not define")
+                            f"{where} refers to volume {ref.uuid}, "
+                            "which the config does not define")
         generation = vol.generation if self.rules.generation_from_volume else ref.generation
         if self.rules.generation_from_volume and ref.generation != vol.generation:
             self.problems.append(
@@ -274,7 +275,7 @@ class VolumeMap:
 _NO_CHECKPOINT = "no checkpointed config yet (first boot): nothing can be mapped"
 
 
-def _kept(path: str | None, why: str | None, last: "Snapshot") -> str:
+def _kept(path: str | None, why: str | None, last: Snapshot) -> str:
     """The problem that says the last good config is still the one in use."""
     assert last.read_at is not None
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last.read_at))

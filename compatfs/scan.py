@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 from .layout import Layout
 from .names import (
-    DownloadArea, LegacyVolumeName, NotAVolume, ObjType, check_component, is_sha256,
-    is_uuid, parse_container_volume, parse_obj_type, parse_verified_sha, parse_vm_volume,
+    DownloadArea,
+    LegacyVolumeName,
+    NotAVolume,
+    ObjType,
+    check_component,
+    is_sha256,
+    is_uuid,
+    parse_container_volume,
+    parse_obj_type,
+    parse_verified_sha,
+    parse_vm_volume,
 )
 
 #: compatfs' own directories at the top of a store (see compatfs.migrator): copies
