@@ -122,7 +122,7 @@ def _verify(v: Any) -> str:
     if v is False:
         return "off"
     if v == "readback":
-        return v
+        return "readback"
     raise _Bad(f"must be true, false or readback, not {v!r}")
 
 
@@ -259,13 +259,14 @@ class _Loader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise yaml.composer.ComposerError(
                     None, None, f"nested deeper than {MAX_DEPTH} levels",
-                    self.peek_event().start_mark)
+                    # types-PyYAML leaves Parser.peek_event unannotated; it returns an Event
+                    self.peek_event().start_mark)  # type: ignore[no-untyped-call]
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -289,7 +290,7 @@ def _mapping(source: str, node: yaml.Node, what: str) -> list[tuple[str, yaml.No
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{_where(source, node)}: {what}: must be a mapping")
     seen: set[str] = set()
-    out = []
+    out: list[tuple[str, yaml.Node, yaml.Node]] = []
     for knode, vnode in node.value:
         if not isinstance(knode, yaml.ScalarNode) or knode.tag != "tag:yaml.org,2002:str":
             raise ConfigError(f"{_where(source, knode)}: {what}: keys must be plain names")
@@ -343,9 +344,9 @@ def parse(text: str, source: str = "<config>") -> Config:
                           f"{exc.character!r} is not allowed") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
+        at_line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}{line}: not valid YAML: {problem}") from None
+        raise ConfigError(f"{source}{at_line}: not valid YAML: {problem}") from None
     finally:
         if loader is not None:
             loader.dispose()

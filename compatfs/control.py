@@ -120,7 +120,7 @@ class Control:
     *state* at each request; what it changes goes through *commands*."""
 
     def __init__(self, state: Callable[[], DaemonState], commands: Commands) -> None:
-        self.state = state
+        self.state: Callable[[], DaemonState] = state
         self.commands = commands
 
     def names(self) -> list[bytes]:

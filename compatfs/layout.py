@@ -92,6 +92,8 @@ class Layout:
     root: str = DEFAULT_ROOT
     overrides: Mapping[str, str] = field(default_factory=dict)
     rules: Rules = DEFAULT_RULES
+    #: every location's path relative to the root, overrides applied (set once, below)
+    _rel: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.overrides) - set(LOCATIONS)
@@ -109,7 +111,7 @@ class Layout:
     # -- generic ----------------------------------------------------------
     def rel(self, key: str) -> str:
         """The path of location *key*, relative to the root."""
-        return self._rel[key]  # type: ignore[attr-defined]
+        return self._rel[key]
 
     def path(self, key: str) -> str:
         """The absolute path of location *key*."""
