@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
+from .enums import Stage
 from .layout import DEFAULT_ROOT, LOCATIONS, Layout, LayoutError, check_relative_path
 from .names import CONTAINER_FORMAT, INT64_MAX, KNOWN_FORMATS, is_sha256, is_uuid
 from .rules import DEFAULT_RELEASE, LAYOUTS, Rules, UnknownRelease, release_text, rules_for
 from .untrusted import UntrustedFileError, read_regular
 
-STAGES = ("off", "observe", "redirect", "migrate", "rollback")
 #: How a copy is checked against its source (``migration.verify``): ``copy``
 #: reads every piece back as it is written (YAML ``true``), ``readback`` also
 #: re-reads the whole copy from disk at the end, ``off`` (YAML ``false``) neither.
@@ -67,7 +67,7 @@ class Migration:
 @dataclass(frozen=True)
 class Config:
     root: str = DEFAULT_ROOT
-    stage: str = "observe"
+    stage: Stage = Stage.OBSERVE
     layout_name: str = "eve"          # the ``layout`` key (``layout()`` builds the Layout)
     eve_release: str = release_text(DEFAULT_RELEASE)
     require_encrypted_vault: bool = True
@@ -101,6 +101,10 @@ def _str_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
             raise _Bad(f"must be one of {', '.join(choices)}, not {v!r}")
         return v
     return check
+
+
+def _stage(v: Any) -> Stage:
+    return Stage(_str_choice(tuple(Stage))(v))
 
 
 def _bool(v: Any) -> bool:
@@ -197,7 +201,7 @@ class Key:
 
 TOP: dict[str, Key] = {
     "root": Key(_abs_path, DEFAULT_ROOT, "The /persist directory both layouts live under."),
-    "stage": Key(_str_choice(STAGES), "observe",
+    "stage": Key(_stage, Stage.OBSERVE,
                  "Rollout stage: off, observe, redirect, migrate or rollback."),
     "layout": Key(_str_choice(LAYOUTS), "eve",
                   "Target layout: eve (what EVE's code reads) or design-note."),

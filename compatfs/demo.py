@@ -25,6 +25,7 @@ from typing import TextIO
 
 from . import devicefs, devicegen, mounts
 from .config import Config
+from .enums import Stage, views_for
 from .layout import Layout
 from .names import DownloadArea, ObjType, shown
 from .plan import make_plan, render_text
@@ -124,9 +125,9 @@ def tour(out: TextIO = sys.stdout) -> int:
         cli = [sys.executable, "-m", "compatfs"]
         common = ["--root", root, "--run-dir", run_dir]
         _show(out, "compatfs mount --stage redirect")
-        _run(cli + ["mount", *common, "--stage", "redirect"], out)
+        _run(cli + ["mount", *common, "--stage", Stage.REDIRECT], out)
         try:
-            for view in ("img", "downloads"):
+            for view in views_for(mount_prepared=False):
                 entry = mounts.mounted_at(layout.path(view))
                 out.write(f"   {view}: {entry.fstype if entry else 'NOT MOUNTED'}\n")
 

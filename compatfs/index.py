@@ -56,7 +56,7 @@ from typing import Iterator
 
 from .backing import CAS_PARENT, NEW_STORES, RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, ROOT_STORE, \
     VIEW_STORES, openat2
-from .scan import KINDS
+from .enums import Kind
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def check_record(rec: Record, raw: tuple = ()) -> str | None:
         return f"unknown store {rec.store!r}"
     if not _safe_rel(rec.rel):
         return f"unsafe path {rec.rel!r}"
-    if rec.kind not in KINDS:
+    if rec.kind not in frozenset(Kind):
         return f"unknown kind {rec.kind!r}"
     if rec.state not in STATES:
         return f"unknown state {rec.state!r}"

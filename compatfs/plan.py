@@ -18,7 +18,8 @@ from .layout import Layout
 from .fscrypt import path_is_encrypted
 from .names import shown
 from .resolver import Resolution, Resolver
-from .scan import KINDS, Bases, LegacyObject, scan
+from .enums import Kind
+from .scan import Bases, LegacyObject, scan
 
 #: The actions that place a legacy object at its target.
 MOVES = ("copy", "rename")
@@ -78,7 +79,7 @@ class Plan:
     problems: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, Any]:
-        by_kind = {k: {"objects": 0, "bytes": 0} for k in KINDS}
+        by_kind = {k: {"objects": 0, "bytes": 0} for k in Kind}
         resolved = 0
         for e in self.entries:
             by_kind[e.obj.kind]["objects"] += 1
@@ -287,7 +288,7 @@ def render_text(plan: Plan) -> str:
     for p in plan.problems:
         lines.append(f"problem: {shown(p)}")
     lines.append("")
-    width = max([len(k) for k in KINDS])
+    width = max([len(k) for k in Kind])
     for e in plan.entries:
         lines.append(f"{e.obj.kind:<{width}}  {rel(e.obj.path)}  [{human(e.obj.bytes)}]")
         if e.action in MOVES:

@@ -13,6 +13,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from .enums import Kind
 from .layout import Layout
 from .names import (
     DownloadArea,
@@ -34,12 +35,10 @@ from .names import (
 SET_ASIDE_DIR = ".compatfs-set-aside"
 TMP_DIR = ".compatfs-tmp"
 
-KINDS = ("vm-volume", "oci-volume", "pending", "verifier", "verified", "other")
-
 _AREA_KIND = {
-    DownloadArea.PENDING: "pending",
-    DownloadArea.VERIFIER: "verifier",
-    DownloadArea.VERIFIED: "verified",
+    DownloadArea.PENDING: Kind.PENDING,
+    DownloadArea.VERIFIER: Kind.VERIFIER,
+    DownloadArea.VERIFIED: Kind.VERIFIED,
 }
 
 
@@ -52,7 +51,7 @@ class LegacyObject:
     ``download`` holds (objType, area, directory, file name) for downloads.
     """
 
-    kind: str
+    kind: Kind
     path: str
     bytes: int
     mtime_ns: int
@@ -107,7 +106,7 @@ def _entries(path: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
 
 
 def _other(entry: os.DirEntry[str], st: os.stat_result, reason: str) -> LegacyObject:
-    return LegacyObject("other", entry.path, _allocated(st), st.st_mtime_ns,
+    return LegacyObject(Kind.OTHER, entry.path, _allocated(st), st.st_mtime_ns,
                         stat.S_ISDIR(st.st_mode), reason=reason)
 
 
@@ -141,7 +140,7 @@ def scan_img(layout: Layout, bases: Bases | None = None) -> Iterator[LegacyObjec
         except NotAVolume as exc:
             yield _other(entry, st, f"not a volume: {exc.reason}")
             continue
-        yield LegacyObject("vm-volume", entry.path, _allocated(st), st.st_mtime_ns, False,
+        yield LegacyObject(Kind.VM_VOLUME, entry.path, _allocated(st), st.st_mtime_ns, False,
                            volume=name)
 
 
@@ -156,7 +155,7 @@ def scan_prepared(layout: Layout, bases: Bases | None = None) -> Iterator[Legacy
         except NotAVolume as exc:
             yield _other(entry, st, f"not a volume: {exc.reason}")
             continue
-        yield LegacyObject("oci-volume", entry.path, tree_bytes(entry.path) + _allocated(st),
+        yield LegacyObject(Kind.OCI_VOLUME, entry.path, tree_bytes(entry.path) + _allocated(st),
                            st.st_mtime_ns, True, volume=name)
 
 
@@ -227,12 +226,12 @@ def scan_containerd(layout: Layout, bases: Bases | None = None) -> Iterator[Lega
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        yield LegacyObject("other", path, _allocated(st), st.st_mtime_ns, False,
+        yield LegacyObject(Kind.OTHER, path, _allocated(st), st.st_mtime_ns, False,
                            reason=f"{_kind_word(st)} where the containerd directory belongs")
         return
     if not _entries(path):
         return
-    yield LegacyObject("other", path, tree_bytes(path) + _allocated(st), st.st_mtime_ns, True)
+    yield LegacyObject(Kind.OTHER, path, tree_bytes(path) + _allocated(st), st.st_mtime_ns, True)
 
 
 def scan(layout: Layout, include_prepared: bool = True,

@@ -23,6 +23,7 @@ import os
 import stat
 
 from .backing import Store
+from .enums import Kind
 from .rules import Rules
 
 #: EVE's name for the file (``snapshotIDFile`` in its containerd package).
@@ -31,7 +32,7 @@ SNAPSHOT_ID_FILE = "snapshotid.txt"
 
 def wanted(rules: Rules, kind: str) -> bool:
     """An object of *kind* at its new-layout name carries ``snapshotid.txt`` under *rules*."""
-    return kind == "oci-volume" and rules.snapshot_id
+    return kind == Kind.OCI_VOLUME and rules.snapshot_id
 
 
 def legacy_name(vpath: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from compatfs import config
 from compatfs.config import Config, ConfigError, Override, load, parse
+from compatfs.enums import Stage
 from compatfs.layout import DEFAULT_ROOT, LOCATIONS
 
 SRC = "/etc/compatfs/device.yaml"
@@ -97,7 +98,7 @@ def test_defaults_come_from_the_schema() -> None:
             assert value == spec.default, key
 
 
-@pytest.mark.parametrize("stage", [s for s in config.STAGES if s != "off"])
+@pytest.mark.parametrize("stage", [s for s in Stage if s != Stage.OFF])
 def test_every_stage_is_accepted(stage: str) -> None:
     assert parse(f"stage: {stage}\n", SRC).stage == stage
 
