@@ -457,6 +457,27 @@ def test_generate_check_detects_a_stale_module(tmp_path):
     assert module.read_text() == stale  # --check writes nothing
 
 
+def test_generate_check_detects_a_stale_stub(tmp_path):
+    """--check compares the .pyi stubs too: one missing a field is reported out of date."""
+    proto_dir = Path(checkpoint.__file__).parent / "proto"
+    for name in ("eve_config.proto", "eve_auth.proto", "eve_config_pb2.py", "eve_auth_pb2.py",
+                 "eve_config_pb2.pyi", "eve_auth_pb2.pyi"):
+        (tmp_path / name).write_bytes((proto_dir / name).read_bytes())
+    stub = tmp_path / "eve_auth_pb2.pyi"
+    text = stub.read_text()
+    assert text.count("    payload: bytes\n") == 1
+    stub.write_text(text.replace("    payload: bytes\n", ""))
+    script = ("import pathlib, sys\n"
+              "import compatfs.proto.generate as g\n"
+              "g.HERE = pathlib.Path(sys.argv[1])\n"
+              "sys.argv = [sys.argv[0], '--check']\n"
+              "raise SystemExit(g.main())\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "out of date: eve_auth_pb2.pyi", proc.stderr
+
+
 M = FieldDescriptor
 # (message, field, number, type, repeated, message/enum type name or None) -- docs/eve.md section 1
 FIELD_TABLE = [
