@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -30,7 +31,7 @@ from compatfs.rules import rules_for
 from compatfs.view import View
 
 from .mounting import mounted
-from .test_operations import Ctx, lookup_img, ops  # noqa: F401 - ops is a fixture
+from .test_operations import Ctx, lookup_img, observe_operations
 
 #: Every request handler pyfuse3 may call (its coroutine methods).
 HANDLERS = sorted(name for name, fn in vars(pyfuse3.Operations).items()
@@ -44,13 +45,18 @@ def unbounded_handlers(cls: type) -> list[str]:
             and not is_bounded(getattr(cls, name))]
 
 
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[Operations]:
+    yield from observe_operations(tmp_path)
+
+
 # -- every handler is inside ------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [Operations, InspectionOperations])
 def test_every_handler_is_inside_the_boundary(cls):
     assert "forget" in HANDLERS and "lookup" in HANDLERS and "read" in HANDLERS
     assert unbounded_handlers(cls) == []
-    assert not is_bounded(getattr(cls, "init"))   # not a request: pyfuse3 calls it once
+    assert not is_bounded(cls.init)   # not a request: pyfuse3 calls it once
 
 
 def test_a_handler_added_outside_the_boundary_is_found():
@@ -187,7 +193,7 @@ def placing_ops(tmp_path):
 
 
 async def test_link_checks_its_source_and_new_name_before_exdev(placing_ops):
-    ops, pending = placing_ops
+    ops, _ = placing_ops
     ino = pyfuse3.ROOT_INODE
     for part in ("downloads", "appImg.obj", "pending", DOWNLOAD):
         ino = (await ops.lookup(ino, part.encode(), Ctx())).st_ino

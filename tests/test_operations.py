@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyfuse3
 import pytest
@@ -27,8 +29,8 @@ class Ctx:
     umask = 0o022
 
 
-@pytest.fixture
-def ops(tmp_path):
+def observe_operations(tmp_path: Path) -> Iterator[Operations]:
+    """Operations of stage observe over img/ (holding a.txt) and downloads/ in *tmp_path*."""
     layout = Layout(str(tmp_path))
     views = (ViewName.IMG, ViewName.DOWNLOADS)
     backing = Backing.open(layout, views, create_new=False, require_encrypted=False)
@@ -38,6 +40,11 @@ def ops(tmp_path):
     yield o
     o.close_all()
     backing.close()
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[Operations]:
+    yield from observe_operations(tmp_path)
 
 
 async def lookup_img(ops: Operations) -> int:
