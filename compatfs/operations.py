@@ -24,6 +24,7 @@ from pyfuse3 import FUSEError
 
 from .attributes import control_attributes, entry_attributes, setattr_fd, xattr_at
 from .boundary import BadHandle, errno_boundary, no_reply_boundary
+from .control import CONTROL_NAME
 from .handles import backing_flags
 from .inodes import ROOT
 from .mountstate import MountState
@@ -52,7 +53,7 @@ class Operations(MountState):
             if n not in self.view.views:
                 raise FUSEError(errno.ENOENT)
             return self._entry(ROOT, n, self.view.lstat(n))
-        if self._is_control_name(parent_inode, n):
+        if n == CONTROL_NAME and self._is_control_name(parent_inode, n):   # compared first: cheap
             ino = self.inodes.ensure(parent_inode, n)
             self._control_inodes.add(ino)
             self.inodes.ref(ino)
