@@ -71,6 +71,30 @@ def test_a_handler_added_outside_the_boundary_is_found():
     assert unbounded_handlers(Careless) == ["access"]
 
 
+async def test_the_inspection_view_refuses_every_change_before_a_store(tmp_path):
+    gen = observe_operations(tmp_path)
+    live = next(gen)
+    try:
+        ops = InspectionOperations(live.view, dict)
+        img = await lookup_img(ops)
+        a = (await ops.lookup(img, b"a.txt", Ctx())).st_ino
+        attr, fields = pyfuse3.EntryAttributes(), pyfuse3.SetattrFields()
+        for call in (ops.mkdir(img, b"d", 0o755, Ctx()), ops.create(img, b"n", 0o644, os.O_RDWR, Ctx()),
+                     ops.mknod(img, b"p", 0o644, 0, Ctx()), ops.symlink(img, b"s", b"a.txt", Ctx()),
+                     ops.unlink(img, b"a.txt", Ctx()), ops.rmdir(img, b"a.txt", Ctx()),
+                     ops.rename(img, b"a.txt", img, b"b", 0, Ctx()), ops.link(a, img, b"b", Ctx()),
+                     ops.setattr(a, attr, fields, None, Ctx()),
+                     ops.setxattr(a, b"user.x", b"1", Ctx()), ops.removexattr(a, b"user.x", Ctx()),
+                     ops.open(a, os.O_WRONLY, Ctx()), ops.open(a, os.O_RDONLY | os.O_TRUNC, Ctx())):
+            assert await errno_of(call) == errno.EROFS
+        fh = (await ops.open(a, os.O_RDONLY, Ctx())).fh
+        assert await ops.read(fh, 0, 10) == b"hello"
+        await ops.release(fh)
+        assert sorted(os.listdir(tmp_path / "img")) == ["a.txt"] and ops.faults == 0
+    finally:
+        next(gen, None)
+
+
 # -- bad handles, unknown inodes, faults -------------------------------------------------
 
 async def errno_of(call) -> int:
