@@ -92,7 +92,7 @@ class Operations(MountState):
         self._refuse_if_read_only()
         if inode == ROOT:
             raise FUSEError(errno.EPERM)
-        handle = self.handles.get(fh) if fh is not None else None
+        handle = self._handle(fh) if fh is not None else None
         try:
             vpath = self.inodes.path(inode)
             self.changes.changing(vpath)

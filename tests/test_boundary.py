@@ -110,6 +110,7 @@ async def test_a_bad_file_or_directory_handle_answers_ebadf_logged_at_debug(ops,
     with caplog.at_level(logging.DEBUG, logger="compatfs.operations"):
         for call in (ops.read(777, 0, 10), ops.write(777, 0, b"x"), ops.fsync(777, False),
                      ops.release(777), ops.readdir(dh, 0, None), ops.fsyncdir(dh, False),
+                     ops.setattr(img, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), 777, Ctx()),
                      ops.releasedir(dh)):
             assert await errno_of(call) == errno.EBADF
     assert "no open handle 777" in caplog.text and f"no open handle {dh}" in caplog.text
