@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import reprlib
 from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any, Protocol, TypeVar
@@ -112,8 +113,8 @@ def no_reply_boundary(handler: Handler) -> Handler:
             await handler(self, *args)
         except Exception:
             self.faults += 1
-            log.exception("unexpected error in %s%r; nothing to answer, carried on",
-                          name, args[:1])
+            log.exception("unexpected error in %s%s; nothing to answer, carried on",
+                          name, reprlib.repr(args))   # a forget may name thousands of inodes
 
     setattr(wrapper, BOUNDARY_MARK, True)
     return wrapper  # type: ignore[return-value]
