@@ -24,17 +24,19 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
 import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
 from .backing import Backing
+from .boundary import errno_boundary
 from .config import Config
 from .daemon import views_for
+from .enums import ViewName
 from .index import Index, open_index
-from .operations import Operations, _boundary
+from .operations import Operations
 from .resolver import Resolver
 from .status import ObjectStatus, _view_path, collect
 from .view import View
@@ -47,33 +49,25 @@ PREFIX = "user.compatfs."
 REFRESH_SECONDS = 5.0
 
 
-async def _refuse(self: Any, *args: Any) -> Any:
-    """Every change is refused before it reaches a store."""
-    raise FUSEError(errno.EROFS)
-
-
 class InspectionOperations(Operations):
-    """The view's handlers, read-only, with the user.compatfs.* attributes."""
+    """The view's handlers, read-only, with the user.compatfs.* attributes.
+
+    Every change is refused with ``EROFS`` before it reaches a store
+    (:attr:`Operations.read_only`); the extended attributes are the view's
+    (:meth:`Operations.backing_getxattr`) plus where each name is and why."""
+
+    read_only = True
 
     def __init__(self, view: View, statuses: Callable[[], dict[str, ObjectStatus]],
                  timeout: float = 1.0) -> None:
         super().__init__(view, timeout)
         self._statuses = statuses
 
-    setattr = mknod = mkdir = symlink = unlink = rmdir = rename = link = create = \
-        setxattr = removexattr = _refuse  # type: ignore[assignment]
-
-    @_boundary
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            raise FUSEError(errno.EROFS)
-        return await Operations.open.__wrapped__(self, inode, flags, ctx)  # type: ignore[attr-defined]
-
     def _status(self, inode: int) -> ObjectStatus | None:
         return self._statuses().get(self.inodes.path(inode))
 
-    @_boundary
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    @errno_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         n = os.fsdecode(name)
         if n.startswith(PREFIX) and n[len(PREFIX):] in XATTRS:
             st = self._status(inode)
@@ -81,11 +75,11 @@ class InspectionOperations(Operations):
             if value is None:
                 raise FUSEError(pyfuse3.ENOATTR)
             return str(value).encode()
-        return await Operations.getxattr.__wrapped__(self, inode, name, ctx)  # type: ignore[attr-defined]
+        return self.backing_getxattr(inode, name)
 
-    @_boundary
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        names = await Operations.listxattr.__wrapped__(self, inode, ctx)  # type: ignore[attr-defined]
+    @errno_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = self.backing_listxattr(inode)
         st = self._status(inode)
         if st is not None:
             names += [(PREFIX + k).encode() for k in XATTRS if getattr(st, k) is not None]
@@ -126,7 +120,7 @@ class Inspector:
             try:
                 if self.index.path is not None:
                     self.index.reload()
-                _, objects, _ = collect(self.layout, self.resolver, "prepared" in self.view.views)
+                _, objects, _ = collect(self.layout, self.resolver, ViewName.PREPARED in self.view.views)
             except Exception as exc:  # noqa: BLE001 - inspection keeps serving old data
                 log.warning("reading the device state failed: %s", exc)
                 return self._statuses

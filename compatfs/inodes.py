@@ -25,7 +25,18 @@ ROOT = pyfuse3.ROOT_INODE
 _GONE = 0  # parent of an inode whose name was removed
 
 
+class UnknownInode(LookupError):
+    """The kernel named an inode this table does not hold (already forgotten,
+    or never given out); the errno boundary answers ``ENOENT``."""
+
+    def __init__(self, ino: int) -> None:
+        super().__init__(f"inode {ino} is not known")
+        self.ino = ino
+
+
 class InodeTable:
+    """Inode numbers by (parent, name), with the kernel's lookup count of each."""
+
     def __init__(self) -> None:
         self._parent = array("Q", [0, ROOT])
         self._lookups = array("q", [0, 1])
@@ -46,19 +57,24 @@ class InodeTable:
         return 0 < ino < len(self._names) and self._names[ino] is not None
 
     def path(self, ino: int) -> str:
-        """The view path of *ino* ('' for the root); KeyError when unknown."""
+        """The view path of *ino* ('' for the root); :class:`UnknownInode` when
+        unknown, ``FileNotFoundError`` when its name (or a parent's) is gone."""
         if not self.known(ino):
-            raise KeyError(ino)
-        parts = []
+            raise UnknownInode(ino)
+        parts: list[str] = []
         while ino != ROOT:
             parent = self._parent[ino]
             if parent == _GONE:
                 raise FileNotFoundError(2, "no longer in the view")
-            parts.append(self._names[ino])
+            parts.append(self._names[ino])  # type: ignore[arg-type]
             ino = parent
-        return "/".join(reversed(parts))  # type: ignore[arg-type]
+        return "/".join(reversed(parts))
 
     def parent_of(self, ino: int) -> int:
+        """The directory holding *ino* (the root for the root and for an inode
+        whose name is gone); :class:`UnknownInode` when unknown."""
+        if not self.known(ino):
+            raise UnknownInode(ino)
         return self._parent[ino] or ROOT
 
     def find(self, parent: int, name: str) -> int | None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyfuse3
 import pytest
 
 from compatfs.backing import Backing
+from compatfs.enums import Stage, StoreKey, ViewName
 from compatfs.index import Index
 from compatfs.layout import Layout
 from compatfs.operations import Operations
@@ -26,16 +29,22 @@ class Ctx:
     umask = 0o022
 
 
-@pytest.fixture
-def ops(tmp_path):
+def observe_operations(tmp_path: Path) -> Iterator[Operations]:
+    """Operations of stage observe over img/ (holding a.txt) and downloads/ in *tmp_path*."""
     layout = Layout(str(tmp_path))
-    backing = Backing.open(layout, ("img", "downloads"), create_new=False, require_encrypted=False)
+    views = (ViewName.IMG, ViewName.DOWNLOADS)
+    backing = Backing.open(layout, views, create_new=False, require_encrypted=False)
     (tmp_path / "img" / "a.txt").write_bytes(b"hello")
-    view = View(layout, backing, Index(None), Resolver(layout), "observe", ("img", "downloads"))
+    view = View(layout, backing, Index(None), Resolver(layout), Stage.OBSERVE, views)
     o = Operations(view)
     yield o
     o.close_all()
     backing.close()
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[Operations]:
+    yield from observe_operations(tmp_path)
 
 
 async def lookup_img(ops: Operations) -> int:
@@ -81,7 +90,6 @@ async def test_only_fuse_error_leaves_any_handler(ops, monkeypatch):
         ops.open(img, os.O_RDONLY, Ctx()),
         ops.opendir(img, Ctx()),
         ops.readlink(img, Ctx()),
-        ops.read(12345, 0, 10),
         ops.unlink(img, b"a.txt", Ctx()),
         ops.rename(img, b"a.txt", img, b"b.txt", 0, Ctx()),
     ]
@@ -89,6 +97,9 @@ async def test_only_fuse_error_leaves_any_handler(ops, monkeypatch):
         with pytest.raises(pyfuse3.FUSEError) as err:
             await call
         assert err.value.errno in (errno.EIO, errno.ENOENT)
+    with pytest.raises(pyfuse3.FUSEError) as err:       # a handle never opened
+        await ops.read(12345, 0, 10)
+    assert err.value.errno == errno.EBADF
 
 
 async def test_root_lists_only_the_views_and_refuses_changes(ops):
@@ -117,7 +128,7 @@ async def test_lookup_counts_follow_forget(ops):
 async def test_readdir_entries_hold_references_only_when_sent(ops):
     img = await lookup_img(ops)
     for i in range(50):
-        os.close(ops.view.backing.get("img").open(f"f{i:02}", os.O_CREAT | os.O_WRONLY))
+        os.close(ops.view.backing.get(StoreKey.IMG).open(f"f{i:02}", os.O_CREAT | os.O_WRONLY))
     fh = await ops.opendir(img, Ctx())
     sent = []
 
@@ -145,5 +156,5 @@ async def test_create_write_read_release(ops):
     assert await ops.write(fi.fh, 0, b"abc") == 3
     assert await ops.read(fi.fh, 0, 10) == b"abc"
     await ops.release(fi.fh)
-    assert (ops.view.backing.get("img").lstat("new.bin").st_mode & 0o777) == 0o640 & ~0o022
+    assert (ops.view.backing.get(StoreKey.IMG).lstat("new.bin").st_mode & 0o777) == 0o640 & ~0o022
     assert not ops.handles
