@@ -1,6 +1,6 @@
 """Benchmark: the migration engine on a device image with a real fscrypt vault.
 
-Every part runs on a fresh device from :func:`compatfs.devicefs.device_root`
+Every part runs on a fresh device from :func:`compatfs.testing.devicefs.device_root`
 (a sparse ext4 image in /var/tmp, on the real disk, attached to a loop device,
 ``vault/`` encrypted with fscrypt). The loop device is switched to direct I/O
 (``losetup --direct-io=on``) so that, as on a real disk, there is no second
@@ -77,7 +77,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from benchlib import commit, drop_caches, log, run
-from compatfs import daemonproc, devicefs, devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import daemonproc, devicefs, devicegen
 from compatfs.backing import NEW_STORES, STAGING_DIR, own_location
 from compatfs.layout import Layout
 from compatfs.migrator import tmp_leaf

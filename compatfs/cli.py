@@ -501,7 +501,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import can_mount, tour
-    from .devicegen import make_demo
+    from .testing.devicegen import make_demo
 
     cfg = load(args.config)
     if not args.dir and not args.plan_only and not args.json:

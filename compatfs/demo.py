@@ -22,7 +22,8 @@ import sys
 import tempfile
 from typing import Iterator, TextIO
 
-from . import devicefs, devicegen, mounts
+from . import mounts
+from .testing import devicefs, devicegen
 from .config import Config
 from .layout import Layout
 from .names import DownloadArea, ObjType, shown

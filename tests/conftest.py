@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.scan import TMP_DIR
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 
 from .conftest import run_cli
 from .mounting import mounted

@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from compatfs import copy as copier
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs import migrator as migrator_mod
 from compatfs.backing import Backing
 from compatfs.config import Migration

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import devicegen
 from compatfs.mounts import RunDir
 
 from .conftest import REPO

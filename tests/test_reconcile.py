@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, fscrypt
+from compatfs import fscrypt
+from compatfs.testing import devicegen
 from compatfs.backing import SET_ASIDE_DIR, Store
 from compatfs.index import DB_NAME
 from compatfs.view import KEPT_LEGACY

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from compatfs import devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import devicegen
 from compatfs.mounts import RunDir
 
 from .conftest import legacy_snapshot, run_cli

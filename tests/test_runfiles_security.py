@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import devicegen
 from compatfs.mounts import RunDir, RunDirError
 
 from .conftest import run_cli

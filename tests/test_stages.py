@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from compatfs import devicegen, fscrypt, mounts
+from compatfs import fscrypt, mounts
+from compatfs.testing import devicegen
 from compatfs.mounts import RunDir
 
 from .conftest import legacy_snapshot, run_cli

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.backing import Backing
-from compatfs.devicegen import AppDef, DriveDef
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.index import DB_NAME, Index, Record
 from compatfs.layout import Layout
 from compatfs.names import ObjType

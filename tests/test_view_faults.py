@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.backing import Store
 from compatfs.index import Index
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.mounts import RunDir
 from compatfs.writebehind import Stream, WriteBehind
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import mounts
-from .layout import Layout
+from .. import mounts
+from ..layout import Layout
 
 DEADLINE = 20.0
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import fscrypt
+from .. import fscrypt
 
 #: Names inside *workdir* that :func:`ext4_image` uses.
 IMAGE_NAME = "ext4.img"

@@ -16,9 +16,9 @@ import subprocess
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from .latch import expected_file_name
-from .names import DownloadArea, ObjType
-from .proto import eve_auth_pb2, eve_config_pb2
+from ..latch import expected_file_name
+from ..names import DownloadArea, ObjType
+from ..proto import eve_auth_pb2, eve_config_pb2
 
 _FORMAT_ENUM = {"raw": 1, "qcow": 2, "qcow2": 3, "vhd": 4, "vmdk": 5, "ova": 6,
                 "vhdx": 7, "container": 8, "iso": 9, "pvc": 10}
