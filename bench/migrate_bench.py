@@ -780,7 +780,7 @@ def code_bytes() -> int:
     """Bytes of the files a ``compatfs migrate`` process loads: modules and mapped libraries."""
     probe = ("import sys, os\n"
              "sys.argv = ['compatfs', 'migrate', '--help']\n"
-             "from compatfs import cli, daemon, migrator, copy, operations  # noqa\n"
+             "from compatfs import cli, daemon, migrator, filecopy, treecopy, operations  # noqa\n"
              "import trio, pyfuse3, yaml, sqlite3, hashlib  # noqa\n"
              "files = {getattr(m, '__file__', None) for m in list(sys.modules.values())}\n"
              "files |= {l.split()[-1] for l in open('/proc/self/maps') if '/' in l}\n"

@@ -26,7 +26,7 @@ import pyfuse3
 import pytest
 import trio
 
-from compatfs import copy as copier
+from compatfs import filecopy
 from compatfs.testing import devicegen
 from compatfs import migrator as migrator_mod
 from compatfs.backing import Backing
@@ -228,7 +228,7 @@ def _small_steps(monkeypatch, rng: random.Random) -> None:
     monkeypatch.setattr(migrator_mod, "SLICE_BYTES", rng.choice((DIRTY_BLOCK, 4 * DIRTY_BLOCK)))
 
 
-_orig_copy_extents = copier.copy_extents
+_orig_copy_extents = filecopy.copy_extents
 
 SEQUENCES = int(os.environ.get("COMPATFS_TRUNCATE_SEQUENCES", "40"))
 
