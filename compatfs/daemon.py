@@ -44,7 +44,8 @@ from .control import Control
 from .daemonstate import DaemonState
 from .enums import count_by_state, views_for as _views_for
 from .handles import HandleTable
-from .index import Index, IndexRefused, open_index
+from .index import Index, IndexRefused
+from .indexopen import open_index
 from .migrator import Migrator
 from .operations import Operations
 from .resolver import Resolver

@@ -33,7 +33,8 @@ from pyfuse3 import FUSEError
 from .backing import Backing
 from .config import Config
 from .daemon import views_for
-from .index import Index, open_index
+from .index import Index
+from .indexopen import open_index
 from .operations import Operations, _boundary
 from .resolver import Resolver
 from .status import ObjectStatus, _view_path, collect

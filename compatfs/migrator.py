@@ -70,7 +70,7 @@ from .backing import CAS_PARENT, ROOT_STORE, Side, Store, aside_name
 from .changes import ChangeObserver, FileKey
 from .config import Migration
 from .handles import HandleTable
-from .index import Record
+from .indexformat import Record
 from .names import is_sha256
 from .plan import make_plan
 from .scan import TMP_DIR

@@ -22,7 +22,9 @@ from typing import Any
 
 from . import mounts
 from .backing import ROOT_STORE, RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2, store_path
-from .index import IndexRefused, Record, open_index
+from .index import IndexRefused
+from .indexformat import Record
+from .indexopen import open_index
 from .layout import Layout
 from .names import shown
 from .plan import Plan, human, make_plan

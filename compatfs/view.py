@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from . import snapshotid
 from .backing import Backing, Store, aside_name
-from .index import KEPT_LEGACY, Index, Record
+from .index import Index
+from .indexformat import KEPT_LEGACY, Record
 from .layout import Layout
 from .names import (
     DownloadArea, NotAVolume, check_component, is_sha256, is_uuid, parse_container_volume,

@@ -18,7 +18,8 @@ import pytest
 from compatfs.testing import devicegen
 from compatfs.backing import Backing
 from compatfs.testing.devicegen import AppDef, DriveDef
-from compatfs.index import DB_NAME, Index, Record
+from compatfs.index import DB_NAME, Index
+from compatfs.indexformat import Record
 from compatfs.layout import Layout
 from compatfs.names import ObjType
 from compatfs.plan import make_plan
