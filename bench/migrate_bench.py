@@ -79,7 +79,8 @@ from typing import Callable, Iterator
 from benchlib import commit, drop_caches, log, run
 from compatfs import mounts
 from compatfs.testing import daemonproc, devicefs, devicegen
-from compatfs.backing import NEW_STORES, STAGING_DIR, own_location
+from compatfs.backing import NEW_STORES, own_location
+from compatfs.stores import STAGING_DIR
 from compatfs.layout import Layout
 from compatfs.migrator import tmp_leaf
 from compatfs.names import DownloadArea, ObjType

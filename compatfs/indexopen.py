@@ -31,7 +31,7 @@ import secrets
 import sqlite3
 import stat
 
-from .backing import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
+from .beneath import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
 from .index import ASIDE_HINT, DB_NAME, RESTORE_HINT, SQLITE_FULL, Index, IndexRefused
 from .indexformat import create_schema
 

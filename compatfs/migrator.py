@@ -66,7 +66,7 @@ from typing import Callable
 import trio
 
 from . import filecopy, inuse, snapshotid, treecopy
-from .backing import CAS_PARENT, ROOT_STORE, Side, Store, aside_name
+from .backing import CAS_PARENT, ROOT_STORE
 from .changes import ChangeObserver, FileKey
 from .config import Migration
 from .handles import HandleTable
@@ -74,6 +74,7 @@ from .indexformat import Record
 from .names import is_sha256
 from .plan import make_plan
 from .scan import TMP_DIR
+from .stores import Side, Store, aside_name
 from .throttle import Throttle
 from .view import KEPT_LEGACY, View, split
 

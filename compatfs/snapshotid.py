@@ -22,7 +22,7 @@ import errno
 import os
 import stat
 
-from .backing import Store
+from .stores import Store
 from .rules import Rules
 
 #: EVE's name for the file (``snapshotIDFile`` in its containerd package).

@@ -32,7 +32,7 @@ import stat
 from dataclasses import dataclass
 
 from . import snapshotid
-from .backing import Backing, Store, aside_name
+from .backing import Backing
 from .index import Index
 from .indexformat import KEPT_LEGACY, Record
 from .layout import Layout
@@ -41,6 +41,7 @@ from .names import (
     parse_obj_type, parse_verified_sha, parse_vm_volume,
 )
 from .resolver import Resolution, Resolver
+from .stores import Store, aside_name
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import pytest
 
 from compatfs import fscrypt
 from compatfs.testing import devicegen
-from compatfs.backing import Store
+from compatfs.stores import Store
 from compatfs.testing.devicefs import make_vault
 from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 from compatfs.migrator import _expected_sha

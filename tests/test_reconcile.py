@@ -21,7 +21,8 @@ import pytest
 
 from compatfs import fscrypt
 from compatfs.testing import devicegen
-from compatfs.backing import SET_ASIDE_DIR, Store
+from compatfs.scan import SET_ASIDE_DIR
+from compatfs.stores import Store
 from compatfs.index import DB_NAME
 from compatfs.view import KEPT_LEGACY
 

@@ -706,7 +706,7 @@ def test_a_container_volume_mkdir_is_undone_when_snapshotid_cannot_be_written(
 
 
 def test_rmdir_that_fails_after_dropping_snapshotid_writes_it_back(device, views, monkeypatch):
-    from compatfs.backing import Store
+    from compatfs.stores import Store
 
     view = views()
     name = device.pod.legacy_name(0, container=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from compatfs.testing import devicegen
-from compatfs.backing import Store
+from compatfs.stores import Store
 from compatfs.index import Index
 
 from .conftest import layout_config
