@@ -26,8 +26,9 @@ from .stores import ASIDE_DIR, STAGING_DIR, Side, Store, StoreMissing
 log = logging.getLogger(__name__)
 
 #: The legacy locations a view is mounted over, by view name.
-VIEW_STORES = {ViewName.IMG: StoreKey.IMG, ViewName.DOWNLOADS: StoreKey.DOWNLOADS,
-               ViewName.PREPARED: StoreKey.PREPARED}
+VIEW_STORES: dict[str, StoreKey] = {ViewName.IMG: StoreKey.IMG,
+                                    ViewName.DOWNLOADS: StoreKey.DOWNLOADS,
+                                    ViewName.PREPARED: StoreKey.PREPARED}
 
 #: Where new-layout data may be placed (of the two clear-text volume locations,
 #: only the one the target layout names is made: :func:`new_stores`; the other is

@@ -32,8 +32,8 @@ def openat2(dir_fd: int, path: str, flags: int, mode: int = 0,
             resolve: int = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) -> int:
     """``openat2(2)``: open *path* below *dir_fd* without leaving it."""
     how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    fd = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how),
-                       ctypes.sizeof(how))
+    fd: int = _libc.syscall(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how),
+                            ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
