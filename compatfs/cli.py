@@ -17,7 +17,7 @@ from typing import Callable, Sequence, TypeVar
 from . import __version__, mounts
 from .config import Config, ConfigError, load
 from .layout import LayoutError
-from .mounts import RunDirError
+from .rundir import RunDirError
 from .plan import make_plan, render_text
 from .resolver import Resolver
 
@@ -62,7 +62,7 @@ def _print_plan(cfg: Config, root: str, as_json: bool) -> int:
 
 
 def _run_dir(args: argparse.Namespace, root: str):
-    from .mounts import DEFAULT_RUN_DIR, RunDir
+    from .rundir import DEFAULT_RUN_DIR, RunDir
 
     return RunDir(args.run_dir or os.environ.get("COMPATFS_RUN_DIR") or DEFAULT_RUN_DIR, root)
 

@@ -20,7 +20,7 @@ import pytest
 
 from compatfs import mounts
 from compatfs.testing import devicegen
-from compatfs.mounts import RunDir
+from compatfs.rundir import RunDir
 
 from .conftest import REPO
 from .devices import device_root

@@ -14,7 +14,7 @@ import pytest
 
 from compatfs import mounts
 from compatfs.testing import devicegen
-from compatfs.mounts import RunDir
+from compatfs.rundir import RunDir
 
 from .conftest import legacy_snapshot, run_cli
 from .devices import device_root

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from compatfs.testing import devicegen
-from compatfs.mounts import RunDir
+from compatfs.rundir import RunDir
 from compatfs.writebehind import Stream, WriteBehind
 
 from .mounting import mounted

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from .. import mounts
 from ..layout import Layout
+from ..rundir import RunDir
 
 DEADLINE = 20.0
 
@@ -98,7 +99,7 @@ def running(root: str | Path, run_dir: str | Path, *, stage: str = "observe",
     try:
         until = time.monotonic() + deadline
         targets = [str(p) for p in view_paths(root, views)]
-        run = mounts.RunDir(str(run_dir), str(root))
+        run = RunDir(str(run_dir), str(root))
         while True:
             info = run.info()
             if info is not None and info.get("pid") == proc.pid \
