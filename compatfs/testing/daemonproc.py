@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .. import mounts
 from ..layout import Layout
@@ -31,7 +31,7 @@ DEADLINE = 20.0
 class Child:
     root: Path
     run_dir: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log: Path
     views: tuple[str, ...]
 
@@ -64,7 +64,7 @@ def teardown(root: Path, run_dir: Path, views: tuple[str, ...]) -> None:
                            capture_output=True)
 
 
-def _stop(proc: subprocess.Popen, deadline: float) -> None:
+def _stop(proc: subprocess.Popen[bytes], deadline: float) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
