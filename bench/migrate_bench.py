@@ -1,6 +1,6 @@
 """Benchmark: the migration engine on a device image with a real fscrypt vault.
 
-Every part runs on a fresh device from :func:`compatfs.devicefs.device_root`
+Every part runs on a fresh device from :func:`compatfs.testing.devicefs.device_root`
 (a sparse ext4 image in /var/tmp, on the real disk, attached to a loop device,
 ``vault/`` encrypted with fscrypt). The loop device is switched to direct I/O
 (``losetup --direct-io=on``) so that, as on a real disk, there is no second
@@ -77,9 +77,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from benchlib import commit, drop_caches, log, run
-
-from compatfs import daemonproc, devicefs, devicegen, mounts
-from compatfs.backing import NEW_STORES, STAGING_DIR, own_location
+from compatfs import mounts
+from compatfs.testing import daemonproc, devicefs, devicegen
+from compatfs.backing import NEW_STORES, own_location
+from compatfs.stores import STAGING_DIR
 from compatfs.layout import Layout
 from compatfs.migrator import tmp_leaf
 from compatfs.names import DownloadArea, ObjType
@@ -782,7 +783,7 @@ def code_bytes() -> int:
     """Bytes of the files a ``compatfs migrate`` process loads: modules and mapped libraries."""
     probe = ("import sys, os\n"
              "sys.argv = ['compatfs', 'migrate', '--help']\n"
-             "from compatfs import cli, daemon, migrator, copy, operations  # noqa\n"
+             "from compatfs import cli, daemon, migrator, filecopy, treecopy, operations  # noqa\n"
              "import trio, pyfuse3, yaml, sqlite3, hashlib  # noqa\n"
              "files = {getattr(m, '__file__', None) for m in list(sys.modules.values())}\n"
              "files |= {l.split()[-1] for l in open('/proc/self/maps') if '/' in l}\n"

@@ -24,8 +24,7 @@ import tempfile
 import time
 
 from benchlib import drop_caches
-
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.names import DownloadArea, ObjType
 
 

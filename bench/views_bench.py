@@ -68,8 +68,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from benchlib import commit, drop_caches, log, run
-
-from compatfs import daemonproc, devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import daemonproc, devicegen
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -404,7 +404,7 @@ def main() -> int:
             if args.plain:
                 root = os.path.join(bench, "root")
             else:
-                from compatfs import devicefs
+                from compatfs.testing import devicefs
 
                 image_dir = os.path.join(bench, "device")
                 os.mkdir(image_dir)

@@ -13,8 +13,9 @@ The modules, each owning one thing:
 - :mod:`compatfs.config`: the YAML configuration and its schema;
 - :mod:`compatfs.untrusted`: reading files compatfs does not own, never blocking;
 - :mod:`compatfs.fscrypt`: the kernel's fscrypt ioctls;
-- :mod:`compatfs.devicegen`: device-like trees for the demo, tests, benchmarks;
-- :mod:`compatfs.cli`: the ``compatfs`` command.
+- :mod:`compatfs.cli`: the ``compatfs`` command;
+- :mod:`compatfs.testing`: test and demo helpers (device trees, device images,
+  the daemon as a child process), not product code.
 """
 
 __version__ = "0.1.0"

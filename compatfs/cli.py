@@ -17,7 +17,7 @@ from typing import Callable, Sequence, TypeVar
 from . import __version__, mounts
 from .config import Config, ConfigError, load
 from .layout import LayoutError
-from .mounts import RunDirError
+from .rundir import RunDirError
 from .plan import make_plan, render_text
 from .resolver import Resolver
 
@@ -62,7 +62,7 @@ def _print_plan(cfg: Config, root: str, as_json: bool) -> int:
 
 
 def _run_dir(args: argparse.Namespace, root: str):
-    from .mounts import DEFAULT_RUN_DIR, RunDir
+    from .rundir import DEFAULT_RUN_DIR, RunDir
 
     return RunDir(args.run_dir or os.environ.get("COMPATFS_RUN_DIR") or DEFAULT_RUN_DIR, root)
 
@@ -501,7 +501,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import can_mount, tour
-    from .devicegen import make_demo
+    from .testing.devicegen import make_demo
 
     cfg = load(args.config)
     if not args.dir and not args.plan_only and not args.json:

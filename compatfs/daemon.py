@@ -44,11 +44,13 @@ from .control import Control
 from .daemonstate import DaemonState
 from .enums import count_by_state, views_for as _views_for
 from .handles import HandleTable
-from .index import Index, IndexRefused, open_index
+from .index import Index, IndexRefused
+from .indexopen import open_index
 from .migrator import Migrator
 from .operations import Operations
 from .resolver import Resolver
 from .rules import release_text
+from .rundir import RunDir
 from .view import PLACING_STAGES, View
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class Daemon:
     cfg: Config
     root: str
     stage: str
-    run: mounts.RunDir
+    run: RunDir
     attr_timeout: float = 10.0
     views: tuple[str, ...] = ()
     offline: bool = False    # migrate --now / rollback: no views served, no stage change
@@ -116,7 +118,7 @@ class Daemon:
         # for minus the agent's own umask (applied in Operations); the kernel
         # must not mask it again with ours. So every file and directory the
         # daemon makes for itself passes an explicit mode: the run dir's in
-        # mounts.RunDir, the vault's in Backing and the migrator.
+        # rundir.RunDir, the vault's in Backing and the migrator.
         os.umask(0)
         if not self.offline:
             try:
@@ -428,7 +430,7 @@ class Daemon:
             pass
 
 
-def cleanup_stale(cfg: Config, root: str, run: mounts.RunDir, *, views: bool = True) -> list[str]:
+def cleanup_stale(cfg: Config, root: str, run: RunDir, *, views: bool = True) -> list[str]:
     """Unmount what a dead daemon left (its views answer ENOTCONN); returns what was done.
 
     Without *views*, its dead views stay, failing closed, for the next daemon

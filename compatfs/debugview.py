@@ -35,7 +35,8 @@ from .boundary import errno_boundary
 from .config import Config
 from .daemon import views_for
 from .enums import ViewName
-from .index import Index, open_index
+from .index import Index
+from .indexopen import open_index
 from .operations import Operations
 from .resolver import Resolver
 from .status import ObjectStatus, _view_path, collect

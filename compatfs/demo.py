@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import TextIO
 
-from . import devicefs, devicegen, mounts
+from . import mounts
 from .config import Config
 from .enums import Stage, views_for
 from .layout import Layout
@@ -31,6 +31,7 @@ from .names import DownloadArea, ObjType, shown
 from .plan import make_plan, render_text
 from .resolver import Resolution, Resolver
 from .rules import rules_for
+from .testing import devicefs, devicegen
 
 
 def can_mount() -> bool:
@@ -46,7 +47,7 @@ def _device(workdir: str) -> Iterator[str]:
 
 
 def _run(argv: list[str], out: TextIO) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
     out.write(proc.stdout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
@@ -82,8 +83,8 @@ def layouts_compared(root: str, release: str | None = None) -> str:
         layout = Layout(root, rules=r)
         plans.append((layout, {e.obj.path: e for e in make_plan(layout, Resolver(layout)).entries}))
     width = max(len(r.name) for r in rules) + 1
-    lines = [f"the same device under layout {rules[1].name} (only what differs from "
-             f"{rules[0].name}):"]
+    lines = [(f"the same device under layout {rules[1].name} (only what differs from "
+              f"{rules[0].name}):")]
     (eve_layout, eve), (dn_layout, dn) = plans
     for path, e in eve.items():
         d = dn.get(path)

@@ -18,7 +18,7 @@ from .changes import FileKey
 from .writebehind import Stream
 
 if TYPE_CHECKING:
-    from .backing import Store
+    from .stores import Store
 
 #: Flags that must not reach the backing open: the kernel does the caching.
 #: O_TRUNC stays: libfuse enables atomic_o_trunc, so the kernel passes it in

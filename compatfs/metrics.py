@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .daemonstate import DaemonState
 
 if TYPE_CHECKING:
-    from .mounts import RunDir
+    from .rundir import RunDir
 
 
 def render(state: DaemonState) -> str:

@@ -46,7 +46,7 @@ and every size change lowers the size the copy is cut to first
 the last ones are copied, the copy renamed into place and every open handle
 re-opened on it in one synchronous step of the event loop, so no FUSE
 request sees the file half-switched. Bytes are moved by
-:mod:`compatfs.copy`; this module decides what, when, and in what order.
+:mod:`compatfs.filecopy` and :mod:`compatfs.treecopy`; this module decides what, when, and in what order.
 """
 
 from __future__ import annotations
@@ -65,16 +65,17 @@ from typing import Callable
 
 import trio
 
-from . import copy as copier
-from . import inuse, snapshotid
-from .backing import CAS_PARENT, ROOT_STORE, Side, Store, aside_name
+from . import filecopy, inuse, snapshotid, treecopy
+from .backing import CAS_PARENT, ROOT_STORE
 from .changes import ChangeObserver, FileKey
 from .config import Migration
 from .handles import HandleTable
-from .index import Record
+from .indexformat import Record
 from .names import is_sha256
 from .plan import make_plan
 from .scan import TMP_DIR
+from .stores import Side, Store, aside_name
+from .throttle import Throttle
 from .view import KEPT_LEGACY, View, split
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class DirtyLog:
         size first, then the blocks (then the source's size, as copy_ranges does)."""
         if shrunk_to is not None:
             os.ftruncate(dst_fd, shrunk_to)
-        copier.copy_ranges(src_fd, dst_fd, ranges)
+        filecopy.copy_ranges(src_fd, dst_fd, ranges)
 
 
 class LiveChanges:
@@ -396,7 +397,7 @@ class Migrator:
         rate = settings.throttle_mib_per_s * MIB
         if not math.isfinite(rate) or rate < 0:
             rate = 0.0                    # NaN or infinite: no limit rather than no copy
-        self.throttle = copier.Throttle(rate or None)
+        self.throttle = Throttle(rate or None)
         self.progress = Progress()
         self.stop = threading.Event()
         self.paused = False
@@ -700,7 +701,7 @@ class Migrator:
             level = logging.DEBUG if self.in_use.get(item.vpath) == str(exc) else logging.INFO
             self.in_use[item.vpath] = str(exc)
             log.log(level, "%s: %s", item.vpath, exc)
-        except copier.CopyAborted:
+        except filecopy.CopyAborted:
             self._undo(item)
         except Quarantined as exc:
             self._undo(item)
@@ -867,7 +868,7 @@ class Migrator:
             self.progress.current[item.vpath] = (0, st0.st_blocks * 512)  # data, not holes
             verify = self.settings.verify
             want_hash = item.expect_sha is not None or verify == "readback"
-            result = await self._in_thread(copier.copy_extents, src_fd, tmp_fd, hash=want_hash,
+            result = await self._in_thread(filecopy.copy_extents, src_fd, tmp_fd, hash=want_hash,
                                            compare=verify != "off", item=item)
             log.debug("%s: bulk copy done, %d data bytes", item.vpath, result.data_bytes)
             self._fault("bulk-copied")
@@ -885,7 +886,7 @@ class Migrator:
                 raise Quarantined(f"content sha256 {result.sha256} does not match its name")
             if verify == "readback" and not written and not self._open_for_writing(key):
                 copied = await in_background(
-                    lambda: copier.sha256_of(tmp_fd, throttle=self.throttle, stop=self.stop))
+                    lambda: filecopy.sha256_of(tmp_fd, throttle=self.throttle, stop=self.stop))
                 if copied != result.sha256:
                     raise OSError(errno.EIO, "the copy reads back different from its source")
             # the last step runs in the event loop: no FUSE request interleaves
@@ -913,7 +914,7 @@ class Migrator:
                 raise dirty.mirror_error
             blocks = sorted(dirty.blocks)[:SLICE_BYTES // DIRTY_BLOCK]
             dirty.blocks.difference_update(blocks)
-            copier.copy_ranges(src_fd, tmp_fd, [(b * DIRTY_BLOCK, DIRTY_BLOCK) for b in blocks])
+            filecopy.copy_ranges(src_fd, tmp_fd, [(b * DIRTY_BLOCK, DIRTY_BLOCK) for b in blocks])
             await trio.sleep(0)
         log.debug("%s: converged with writes mirrored", item.vpath)
 
@@ -958,8 +959,8 @@ class Migrator:
             DirtyLog.apply(src_fd, tmp_fd, *dirty.take())
         st = os.fstat(src_fd)
         os.ftruncate(tmp_fd, st.st_size)
-        copier.copy_xattrs(src_fd, tmp_fd)   # as they are now: set through a view meanwhile too
-        copier.finish_file(tmp_fd, st)
+        treecopy.copy_xattrs(src_fd, tmp_fd)   # as they are now: set through a view meanwhile too
+        treecopy.finish_file(tmp_fd, st)
         self._place_and_switch(item, dst, st)
         if self.handles is not None and key is not None:
             self.handles.switch(key, dst, item.dst_rel)
@@ -1056,7 +1057,7 @@ class Migrator:
         try:
             with src.parent(item.src_rel) as (sfd, sname):
                 await in_background(
-                    lambda: copier.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
+                    lambda: treecopy.copy_tree(sfd, sname, dfd, dname, throttle=self.throttle,
                                              stop=self.stop,
                                              compare=self.settings.verify != "off"))
             if self._wants_snapshot_id(item):
@@ -1400,7 +1401,7 @@ class Rollback:
             try:
                 with src.parent(rel) as (sfd, sname):
                     await trio.to_thread.run_sync(
-                        lambda: copier.copy_tree(sfd, sname, dfd, dname,
+                        lambda: treecopy.copy_tree(sfd, sname, dfd, dname,
                                                  throttle=self.m.throttle,
                                                  compare=self.m.settings.verify != "off"))
             finally:
@@ -1411,10 +1412,10 @@ class Rollback:
                 dfd = stage.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     await trio.to_thread.run_sync(
-                        lambda: copier.copy_extents(sfd, dfd, throttle=self.m.throttle,
+                        lambda: filecopy.copy_extents(sfd, dfd, throttle=self.m.throttle,
                                                     compare=self.m.settings.verify != "off"))
-                    copier.copy_xattrs(sfd, dfd)
-                    copier.finish_file(dfd, os.fstat(sfd))
+                    treecopy.copy_xattrs(sfd, dfd)
+                    treecopy.finish_file(dfd, os.fstat(sfd))
                 finally:
                     os.close(dfd)
             finally:

@@ -22,8 +22,8 @@ import errno
 import os
 import stat
 
-from .backing import Store
 from .enums import Kind
+from .stores import Store
 from .rules import Rules
 
 #: EVE's name for the file (``snapshotIDFile`` in its containerd package).

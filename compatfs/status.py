@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import mounts
-from .backing import ROOT_STORE, RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2, store_path
-from .index import IndexRefused, Record, open_index
+from .backing import ROOT_STORE, store_path
+from .beneath import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
+from .index import IndexRefused
+from .indexformat import Record
+from .indexopen import open_index
 from .layout import Layout
 from .names import shown
 from .plan import Plan, human, make_plan

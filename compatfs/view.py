@@ -32,14 +32,16 @@ import stat
 from dataclasses import dataclass
 
 from . import snapshotid
-from .backing import Backing, Store, aside_name
-from .index import KEPT_LEGACY, Index, Record
+from .backing import Backing
+from .index import Index
+from .indexformat import KEPT_LEGACY, Record
 from .layout import Layout
 from .names import (
     DownloadArea, NotAVolume, check_component, is_sha256, is_uuid, parse_container_volume,
     parse_obj_type, parse_verified_sha, parse_vm_volume,
 )
 from .resolver import Resolution, Resolver
+from .stores import Store, aside_name
 
 log = logging.getLogger(__name__)
 

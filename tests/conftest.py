@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.scan import TMP_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +79,8 @@ def legacy_snapshot(root: Path) -> dict[str, tuple]:
 def staged(root: Path, store: str, rel: str) -> Path:
     """Where compatfs stages the copy of *rel* into the new-layout store *store*
     (a location key) under the default layout paths: ``<own>/staging/<store>/``."""
-    from compatfs.backing import STAGING_DIR, own_location
+    from compatfs.backing import own_location
+    from compatfs.stores import STAGING_DIR
     from compatfs.layout import Layout
     from compatfs.migrator import tmp_leaf
     return Path(Layout(str(root)).path(own_location(store))) / STAGING_DIR / store / tmp_leaf(rel)
@@ -87,7 +88,8 @@ def staged(root: Path, store: str, rel: str) -> Path:
 
 def set_aside(root: Path, store: str) -> list[Path]:
     """What compatfs set aside from the new-layout store *store* (default paths)."""
-    from compatfs.backing import ASIDE_DIR, own_location
+    from compatfs.backing import own_location
+    from compatfs.stores import ASIDE_DIR
     from compatfs.layout import Layout
     d = Path(Layout(str(root)).path(own_location(store))) / ASIDE_DIR / store
     return sorted(d.iterdir()) if d.is_dir() else []

@@ -1,4 +1,4 @@
-"""Running the compatfs daemon for real in tests: :mod:`compatfs.daemonproc`
+"""Running the compatfs daemon for real in tests: :mod:`compatfs.testing.daemonproc`
 under the names the tests use, plus the checks they share."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from compatfs.daemonproc import DEADLINE, Child, teardown, view_paths
-from compatfs.daemonproc import running as mounted
+from compatfs.testing.daemonproc import DEADLINE, Child, teardown, view_paths
+from compatfs.testing.daemonproc import running as mounted
 
 Mounted = Child
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.backing import SET_ASIDE_DIR, Backing, Store, VaultNotEncrypted
+from compatfs.backing import Backing, VaultNotEncrypted
+from compatfs.scan import SET_ASIDE_DIR
+from compatfs.stores import Store
 from compatfs.layout import Layout
 
 

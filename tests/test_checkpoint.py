@@ -21,12 +21,13 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compatfs import checkpoint, devicegen
+from compatfs import checkpoint
+from compatfs.testing import devicegen
 from compatfs.checkpoint import (
     AppSpec, CheckpointError, ContentTreeSpec, DeviceConfig, DriveSpec, VolumeRefSpec,
     VolumeSpec,
 )
-from compatfs.devicegen import AppDef, DriveDef
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.proto import eve_auth_pb2, eve_config_pb2
 
 REPO = Path(__file__).resolve().parent.parent

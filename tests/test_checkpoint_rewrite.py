@@ -27,9 +27,10 @@ from typing import Iterator
 
 import pytest
 
-from compatfs import checkpoint, devicegen
+from compatfs import checkpoint
+from compatfs.testing import devicegen
 from compatfs.checkpoint import CheckpointChanging, CheckpointError, read_stable
-from compatfs.devicegen import AppDef, DriveDef
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
 from compatfs.names import parse_vm_volume
 from compatfs.resolver import Resolver

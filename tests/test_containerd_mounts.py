@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.inuse import busy, mounts_inside
 
 from .conftest import run_cli, temporaries, tmpfs

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 
 from .conftest import run_cli
 from .mounting import mounted
@@ -81,7 +81,7 @@ def test_settings_and_commands_through_the_cli(live):
 def test_metrics_file_in_prometheus_text_format(live):
     import time
 
-    from compatfs.mounts import RunDir
+    from compatfs.rundir import RunDir
 
     root, run, _ = live
     os.listdir(root / "img")

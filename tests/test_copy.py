@@ -1,5 +1,5 @@
-"""compatfs/copy.py: sparse, throttled, stoppable, page-cache-bounded copies of
-files and container trees, with copy_file_range and its read/write fallback,
+"""compatfs/filecopy.py, treecopy.py and throttle.py: sparse, throttled,
+stoppable, page-cache-bounded copies of files and container trees, with copy_file_range and its read/write fallback,
 into a real fscrypt vault too.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import copy as cp
+from compatfs import filecopy, treecopy
+from compatfs.throttle import Throttle
 
 from .devices import device_root
 
@@ -115,7 +116,7 @@ def record_fsyncs(monkeypatch) -> set[tuple[int, int]]:
         real(fd)
         synced.add((st.st_dev, st.st_ino))
 
-    monkeypatch.setattr(cp.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     return synced
 
 
@@ -134,9 +135,9 @@ class Files:
         os.close(self.dst)
 
 
-def copy_file(src: Path, dst: Path, **kw) -> cp.CopyResult:
+def copy_file(src: Path, dst: Path, **kw) -> filecopy.CopyResult:
     with Files(src, dst) as f:
-        return cp.copy_extents(f.src, f.dst, **kw)
+        return filecopy.copy_extents(f.src, f.dst, **kw)
 
 
 def sparse_layout(trailing_hole: bool,
@@ -189,8 +190,8 @@ def test_compare_copies_sparse_files_exactly_and_reads_every_piece_back(
     dst_ino = [0]
     with Files(src, dst) as f:
         dst_ino[0] = os.fstat(f.dst).st_ino
-        monkeypatch.setattr(cp.os, "preadv", preadv)
-        r = cp.copy_extents(f.src, f.dst, compare=True, chunk=MiB)
+        monkeypatch.setattr(os, "preadv", preadv)
+        r = filecopy.copy_extents(f.src, f.dst, compare=True, chunk=MiB)
     monkeypatch.undo()
     assert sha(dst) == sha(src)
     assert data_extents(dst) == data_extents(src)
@@ -211,8 +212,8 @@ def test_compare_fails_when_the_destination_does_not_keep_its_bytes(tmp_path: Pa
     dfd = os.open("/dev/null", os.O_RDWR)
     try:
         assert os.pwrite(dfd, b"x" * 4096, MiB) == 4096     # the write path sees nothing wrong
-        with pytest.raises(cp.CopyMismatch) as info:
-            cp.copy_extents(sfd, dfd, compare=True, end=4 * MiB)
+        with pytest.raises(filecopy.CopyMismatch) as info:
+            filecopy.copy_extents(sfd, dfd, compare=True, end=4 * MiB)
         assert info.value.errno == errno.EIO
         assert f"[{MiB}, " in str(info.value)
     finally:
@@ -228,11 +229,11 @@ def test_start_end_ranges_copy_exactly_that_range(tmp_path: Path) -> None:
     cut = pieces[2][0] + 12345        # inside a data extent
     dst = tmp_path / "dst"
     with Files(src, dst) as f:
-        first = cp.copy_extents(f.src, f.dst, end=cut, hash=True)
+        first = filecopy.copy_extents(f.src, f.dst, end=cut, hash=True)
         # With end given, dst is not truncated to src's size and holds only [0, cut).
         assert os.fstat(f.dst).st_size == cut
         assert os.pread(f.dst, cut, 0) == content[:cut]
-        second = cp.copy_extents(f.src, f.dst, start=cut, hash=True)
+        second = filecopy.copy_extents(f.src, f.dst, start=cut, hash=True)
     assert first.size == cut and second.size == size - cut
     assert first.sha256 == hashlib.sha256(content[:cut]).hexdigest()
     assert second.sha256 == hashlib.sha256(content[cut:]).hexdigest()
@@ -243,7 +244,7 @@ def test_start_end_ranges_copy_exactly_that_range(tmp_path: Path) -> None:
     lo, hi = 2 * MiB, pieces[2][0] + MiB
     mid = tmp_path / "mid"
     with Files(src, mid) as f:
-        r = cp.copy_extents(f.src, f.dst, start=lo, end=hi, hash=True)
+        r = filecopy.copy_extents(f.src, f.dst, start=lo, end=hi, hash=True)
     got = mid.read_bytes()
     assert r.sha256 == hashlib.sha256(content[lo:hi]).hexdigest()
     assert got[lo:hi] == content[lo:hi][:len(got) - lo]
@@ -256,7 +257,7 @@ def test_hash_covers_holes_as_zeros_and_is_the_bytes_written(tmp_path: Path,
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_sparse(src, 40 * MiB + 7, [(5 * MiB, b"x" * 5000), (40 * MiB, b"tail...")])
     calls = []
-    monkeypatch.setattr(cp.os, "copy_file_range",
+    monkeypatch.setattr(os, "copy_file_range",
                         lambda *a: calls.append(a) or pytest.fail("hash=True must read itself"))
     r = copy_file(src, dst, hash=True, chunk=MiB)
     assert r.sha256 == hashlib.sha256(src.read_bytes()).hexdigest() == sha(dst)
@@ -270,7 +271,7 @@ def test_empty_file_and_shrinking_destination(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(b"")
     r = copy_file(src, dst, hash=True)
-    assert r == cp.CopyResult(0, 0, hashlib.sha256(b"").hexdigest())
+    assert r == filecopy.CopyResult(0, 0, hashlib.sha256(b"").hexdigest())
     assert dst.stat().st_size == 0
 
 
@@ -285,7 +286,7 @@ def test_copy_file_range_and_fallback_give_identical_results(tmp_path: Path,
 
     real = os.copy_file_range
     used = []
-    monkeypatch.setattr(cp.os, "copy_file_range", lambda *a: used.append(a) or real(*a))
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: used.append(a) or real(*a))
     fast = copy_file(src, tmp_path / "fast", chunk=MiB)
     assert used, "copy_file_range was not used where it works"
 
@@ -295,7 +296,7 @@ def test_copy_file_range_and_fallback_give_identical_results(tmp_path: Path,
         refused.append(a)
         raise OSError(errno.EXDEV, "cross-device")
 
-    monkeypatch.setattr(cp.os, "copy_file_range", exdev)
+    monkeypatch.setattr(os, "copy_file_range", exdev)
     slow = copy_file(src, tmp_path / "slow", chunk=MiB)
     assert len(refused) == 1, "the fallback must be decided once per call, not per chunk"
 
@@ -312,7 +313,7 @@ def test_other_copy_file_range_errors_are_raised(tmp_path: Path, monkeypatch) ->
     def eio(*a):
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(cp.os, "copy_file_range", eio)
+    monkeypatch.setattr(os, "copy_file_range", eio)
     with pytest.raises(OSError) as info:
         copy_file(src, tmp_path / "dst")
     assert info.value.errno == errno.EIO
@@ -328,7 +329,7 @@ def test_filesystem_without_seek_data_is_all_data(tmp_path: Path, monkeypatch) -
             raise OSError(errno.EINVAL, "unsupported")
         return real(fd, pos, how)
 
-    monkeypatch.setattr(cp.os, "lseek", lseek)
+    monkeypatch.setattr(os, "lseek", lseek)
     r = copy_file(src, dst, hash=True)
     assert r.data_bytes == r.size == 6 * MiB
     assert sha(dst) == sha(src) == r.sha256
@@ -338,7 +339,7 @@ def test_append_only_destination_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"data")
     with Files(src, tmp_path / "dst", os.O_CREAT | os.O_APPEND) as f, pytest.raises(ValueError):
-        cp.copy_extents(f.src, f.dst)
+        filecopy.copy_extents(f.src, f.dst)
 
 
 # -- throttle, stop, progress ----------------------------------------------------------------
@@ -353,16 +354,16 @@ def timed_copy(src: Path, dst: Path, **kw) -> float:
 def test_throttle_limits_the_rate_and_unlimited_is_much_faster(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_bytes(os.urandom(8 * MiB))
-    throttled = timed_copy(src, tmp_path / "slow", throttle=cp.Throttle(16 * MiB))
+    throttled = timed_copy(src, tmp_path / "slow", throttle=Throttle(16 * MiB))
     assert throttled >= 0.4
     assert sha(tmp_path / "slow") == sha(src)
-    unlimited = min(timed_copy(src, tmp_path / f"fast{i}", throttle=cp.Throttle(rate))
+    unlimited = min(timed_copy(src, tmp_path / f"fast{i}", throttle=Throttle(rate))
                     for i, rate in enumerate([None, 0, None]))
     assert unlimited < throttled / 2
 
 
 def test_one_throttle_shared_by_concurrent_copies_is_a_global_rate(tmp_path: Path) -> None:
-    throttle = cp.Throttle(16 * MiB)
+    throttle = Throttle(16 * MiB)
     for i in range(2):
         (tmp_path / f"src{i}").write_bytes(os.urandom(4 * MiB))
     errors: list[BaseException] = []
@@ -385,16 +386,16 @@ def test_one_throttle_shared_by_concurrent_copies_is_a_global_rate(tmp_path: Pat
 
 
 def test_throttle_consume_sleeps_in_the_caller() -> None:
-    t = cp.Throttle(10 * MiB)
+    t = Throttle(10 * MiB)
     t0 = time.monotonic()
     t.consume(3 * MiB)
     assert time.monotonic() - t0 >= 0.2
     t0 = time.monotonic()
-    cp.Throttle(None).consume(1 << 40)
-    cp.Throttle(0).consume(1 << 40)
+    Throttle(None).consume(1 << 40)
+    Throttle(0).consume(1 << 40)
     assert time.monotonic() - t0 < 0.1
     with pytest.raises(ValueError):
-        cp.Throttle(-1)
+        Throttle(-1)
 
 
 def test_stop_set_from_progress_aborts_the_copy(tmp_path: Path) -> None:
@@ -407,8 +408,8 @@ def test_stop_set_from_progress_aborts_the_copy(tmp_path: Path) -> None:
         steps.append(n)
         stop.set()
 
-    with Files(src, dst) as f, pytest.raises(cp.CopyAborted):
-        cp.copy_extents(f.src, f.dst, stop=stop, progress=progress, chunk=MiB)
+    with Files(src, dst) as f, pytest.raises(filecopy.CopyAborted):
+        filecopy.copy_extents(f.src, f.dst, stop=stop, progress=progress, chunk=MiB)
     assert steps == [MiB]
     assert allocated(dst) <= 2 * MiB
 
@@ -421,8 +422,8 @@ def test_stop_interrupts_a_throttled_wait(tmp_path: Path) -> None:
     timer.start()
     t0 = time.monotonic()
     try:
-        with pytest.raises(cp.CopyAborted):
-            copy_file(src, dst, throttle=cp.Throttle(MiB), stop=stop)   # would take 8 s
+        with pytest.raises(filecopy.CopyAborted):
+            copy_file(src, dst, throttle=Throttle(MiB), stop=stop)   # would take 8 s
     finally:
         timer.cancel()
     assert time.monotonic() - t0 < 2
@@ -487,7 +488,7 @@ def test_copy_ranges_recopies_only_the_given_ranges(tmp_path: Path) -> None:
         f.seek(8 * MiB); f.write(tail)
     punch(src, *b)
     with Files(src, dst, 0) as f:
-        n = cp.copy_ranges(f.src, f.dst, [b, a, (8 * MiB, MiB)])
+        n = filecopy.copy_ranges(f.src, f.dst, [b, a, (8 * MiB, MiB)])
     assert n == a[1] + b[1] + MiB  # ranges are copied as data, a hole in one as zeros
     got = dst.read_bytes()
     assert len(got) == 9 * MiB
@@ -502,7 +503,7 @@ def test_copy_ranges_recopies_only_the_given_ranges(tmp_path: Path) -> None:
     # A shrunk source: dst follows its size.
     os.truncate(src, 2 * MiB)
     with Files(src, dst, 0) as f:
-        assert cp.copy_ranges(f.src, f.dst, []) == 0
+        assert filecopy.copy_ranges(f.src, f.dst, []) == 0
     assert dst.read_bytes() == src.read_bytes()
 
 
@@ -526,7 +527,7 @@ def test_finish_file_preserves_mode_owner_times_and_capabilities(tmp_path: Path,
         os.write(fd, b"exe")
         os.setxattr(fd, "security.capability", CAPS)
         synced = record_fsyncs(monkeypatch)
-        cp.finish_file(fd, st)
+        treecopy.finish_file(fd, st)
         monkeypatch.undo()
     finally:
         os.close(fd)
@@ -544,13 +545,13 @@ def test_copy_xattrs_copies_what_it_can(tmp_path: Path) -> None:
     dst.write_bytes(b"")
     os.setxattr(src, "user.one", b"1")
     os.setxattr(src, "user.two", b"\x00binary\xff")
-    cp.copy_xattrs(str(src), str(dst))
+    treecopy.copy_xattrs(str(src), str(dst))
     assert os.getxattr(dst, "user.one") == b"1"
     assert os.getxattr(dst, "user.two") == b"\x00binary\xff"
     # A destination that refuses user.* (a symbolic link): skipped, no error.
     link = tmp_path / "link"
     os.symlink("dst", link)
-    cp.copy_xattrs(str(src), str(link), follow_symlinks=False)
+    treecopy.copy_xattrs(str(src), str(link), follow_symlinks=False)
     assert os.listxattr(link, follow_symlinks=False) == []
 
 
@@ -558,13 +559,13 @@ def test_same_file(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"abc")
     a = os.stat(p)
-    assert cp.same_file(a, os.stat(p))
+    assert treecopy.same_file(a, os.stat(p))
     os.utime(p, ns=(a.st_atime_ns, a.st_mtime_ns + 1))
-    assert not cp.same_file(a, os.stat(p))
+    assert not treecopy.same_file(a, os.stat(p))
     q = tmp_path / "g"
     q.write_bytes(b"abc")
     os.utime(q, ns=(a.st_atime_ns, a.st_mtime_ns))
-    assert not cp.same_file(a, os.stat(q))        # another inode
+    assert not treecopy.same_file(a, os.stat(q))        # another inode
 
 
 # -- copy_tree ------------------------------------------------------------------------------
@@ -646,7 +647,7 @@ def test_copy_tree_keeps_everything(tmp_path: Path, monkeypatch) -> None:
     synced = record_fsyncs(monkeypatch)
     root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        r = cp.copy_tree(root, "tree", root, "copy", progress=steps.append, compare=True)
+        r = treecopy.copy_tree(root, "tree", root, "copy", progress=steps.append, compare=True)
     finally:
         os.close(root)
     monkeypatch.undo()
@@ -690,15 +691,15 @@ def test_copy_tree_refuses_a_symlink_and_an_existing_destination(tmp_path: Path)
     root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(NotADirectoryError):
-            cp.copy_tree(root, "link", root, "copy")
+            treecopy.copy_tree(root, "link", root, "copy")
         assert not (tmp_path / "copy").exists()
         with pytest.raises(FileExistsError):
-            cp.copy_tree(root, "real", root, "taken")
+            treecopy.copy_tree(root, "real", root, "taken")
         assert os.listdir(tmp_path / "taken") == []
         stop = threading.Event()
         stop.set()
-        with pytest.raises(cp.CopyAborted):
-            cp.copy_tree(root, "real", root, "stopped", stop=stop)
+        with pytest.raises(filecopy.CopyAborted):
+            treecopy.copy_tree(root, "real", root, "stopped", stop=stop)
     finally:
         os.close(root)
 
@@ -723,7 +724,7 @@ def test_copies_into_a_real_fscrypt_vault(tmp_path: Path, monkeypatch) -> None:
         outcomes.append("ok")
         return n
 
-    monkeypatch.setattr(cp.os, "copy_file_range", recording)
+    monkeypatch.setattr(os, "copy_file_range", recording)
     work = tmp_path / "dev"
     work.mkdir()
     with device_root(work, 128) as root:
@@ -757,7 +758,7 @@ def test_copies_into_a_real_fscrypt_vault(tmp_path: Path, monkeypatch) -> None:
             f.write(b"rewritten" * 1000)
         punch(inside, 0, MiB)
         with Files(inside, vault / "from-novault", 0) as f:
-            cp.copy_ranges(f.src, f.dst, [(0, MiB), (pieces[2][0], 9000)])
+            filecopy.copy_ranges(f.src, f.dst, [(0, MiB), (pieces[2][0], 9000)])
         assert sha(vault / "from-novault") == sha(inside)
 
         # A container tree into the vault.
@@ -768,7 +769,7 @@ def test_copies_into_a_real_fscrypt_vault(tmp_path: Path, monkeypatch) -> None:
         src_fd = os.open(root / "novault", os.O_RDONLY | os.O_DIRECTORY)
         dst_fd = os.open(vault, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            cp.copy_tree(src_fd, "vol", dst_fd, "vol", compare=True)
+            treecopy.copy_tree(src_fd, "vol", dst_fd, "vol", compare=True)
         finally:
             os.close(src_fd)
             os.close(dst_fd)
@@ -791,7 +792,7 @@ def test_enospc_is_raised_and_leaves_the_destination_removable(tmp_path: Path) -
             dst = vault / "partial"
             with Files(src, dst) as f:
                 with pytest.raises(OSError) as info:
-                    cp.copy_extents(f.src, f.dst)
+                    filecopy.copy_extents(f.src, f.dst)
                 assert info.value.errno == errno.ENOSPC
                 assert os.fstat(f.dst).st_size <= os.fstat(f.src).st_size   # fd still usable
                 os.ftruncate(f.dst, 0)

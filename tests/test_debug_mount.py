@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from compatfs import devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import devicegen
 
 from .conftest import run_cli, tree_snapshot
 from .devices import device_root

@@ -15,7 +15,7 @@ import pytest
 
 from compatfs import fscrypt
 
-from compatfs import devicefs as devices
+from compatfs.testing import devicefs as devices
 from .devices import device_root, ext4_image, make_vault
 
 SIZE_MB = 64

@@ -37,7 +37,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.checkpoint import FORMAT_SUFFIX
 from compatfs.layout import Layout
 from compatfs.names import (

@@ -297,7 +297,7 @@ async def test_a_background_task_that_raises_is_logged_and_started_again(
 
     from compatfs import daemon as daemon_mod
     from compatfs.config import Config
-    from compatfs.mounts import RunDir
+    from compatfs.rundir import RunDir
 
     monkeypatch.setattr(daemon_mod, "RESTART_SECONDS", 0.01)
     d = daemon_mod.Daemon(Config(), str(tmp_path), "observe", RunDir(str(tmp_path / "r"),

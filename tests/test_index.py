@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from compatfs.index import (
-    DB_NAME, MARKER_NAME, Index, IndexRefused, Record, open_index,
-)
+from compatfs.index import DB_NAME, Index, IndexRefused
+from compatfs.indexformat import Record
+from compatfs.indexopen import MARKER_NAME, open_index
 
 from .conftest import fill, tmpfs
 

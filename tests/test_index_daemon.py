@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, mounts
-from compatfs.devicegen import AppDef, DriveDef
-from compatfs.index import DB_NAME, MARKER_NAME
+from compatfs import mounts
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
+from compatfs.index import DB_NAME
+from compatfs.indexopen import MARKER_NAME
 from compatfs.status import EXIT_INDEX_REFUSED, EXIT_OK, EXIT_VIEWS_DEAD
 
 from .conftest import fill, run_cli, tmpfs

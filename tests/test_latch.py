@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, latch
+from compatfs import latch
+from compatfs.testing import devicegen
 from compatfs.latch import Latch, expected_file_name
 
 RNG = random.Random(2024)

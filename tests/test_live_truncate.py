@@ -26,8 +26,8 @@ import pyfuse3
 import pytest
 import trio
 
-from compatfs import copy as copier
-from compatfs import devicegen
+from compatfs import filecopy
+from compatfs.testing import devicegen
 from compatfs import migrator as migrator_mod
 from compatfs.backing import Backing
 from compatfs.config import Migration
@@ -220,7 +220,7 @@ def _small_steps(monkeypatch, rng: random.Random) -> None:
     """Copy in small pieces and reach passes and slices with little dirty data, so the
     requests land in every phase of the copy."""
     chunk = rng.choice((64 * KIB, 128 * KIB, 256 * KIB))
-    monkeypatch.setattr(copier, "copy_extents",
+    monkeypatch.setattr(filecopy, "copy_extents",
                         functools.partial(_orig_copy_extents, chunk=chunk))
     monkeypatch.setattr(migrator_mod, "FINAL_PASS_BYTES",
                         rng.choice((0, DIRTY_BLOCK, 4 * DIRTY_BLOCK, 64 * MIB)))
@@ -228,7 +228,7 @@ def _small_steps(monkeypatch, rng: random.Random) -> None:
     monkeypatch.setattr(migrator_mod, "SLICE_BYTES", rng.choice((DIRTY_BLOCK, 4 * DIRTY_BLOCK)))
 
 
-_orig_copy_extents = copier.copy_extents
+_orig_copy_extents = filecopy.copy_extents
 
 SEQUENCES = int(os.environ.get("COMPATFS_TRUNCATE_SEQUENCES", "40"))
 
@@ -252,7 +252,7 @@ async def test_random_size_changes_and_writes_during_the_copy_reach_it(tmp_path,
 async def test_the_reported_sequence_truncate_to_zero_grow_write_at_the_end(tmp_path, monkeypatch):
     """truncate -s0, truncate -s<size>, 4 KiB written at the end, while the bulk copy
     is part way: nothing of the old bytes may survive in the copy."""
-    monkeypatch.setattr(copier, "copy_extents",
+    monkeypatch.setattr(filecopy, "copy_extents",
                         functools.partial(_orig_copy_extents, chunk=256 * KIB))
     size = 4 * MIB
     bench = Bench(tmp_path, random.Random(1), size, throttle_mib=4)

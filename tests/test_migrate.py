@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 
 from .conftest import layout_config, legacy_snapshot, run_cli, temporaries
 from .devices import device_root

@@ -32,9 +32,9 @@ from typing import Iterator
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.config import Config
-from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
+from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver

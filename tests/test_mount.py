@@ -8,7 +8,8 @@ import signal
 
 import pytest
 
-from compatfs import devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import devicegen
 
 from .conftest import run_cli, tree_snapshot
 from .mounting import assert_clean_exit, mounted

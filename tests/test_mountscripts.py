@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, mounts
-from compatfs.mounts import RunDir
+from compatfs import mounts
+from compatfs.testing import devicegen
+from compatfs.rundir import RunDir
 
 from .conftest import REPO
 from .devices import device_root

@@ -26,10 +26,11 @@ from typing import Iterator
 
 import pytest
 
-from compatfs import devicegen, fscrypt
-from compatfs.backing import Store
-from compatfs.devicefs import make_vault
-from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
+from compatfs import fscrypt
+from compatfs.testing import devicegen
+from compatfs.stores import Store
+from compatfs.testing.devicefs import make_vault
+from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 from compatfs.migrator import _expected_sha
 
 from .conftest import set_aside, staged, temporaries

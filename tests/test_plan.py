@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.config import Override
 from compatfs.layout import Layout
 from compatfs.names import DownloadArea, ObjType

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, fscrypt
+from compatfs import fscrypt
+from compatfs.testing import devicegen
 
 from .devices import device_root
 from .mounting import mounted

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, mounts
+from compatfs import mounts
+from compatfs.testing import devicegen
 
 from .devices import device_root
 from .mounting import mounted

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, fscrypt
-from compatfs.backing import SET_ASIDE_DIR, Store
+from compatfs import fscrypt
+from compatfs.testing import devicegen
+from compatfs.scan import SET_ASIDE_DIR
+from compatfs.stores import Store
 from compatfs.index import DB_NAME
 from compatfs.view import KEPT_LEGACY
 

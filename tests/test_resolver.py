@@ -1,6 +1,6 @@
 """Resolution rules (``compatfs.resolver``), one test per rule.
 
-Each device is built in tmp_path with compatfs.devicegen: a real protobuf
+Each device is built in tmp_path with compatfs.testing.devicegen: a real protobuf
 checkpoint and zedmanager's latch files, resolved through a Layout over it.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.config import Override
-from compatfs.devicegen import AppDef, DriveDef
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
 from compatfs.names import DownloadArea, ObjType, parse_container_volume, parse_vm_volume
 from compatfs.resolver import Resolution, Resolver

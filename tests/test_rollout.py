@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from compatfs import devicegen, mounts
-from compatfs.mounts import RunDir
+from compatfs import mounts
+from compatfs.testing import devicegen
+from compatfs.rundir import RunDir
 
 from .conftest import legacy_snapshot, run_cli
 from .devices import device_root

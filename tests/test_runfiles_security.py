@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen, mounts
-from compatfs.mounts import RunDir, RunDirError
+from compatfs import mounts
+from compatfs.testing import devicegen
+from compatfs.rundir import READ_LIMIT, RunDir, RunDirError
 
 from .conftest import run_cli
 from .mounting import mounted, teardown
@@ -355,7 +356,7 @@ def test_fifos_and_oversized_runtime_files_never_hang_a_command(device, base):
             assert cli(root, config, run, "umount").returncode == 0
     assert not (key / "pid").exists()      # the daemon replaced the FIFO; umount removed it
     run_dir = RunDir(str(run), str(root))
-    (key / "pid").write_bytes(b"1" * (mounts.READ_LIMIT + 10))
+    (key / "pid").write_bytes(b"1" * (READ_LIMIT + 10))
     assert run_dir.live_pid() is None
     (key / "pid").unlink()
     (key / "pid").symlink_to("/proc/self/stat")

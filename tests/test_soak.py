@@ -39,8 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
-from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 
 from .devices import device_root
 from .mounting import mounted

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.untrusted import UntrustedFileError, read_regular
 
 from .mounting import mounted

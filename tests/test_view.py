@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.backing import Backing
-from compatfs.devicegen import AppDef, DriveDef
-from compatfs.index import DB_NAME, Index, Record
+from compatfs.testing.devicegen import AppDef, DriveDef
+from compatfs.index import DB_NAME, Index
+from compatfs.indexformat import Record
 from compatfs.layout import Layout
 from compatfs.names import ObjType
 from compatfs.plan import make_plan
@@ -705,7 +706,7 @@ def test_a_container_volume_mkdir_is_undone_when_snapshotid_cannot_be_written(
 
 
 def test_rmdir_that_fails_after_dropping_snapshotid_writes_it_back(device, views, monkeypatch):
-    from compatfs.backing import Store
+    from compatfs.stores import Store
 
     view = views()
     name = device.pod.legacy_name(0, container=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
-from compatfs.backing import Store
+from compatfs.testing import devicegen
+from compatfs.stores import Store
 from compatfs.index import Index
 
 from .conftest import layout_config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 
 from .mounting import mounted
 

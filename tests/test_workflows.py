@@ -29,8 +29,8 @@ from typing import Iterator
 
 import pytest
 
-from compatfs import devicegen
-from compatfs.devicegen import AppDef, DriveDef
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
 
 from .conftest import layout_config, run_cli
 from .devices import device_root

@@ -15,12 +15,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from . import mounts
-from .layout import Layout
+from .. import mounts
+from ..layout import Layout
+from ..rundir import RunDir
 
 DEADLINE = 20.0
 
@@ -30,7 +31,7 @@ DEADLINE = 20.0
 class Child:
     root: Path
     run_dir: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log: Path
     views: tuple[str, ...]
 
@@ -63,7 +64,7 @@ def teardown(root: Path, run_dir: Path, views: tuple[str, ...]) -> None:
                            capture_output=True)
 
 
-def _stop(proc: subprocess.Popen, deadline: float) -> None:
+def _stop(proc: subprocess.Popen[bytes], deadline: float) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -98,7 +99,7 @@ def running(root: str | Path, run_dir: str | Path, *, stage: str = "observe",
     try:
         until = time.monotonic() + deadline
         targets = [str(p) for p in view_paths(root, views)]
-        run = mounts.RunDir(str(run_dir), str(root))
+        run = RunDir(str(run_dir), str(root))
         while True:
             info = run.info()
             if info is not None and info.get("pid") == proc.pid \

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import fscrypt
+from .. import fscrypt
 
 #: Names inside *workdir* that :func:`ext4_image` uses.
 IMAGE_NAME = "ext4.img"
@@ -58,7 +58,8 @@ class DeviceError(RuntimeError):
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     """Run *argv*; raise :class:`DeviceError` with its output when it fails."""
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True,
+                          timeout=_CMD_TIMEOUT)
     if proc.returncode != 0:
         raise DeviceError(f"{' '.join(argv)} exited {proc.returncode}: "
                           f"{(proc.stderr or proc.stdout).strip()}")
@@ -97,7 +98,7 @@ def _unmount(target: str) -> None:
     """Unmount *target*: a few polite attempts, then a lazy detach."""
     last = ""
     for attempt in range(_UMOUNT_ATTEMPTS):
-        proc = subprocess.run(["umount", target], capture_output=True, text=True,
+        proc = subprocess.run(["umount", target], check=False, capture_output=True, text=True,
                               timeout=_CMD_TIMEOUT)
         if proc.returncode == 0:
             return
@@ -106,8 +107,8 @@ def _unmount(target: str) -> None:
             return                      # gone meanwhile (unmounted by someone else)
         if attempt + 1 < _UMOUNT_ATTEMPTS:
             time.sleep(_UMOUNT_DELAY)
-    proc = subprocess.run(["umount", "-l", target], capture_output=True, text=True,
-                          timeout=_CMD_TIMEOUT)
+    proc = subprocess.run(["umount", "-l", target], check=False, capture_output=True,
+                          text=True, timeout=_CMD_TIMEOUT)
     if proc.returncode != 0 and target in mounts_under(Path(target)):
         raise DeviceError(f"cannot unmount {target}: {last}; umount -l: "
                           f"{(proc.stderr or proc.stdout).strip()}")
@@ -130,8 +131,8 @@ def _detach_loops(image: Path, known: list[str]) -> None:
     devices = dict.fromkeys(known + loops_backed_by(image))
     errors = []
     for dev in devices:
-        proc = subprocess.run(["losetup", "--detach", dev], capture_output=True, text=True,
-                              timeout=_CMD_TIMEOUT)
+        proc = subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True,
+                              text=True, timeout=_CMD_TIMEOUT)
         if proc.returncode != 0 and dev in loops_backed_by(image):
             errors.append(f"{dev}: {(proc.stderr or proc.stdout).strip()}")
     if errors:

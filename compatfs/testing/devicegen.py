@@ -16,9 +16,11 @@ import subprocess
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from .latch import expected_file_name
-from .names import DownloadArea, ObjType
-from .proto import eve_auth_pb2, eve_config_pb2
+from google.protobuf.message import Message
+
+from ..latch import expected_file_name
+from ..names import DownloadArea, ObjType
+from ..proto import eve_auth_pb2, eve_config_pb2
 
 _FORMAT_ENUM = {"raw": 1, "qcow": 2, "qcow2": 3, "vhd": 4, "vmdk": 5, "ova": 6,
                 "vhdx": 7, "container": 8, "iso": 9, "pvc": 10}
@@ -57,7 +59,7 @@ def unknown_fields(rng: random.Random, count: int, taken: set[int]) -> bytes:
     return bytes(out)
 
 
-def sprinkle_unknown(msg, rng: random.Random, per_message: int = 3) -> None:
+def sprinkle_unknown(msg: Message, rng: random.Random, per_message: int = 3) -> None:
     """Add unknown fields to *msg* and every sub-message in it, as real checkpoints carry."""
     for fd, value in msg.ListFields():
         if fd.message_type is None:
@@ -254,7 +256,9 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     the baseOs.obj one is not in the config.
     """
     rng = random.Random(seed)
-    u = lambda: random_uuid(rng)  # noqa: E731
+    def u() -> str:
+        return random_uuid(rng)
+
     web = AppDef(u(), "web", [
         DriveDef(u(), random_sha(rng), "qcow2"),
         DriveDef(u(), random_sha(rng), "raw", clear_text=True),
@@ -295,8 +299,8 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     cas = os.path.join(root, "containerd", "io.containerd.content.v1.content", "blobs", "sha256")
     os.makedirs(cas, exist_ok=True)
     layer = rng.randbytes(32 << 10)
-    with open(os.path.join(cas, sha_of(layer)), "wb") as f:
-        f.write(layer)
+    with open(os.path.join(cas, sha_of(layer)), "wb") as blob_file:
+        blob_file.write(layer)
     for d in ("vault", "clear", "novault"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     return apps
