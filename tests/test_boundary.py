@@ -18,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from compatfs import devicegen
+from compatfs.testing import devicegen
 from compatfs.backing import Backing
 from compatfs.boundary import errno_boundary, is_bounded
 from compatfs.debugview import InspectionOperations
