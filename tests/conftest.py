@@ -81,7 +81,7 @@ def staged(root: Path, store: str, rel: str) -> Path:
     (a location key) under the default layout paths: ``<own>/staging/<store>/``."""
     from compatfs.backing import STAGING_DIR, own_location
     from compatfs.layout import Layout
-    from compatfs.migrator import tmp_leaf
+    from compatfs.migration import tmp_leaf
     return Path(Layout(str(root)).path(own_location(store))) / STAGING_DIR / store / tmp_leaf(rel)
 
 

@@ -30,7 +30,7 @@ from compatfs import devicegen, fscrypt
 from compatfs.backing import Store
 from compatfs.devicefs import make_vault
 from compatfs.devicegen import AppDef, DriveDef, random_sha, random_uuid
-from compatfs.migrator import _expected_sha
+from compatfs.migration import expected_sha as _expected_sha
 
 from .conftest import set_aside, staged, temporaries
 from .devices import device_root
