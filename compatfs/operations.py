@@ -29,7 +29,8 @@ from .control import CONTROL_NAME, Control, ControlError
 from .handles import Handle, HandleTable, backing_flags
 from .inodes import ROOT, InodeTable
 from .latency import LatencyHistogram
-from .view import View, join
+from .placement import join
+from .view import View
 from .writebehind import Stream, WriteBehind
 
 log = logging.getLogger(__name__)

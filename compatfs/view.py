@@ -20,7 +20,9 @@ vault boundary when they cannot move by ``rename(2)``, so an agent never
 waits for a copy and never sees ``EXDEV``.
 
 This module decides; :mod:`compatfs.backing` does the syscalls;
-:mod:`compatfs.operations` turns FUSE requests into calls here.
+:mod:`compatfs.operations` turns FUSE requests into calls here. Renames are
+:mod:`compatfs.viewrename`'s; what a crash left half done is finished before
+serving by :func:`compatfs.migration.recover`.
 """
 
 from __future__ import annotations
@@ -28,61 +30,30 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
-from dataclasses import dataclass
 
 from . import snapshotid
-from .backing import Backing, Store, aside_name
+from .backing import Backing, Store
 from .enums import PLACING_STAGES, Kind, State, StoreKey, ViewName
 from .index import Index, Record
 from .layout import Layout
 from .names import (
-    DownloadArea, NotAVolume, check_component, is_sha256, is_uuid, parse_container_volume,
-    parse_obj_type, parse_verified_sha, parse_vm_volume,
+    DownloadArea,
+    NotAVolume,
+    check_component,
+    is_sha256,
+    is_uuid,
+    parse_container_volume,
+    parse_obj_type,
+    parse_verified_sha,
+    parse_vm_volume,
 )
+from .placement import INSIDE, Placement, split, undo
 from .resolver import Resolution, Resolver
+from .viewrename import Rename
 
 log = logging.getLogger(__name__)
 
 _AREA_KIND = {"pending": Kind.PENDING, "verifier": Kind.VERIFIER, "verified": Kind.VERIFIED}
-#: The state of a placement inside a placed directory (a name in a container volume).
-INSIDE = "inside"
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where an object is, or is to be: a store key and a path relative to it."""
-
-    store: str
-    rel: str
-    kind: str = Kind.OTHER
-    state: str = State.LEGACY   # legacy, new, unresolved; INSIDE: within a placed directory
-
-    @property
-    def is_legacy(self) -> bool:
-        """No index record: the legacy store, or inside a placed directory."""
-        return self.state in (State.LEGACY, INSIDE)
-
-
-def split(vpath: str) -> tuple[str, str]:
-    """``img/a/b`` -> (``img``, ``a/b``)."""
-    top, _, rest = vpath.partition("/")
-    return top, rest
-
-
-def join(vdir: str, name: str) -> str:
-    return f"{vdir}/{name}" if vdir else name
-
-
-def _undo(vpath: str, step, *args) -> None:  # type: ignore[no-untyped-def]
-    """One step of undoing a change that failed: never raises (the failure
-    that made the undo necessary is what the agent gets), logs if it fails."""
-    try:
-        step(*args)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("%s: undoing a failed change: %s failed: %s", vpath,
-                    getattr(step, "__name__", step), exc)
-
 
 class View:
     """The namespace of the mounted views over one device."""
@@ -95,6 +66,7 @@ class View:
         self.resolver = resolver
         self.stage = stage
         self.views = views
+        self._rename = Rename(self)
 
     # -- where things are -------------------------------------------------------
     def locate(self, vpath: str) -> tuple[Store, str, Record | None]:
@@ -120,7 +92,7 @@ class View:
         """Names in the view directory *vdir*: the legacy store's plus the index's.
 
         In the backing store's order (the caller snapshots it; no sort needed)."""
-        store, rel, rec = self.locate(vdir)
+        store, rel, _ = self.locate(vdir)
         names = store.listdir(rel)
         placed = self.index.children.get(vdir)
         if placed:
@@ -233,7 +205,7 @@ class View:
     # failure undoes what was done (directories made, index rows written) and
     # raises the failure's own errno; after it, only clean-up is left, which
     # logs instead of failing a change that has happened. A crash (nothing
-    # runs after it: BaseException in tests) is left to recover().
+    # runs after it: BaseException in tests) is left to the recovery (:func:`compatfs.migration.recover`).
 
     def create(self, vpath: str, flags: int, mode: int) -> tuple[int, Placement]:
         """Create and open the file *vpath*; returns (fd, where it went)."""
@@ -270,7 +242,7 @@ class View:
                     try:
                         snapshotid.write(store, p.rel, snapshotid.legacy_name(vpath))
                     except Exception:
-                        _undo(vpath, store.remove, p.rel)   # made just now: nothing else in it
+                        undo(vpath, store.remove, p.rel)   # made just now: nothing else in it
                         raise
             except Exception:
                 self.forget(vpath)
@@ -347,7 +319,7 @@ class View:
         try:
             store.rmdir(rel)
         except Exception:
-            _undo(vpath, snapshotid.write, store, rel, name)
+            undo(vpath, snapshotid.write, store, rel, name)
             raise
 
     def drop_legacy_shadow(self, vpath: str, directory: bool) -> None:
@@ -373,161 +345,10 @@ class View:
             except OSError:
                 return
             head = head.rpartition("/")[0]
-
     def rename(self, old: str, new: str, noreplace: bool = False) -> None:
-        """Rename *old* to *new* in the view, replacing *new* like rename(2).
-
-        All or nothing: every check that can refuse comes first; the one
-        step that makes the new name visible (an index write, or a rename(2))
-        is the commit point; what fails before it is undone."""
-        src_store, src_rel, src_rec = self.locate(old)
-        st = src_store.lstat(src_rel)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        try:
-            dst_st: os.stat_result | None = self.lstat(new)
-        except (FileNotFoundError, NotADirectoryError):
-            dst_st = None
-        if dst_st is not None:
-            if noreplace:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
-            if (dst_st.st_dev, dst_st.st_ino) == (st.st_dev, st.st_ino):
-                return      # the same object (or a hard link to it): rename(2) does nothing
-            dst_dir = stat.S_ISDIR(dst_st.st_mode)
-            if is_dir and not dst_dir:
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), new)
-            if dst_dir and not is_dir:
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), new)
-            if dst_dir and self.listdir(new):
-                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new)
-        replaced = self.index.records.get(new) if dst_st is not None else None
-        if self.placed(src_rec, old):
-            assert src_rec is not None
-            self._rename_placed(src_rec, new, is_dir, dst_st is not None, replaced)
-            return
-        src_in, dst_in = self.inside(old), self.inside(new)
-        if src_in is None and dst_in is None:
-            self._rename_legacy(old, new, is_dir, src_rec, replaced)
-            return
-        # within placed directories (container volumes): rename(2) there, or EXDEV
-        dst = dst_in or self.plain_place(new)
-        src_store.rename(src_rel, self.backing.get(dst.store), dst.rel)
-
-    def _drop_replaced(self, new: str, replaced: Record | None, shadow: bool, is_dir: bool,
-                       keep: tuple[str, str]) -> None:
-        """After a rename over *new* committed: remove what *new* named before
-        (its placed bytes, unless the rename itself replaced them at *keep*,
-        and a legacy-store object under it). Clean-up only: it logs."""
-        if replaced is not None and (replaced.store, replaced.rel) != keep \
-                and self.backing.has(replaced.store):
-            store = self.backing.get(replaced.store)
-            try:
-                (store.rmdir if is_dir else store.unlink)(replaced.rel)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("%s: the object it replaced is left at %s/%s: %s", new,
-                            replaced.store, replaced.rel, exc.strerror)
-            else:
-                self.tidy_new_dirs(replaced.store, replaced.rel)
-        if shadow or replaced is not None:
-            top, rest = split(new)
-            if (top, rest) != keep:
-                self.drop_legacy_shadow(new, directory=is_dir)
-
-    def _rename_legacy(self, old: str, new: str, is_dir: bool, src_rec: Record | None,
-                       replaced: Record | None) -> None:
-        """Bytes in the legacy store stay there; the migrator places them later.
-
-        The rename(2) in the legacy store commits (it replaces a legacy object
-        under *new* atomically); then the index follows. Should the index
-        refuse (a full disk), the rename is taken back. A crash in between
-        leaves *new* with a record and a legacy file: the start-up reconcile
-        serves the newer and sets the other aside (nothing is lost)."""
-        old_top, old_rest = split(old)
-        new_top, new_rest = split(new)
-        old_store, new_store = self.backing.get(old_top), self.backing.get(new_top)
-        old_store.rename(old_rest, new_store, new_rest)
-        below = is_dir and (old in self.index.children or self.index.has_below(old))
-        try:
-            if replaced is not None:
-                self.index.delete(new)
-            if below:
-                self.index.rename_prefix(old, new)
-        except Exception:
-            _undo(old, new_store.rename, new_rest, old_store, old_rest)
-            if replaced is not None and new not in self.index.records:
-                _undo(new, self.index.put, replaced)
-            raise
-        if src_rec is not None:      # kept for its state only: it does not follow the name
-            self.forget(old)
-        self._drop_replaced(new, replaced, False, is_dir, keep=(new_top, new_rest))
-
-    def _rename_placed(self, rec: Record, new: str, is_dir: bool, dst_exists: bool,
-                       replaced: Record | None) -> None:
-        """A placed object: follow the new name to its place when rename(2) can.
-
-        The index write that names the new place (with the old one in
-        prev_store/prev_rel) is the commit point for a crash: recovery
-        finishes or rolls back the move. A failure before the bytes moved
-        (the directory cannot be made, ENOSPC, EPERM) restores the record as
-        it was and removes the directories made for it."""
-        shadow = dst_exists and replaced is None
-        want = self.placement(new, is_dir)
-        if replaced is not None and (want.store, want.rel) == (replaced.store, replaced.rel):
-            free = True           # rename(2) replaces the bytes of *new* in place
-        else:
-            free = self.usable(want)
-        cur_store = self.backing.get(rec.store)
-        if want.is_legacy or (want.store, want.rel) == (rec.store, rec.rel) or not free:
-            # keep the bytes where they are; only the legacy name changes (one
-            # transaction, which also replaces the row of *new*)
-            self.index.move(rec.view, Record(new, rec.store, rec.rel,
-                                             want.kind if not want.is_legacy else rec.kind,
-                                             rec.state))
-            self._drop_replaced(new, replaced, shadow, is_dir, keep=(rec.store, rec.rel))
-            return
-        target, made = self.prepare(want)
-        try:
-            self.index.move(rec.view, Record(new, want.store, want.rel, want.kind, want.state,
-                                             rec.store, rec.rel))
-        except Exception:
-            target.remove_made(made)
-            raise
-        try:
-            cur_store.rename(rec.rel, target, want.rel)
-        except Exception as exc:
-            target.remove_made(made)
-            if not (isinstance(exc, OSError) and exc.errno == errno.EXDEV):
-                self._restore(rec, new, replaced)
-                raise
-            # across the vault boundary: the bytes stay, the migrator moves them
-            try:
-                self.index.put(Record(new, rec.store, rec.rel, want.kind, rec.state))
-            except Exception:
-                self._restore(rec, new, replaced)
-                raise
-            self._drop_replaced(new, replaced, shadow, is_dir, keep=(rec.store, rec.rel))
-            return
-        try:
-            self.index.put(Record(new, want.store, want.rel, want.kind, want.state))
-        except Exception as exc:  # noqa: BLE001 - moved; the next start drops prev
-            log.warning("%s: moved; its record names the old place as prev until the "
-                        "next start: %s", new, exc)
-        self._drop_replaced(new, replaced, shadow, is_dir, keep=(want.store, want.rel))
-        self.tidy_new_dirs(rec.store, rec.rel)
-
-    def _restore(self, rec: Record, new: str, replaced: Record | None) -> None:
-        """Put the records of a rename that failed before its bytes moved back."""
-        _undo(rec.view, self.index.move, new, rec)
-        if replaced is not None:
-            _undo(new, self.index.put, replaced)
-        if self.index.records.get(rec.view) is not rec:
-            # the index cannot be written: memory at least says what is true
-            # (the disk row names the old place as prev; recovery rolls back)
-            self.index._forget(new)
-            self.index._remember(rec)
-            if replaced is not None:
-                self.index._remember(replaced)
+        """Rename *old* to *new* in the view, replacing *new* like rename(2)
+        (:class:`compatfs.viewrename.Rename`)."""
+        self._rename(old, new, noreplace)
 
     def link(self, old: str, new: str) -> None:
         src_store, src_rel, src_rec = self.locate(old)
@@ -561,14 +382,14 @@ class View:
                                       rec.store, rec.rel))
             except Exception:
                 if sid:
-                    _undo(rec.view, snapshotid.drop, cur, rec.rel, name)
+                    undo(rec.view, snapshotid.drop, cur, rec.rel, name)
                 raise
             try:
                 cur.rename(rec.rel, self.prepare(want)[0], want.rel)
             except OSError as exc:
                 self.index.put(rec)
                 if sid:
-                    _undo(rec.view, snapshotid.drop, cur, rec.rel, name)
+                    undo(rec.view, snapshotid.drop, cur, rec.rel, name)
                 if exc.errno != errno.EXDEV:
                     log.warning("%s: cannot move to %s/%s: %s", rec.view, want.store, want.rel,
                                 exc.strerror)

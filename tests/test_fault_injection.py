@@ -1,6 +1,6 @@
 """A fault inside the migrator, or inside a view's write path, never wedges the views.
 
-Every named point of a migration (``compatfs.migrator.MIGRATE_FAULT_POINTS``)
+Every named point of a migration (``compatfs.migration.MIGRATE_FAULT_POINTS``)
 is made to raise ``OSError(EIO)`` once (``COMPATFS_FAULT_MODE=raise``,
 ``COMPATFS_FAULT_TIMES=1``) in a daemon serving stage migrate on a device
 image. While and after the fault, within a deadline: the views list, a volume

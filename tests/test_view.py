@@ -25,7 +25,8 @@ from compatfs.names import ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 from compatfs.rules import DEFAULT_RULES, OCI_LAYER_MEDIA_TYPE, Rules, rules_for
-from compatfs.view import Placement, View
+from compatfs.placement import Placement
+from compatfs.view import View
 
 DESIGN_NOTE = rules_for("design-note")
 BOTH = pytest.mark.parametrize("layout_rules", [DEFAULT_RULES, DESIGN_NOTE],

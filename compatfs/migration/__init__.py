@@ -19,7 +19,14 @@ What callers need is exported here.
 from .faults import FAULT_POINTS, MIGRATE_FAULT_POINTS, ROLLBACK_FAULT_POINTS
 from .livecopy import DIRTY_BLOCK, DirtyLog, LiveChanges
 from .progress import (
-    Converging, InUse, Item, NoSpace, Progress, Quarantined, Unmovable, expected_sha,
+    Converging,
+    InUse,
+    Item,
+    NoSpace,
+    Progress,
+    Quarantined,
+    Unmovable,
+    expected_sha,
 )
 from .recovery import recover
 from .rollback import Rollback

@@ -29,7 +29,7 @@ FAULT_POINTS = MIGRATE_FAULT_POINTS + ROLLBACK_FAULT_POINTS
 class Faults:
     """The hook as this process's environment sets it (read once, at construction)."""
 
-    __slots__ = ("_at", "_skip", "_times", "_raise", "settling")
+    __slots__ = ("_at", "_raise", "_skip", "_times", "settling")
 
     def __init__(self) -> None:
         self._at = os.environ.get("COMPATFS_FAULT") or None

@@ -13,6 +13,7 @@ blocks and file descriptors; what is copied, and when, is the moves'.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import trio
+import trio.lowlevel
 
 from .. import copy as copier
 from ..changes import FileKey
@@ -73,7 +75,7 @@ class DirtyLog:
     :attr:`mirror_error` and ends this attempt, never the guest's request.
     """
 
-    __slots__ = ("blocks", "shrunk_to", "touched", "mirror", "mirror_error")
+    __slots__ = ("blocks", "mirror", "mirror_error", "shrunk_to", "touched")
 
     def __init__(self) -> None:
         self.blocks: set[int] = set()
@@ -158,7 +160,7 @@ class LiveChanges:
     reach the dirty log of a file being copied, changes inside a tree being copied
     mark it for another copy, and an opened name moves up the queue."""
 
-    __slots__ = ("dirty", "trees", "_opened")
+    __slots__ = ("_opened", "dirty", "trees")
 
     def __init__(self, dirty: dict[FileKey, DirtyLog], trees: dict[str, bool],
                  opened: Callable[[str], None]) -> None:
@@ -200,7 +202,7 @@ async def follow(vpath: str, dirty: DirtyLog, src_fd: int, tmp_fd: int) -> None:
         passes += 1
         shrunk_to, ranges = dirty.take()
         log.debug("%s: pass %d over %d dirty ranges", vpath, passes, len(ranges))
-        await in_background(lambda: DirtyLog.apply(src_fd, tmp_fd, shrunk_to, ranges))
+        await in_background(functools.partial(DirtyLog.apply, src_fd, tmp_fd, shrunk_to, ranges))
     if dirty.blocks:
         await converge(vpath, dirty, src_fd, tmp_fd)
 
@@ -221,5 +223,5 @@ async def converge(vpath: str, dirty: DirtyLog, src_fd: int, tmp_fd: int) -> Non
         blocks = sorted(dirty.blocks)[:SLICE_BYTES // DIRTY_BLOCK]
         dirty.blocks.difference_update(blocks)
         copier.copy_ranges(src_fd, tmp_fd, [(b * DIRTY_BLOCK, DIRTY_BLOCK) for b in blocks])
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
     log.debug("%s: converged with writes mirrored", vpath)

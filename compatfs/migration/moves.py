@@ -17,7 +17,6 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
 
 import trio
 

@@ -28,7 +28,8 @@ from .. import snapshotid
 from ..backing import Store, aside_name
 from ..enums import Kind, State, StoreKey
 from ..index import Record
-from ..view import Placement, View, split
+from ..placement import Placement, split
+from ..view import View
 from .faults import Faults
 from .progress import Item, why
 from .steps import Steps, drop_tmp_dir, signature

@@ -21,7 +21,7 @@ from .. import copy as copier
 from ..backing import Store
 from ..enums import State, StoreKey
 from ..index import Record
-from ..view import split
+from ..placement import split
 from .moves import refuse_if_held
 from .scheduler import Migrator
 from .steps import drop_tmp_dir, fsync_parent, signature, tmp_place

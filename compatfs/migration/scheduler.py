@@ -36,12 +36,22 @@ from ..config import Migration
 from ..enums import Kind, State, StoreKey, ViewName
 from ..handles import HandleTable
 from ..index import Record
+from ..placement import split
 from ..plan import make_plan
-from ..view import View, split
+from ..view import View
 from .faults import Faults
 from .livecopy import LiveChanges
 from .moves import Mover
-from .progress import Converging, InUse, Item, NoSpace, Progress, Quarantined, expected_sha, why
+from .progress import (
+    Converging,
+    InUse,
+    Item,
+    NoSpace,
+    Progress,
+    Quarantined,
+    expected_sha,
+    why,
+)
 from .recovery import recover
 from .steps import Steps
 
@@ -250,7 +260,7 @@ class Migrator:
                 try:
                     await self.run_once()
                     failures = 0
-                except Exception as exc:  # noqa: BLE001 - the views never depend on a pass
+                except Exception as exc:
                     failures += 1
                     self.progress.faults += 1
                     wait = min(wait, self._backoff(failures))
@@ -266,7 +276,8 @@ class Migrator:
         doubling, and :data:`RETRY_CAP_S` from ``retries`` attempts on."""
         if attempts >= max(1, self.settings.retries):
             return RETRY_CAP_S
-        return min(self._wait_s() * 2 ** max(0, attempts - 1), RETRY_CAP_S)
+        factor: int = 2 ** max(0, attempts - 1)
+        return min(self._wait_s() * factor, RETRY_CAP_S)
 
     def _wait_s(self) -> float:
         """The wait before an object that waits (no room, in use, busy) is tried again."""
@@ -302,7 +313,7 @@ class Migrator:
     async def _one(self, item: Item, limiter: trio.Semaphore) -> None:
         try:
             await self.migrate(item)
-        except Exception as exc:  # noqa: BLE001 - never the pass, the others, the views
+        except Exception as exc:
             self.progress.faults += 1
             log.warning("%s: unexpected error after its migration: %s", item.vpath, why(exc))
             log.debug("%s: unexpected error", item.vpath, exc_info=True)
@@ -357,12 +368,13 @@ class Migrator:
         except Exception as exc:  # noqa: BLE001 - one failure never stops the others
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # a full disk mid-copy: back off and try again, not a failure
+                settled: bool | None
                 try:
-                    migrated = self.steps.settle(item)
+                    settled = self.steps.settle(item)
                 except Exception:  # noqa: BLE001 - the index is full too: a failure
-                    pass
-                else:
-                    if not migrated:
+                    settled = None
+                if settled is not None:
+                    if not settled:
                         self._retry_later(item, f"the destination filled up: {exc.strerror}")
                         log.info("%s: destination full mid-copy; will retry", item.vpath)
                     return
@@ -387,7 +399,7 @@ class Migrator:
         log.debug("%s: migration failed", item.vpath, exc_info=exc)
         try:
             migrated = self.steps.settle(item)
-        except Exception as settle_exc:  # noqa: BLE001 - e.g. the index cannot be written
+        except Exception as settle_exc:
             log.warning("%s: migration failed (%s) and its record cannot be put back in "
                         "order now (%s); will try again", item.vpath, reason, why(settle_exc))
             log.debug("%s: settling failed", item.vpath, exc_info=True)

@@ -28,8 +28,8 @@ from ..changes import FileKey
 from ..enums import MIGRATING_STATES, Kind, State, StoreKey
 from ..handles import HandleTable
 from ..index import Index, Record
+from ..placement import split
 from ..scan import TMP_DIR
-from ..view import split
 from .faults import Faults
 from .progress import Item, why
 
