@@ -99,18 +99,23 @@ class Mover:
         """A container volume gets ``snapshotid.txt`` when it moves (layout eve)."""
         return snapshotid.wanted(self.view.layout.rules, item.kind)
 
+    def _begin(self, item: Item, dst: Store, state: State) -> None:
+        """Commit *state* (``renaming`` or ``copying``: what the recovery then finishes
+        or undoes; its fault point has its name), and make the directories the
+        object goes in."""
+        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind, state,
+                              target_store=item.dst_store, target_rel=item.dst_rel))
+        self.steps.faults.hit(state)
+        head = item.dst_rel.rpartition("/")[0]
+        if head:
+            dst.makedirs(head, 0o700)
+
     # -- rename -----------------------------------------------------------------------
     async def rename(self, item: Item) -> bool:
         """rename(2) when the kernel allows it; False when it does not (copy instead)."""
         self.check_unused(item)
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
-        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
-                              State.RENAMING, target_store=item.dst_store,
-                              target_rel=item.dst_rel))
-        self.steps.faults.hit("renaming")
-        head = item.dst_rel.rpartition("/")[0]
-        if head:
-            dst.makedirs(head, 0o700)
+        self._begin(item, dst, State.RENAMING)
         snapshot = item.is_dir and self.wants_snapshot_id(item)
         if snapshot:
             # in the legacy tree, before the rename: the tree appears with it (old
@@ -151,13 +156,7 @@ class Mover:
                 raise Unmovable(f"it has {st0.st_nlink} hard links; compatfs moves a file "
                                 "only while it has one name")
             self.check_space(dst, st0.st_blocks * 512)
-            self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
-                                  State.COPYING, target_store=item.dst_store,
-                                  target_rel=item.dst_rel))
-            self.steps.faults.hit("copying")
-            head = item.dst_rel.rpartition("/")[0]
-            if head:
-                dst.makedirs(head, 0o700)
+            self._begin(item, dst, State.COPYING)
             dst.staging.make()
             try:
                 stage.unlink(tmp_rel)
@@ -258,13 +257,7 @@ class Mover:
         src, dst = self.backing.get(item.src_store), self.backing.get(item.dst_store)
         stage, tmp_rel = tmp_place(dst, item.dst_rel)
         self.check_space(dst, item.bytes)
-        self.index.put(Record(item.vpath, item.src_store, item.src_rel, item.kind,
-                              State.COPYING, target_store=item.dst_store,
-                              target_rel=item.dst_rel))
-        self.steps.faults.hit("copying")
-        head = item.dst_rel.rpartition("/")[0]
-        if head:
-            dst.makedirs(head, 0o700)
+        self._begin(item, dst, State.COPYING)
         dst.staging.make()
         stage.remove(tmp_rel)
         dfd, dname = stage.open_dir(dst.staging.dir), tmp_rel.rpartition("/")[2]  # fsync: real fd
