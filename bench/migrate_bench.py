@@ -82,7 +82,7 @@ from compatfs.testing import daemonproc, devicefs, devicegen
 from compatfs.backing import NEW_STORES, own_location
 from compatfs.stores import STAGING_DIR
 from compatfs.layout import Layout
-from compatfs.migrator import tmp_leaf
+from compatfs.migration import tmp_leaf
 from compatfs.names import DownloadArea, ObjType
 
 MiB = 1 << 20
@@ -783,7 +783,7 @@ def code_bytes() -> int:
     """Bytes of the files a ``compatfs migrate`` process loads: modules and mapped libraries."""
     probe = ("import sys, os\n"
              "sys.argv = ['compatfs', 'migrate', '--help']\n"
-             "from compatfs import cli, daemon, migrator, filecopy, treecopy, operations  # noqa\n"
+             "from compatfs import cli, daemon, migration, filecopy, treecopy, operations  # noqa\n"
              "import trio, pyfuse3, yaml, sqlite3, hashlib  # noqa\n"
              "files = {getattr(m, '__file__', None) for m in list(sys.modules.values())}\n"
              "files |= {l.split()[-1] for l in open('/proc/self/maps') if '/' in l}\n"

@@ -437,7 +437,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     import trio
 
-    from .migrator import Rollback
+    from .migration import Rollback
 
     _setup_logging(args.log_level)
     daemon = _offline(args, "migrate")

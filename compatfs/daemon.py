@@ -44,14 +44,15 @@ from .control import Control
 from .daemonstate import DaemonState
 from .enums import count_by_state, views_for as _views_for
 from .handles import HandleTable
+from .enums import PLACING_STAGES
 from .index import Index, IndexRefused
 from .indexopen import open_index
-from .migrator import Migrator
+from .migration import Migrator
 from .operations import Operations
 from .resolver import Resolver
 from .rules import release_text
 from .rundir import RunDir
-from .view import PLACING_STAGES, View
+from .view import View
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Daemon:
                                  None if self.offline else handles, bases,
                                  on_switch=self._invalidate)
         self.throttle_mib_per_s = self.cfg.migration.throttle_mib_per_s
-        for line in self.migrator.recover() + self.view.recover():
+        for line in self.migrator.recover():
             log.info("recovery: %s", line)
         self.ops = Operations(
             self.view, self.attr_timeout, handles=handles,

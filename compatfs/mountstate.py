@@ -36,7 +36,8 @@ from .controlfile import ControlFile
 from .handles import Handle, HandleTable
 from .inodes import ROOT, InodeTable
 from .latency import LatencyHistogram
-from .view import View, join
+from .placement import join
+from .view import View
 from .writebehind import Stream, WriteBehind
 
 

@@ -28,7 +28,7 @@ from .control import CONTROL_NAME
 from .handles import backing_flags
 from .inodes import ROOT
 from .mountstate import MountState
-from .view import join
+from .placement import join
 
 #: The longest name and path (in bytes, with its terminating NUL) link(2) takes on Linux.
 NAME_MAX = 255

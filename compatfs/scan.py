@@ -29,7 +29,7 @@ from .names import (
     parse_vm_volume,
 )
 
-#: compatfs' own directories at the top of a store (see compatfs.migrator): copies
+#: compatfs' own directories at the top of a store (see compatfs.migration.steps): copies
 #: it set aside, and the temporaries of moves under way (named by a hash of their
 #: target, so no agent's file, whatever its name, is ever taken for one)
 SET_ASIDE_DIR = ".compatfs-set-aside"

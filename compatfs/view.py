@@ -20,7 +20,9 @@ vault boundary when they cannot move by ``rename(2)``, so an agent never
 waits for a copy and never sees ``EXDEV``.
 
 This module decides; :mod:`compatfs.backing` does the syscalls;
-:mod:`compatfs.operations` turns FUSE requests into calls here.
+:mod:`compatfs.operations` turns FUSE requests into calls here. Renames are
+:mod:`compatfs.viewrename`'s; what a crash left half done is finished before
+serving by :func:`compatfs.migration.recover`.
 """
 
 from __future__ import annotations
@@ -28,96 +30,32 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
-from dataclasses import dataclass
 
 from . import snapshotid
 from .backing import Backing
+from .enums import PLACING_STAGES, Kind, State, StoreKey, ViewName
 from .index import Index
-from .indexformat import KEPT_LEGACY, Record
+from .indexformat import Record
 from .layout import Layout
 from .names import (
-    DownloadArea, NotAVolume, check_component, is_sha256, is_uuid, parse_container_volume,
-    parse_obj_type, parse_verified_sha, parse_vm_volume,
+    DownloadArea,
+    NotAVolume,
+    check_component,
+    is_sha256,
+    is_uuid,
+    parse_container_volume,
+    parse_obj_type,
+    parse_verified_sha,
+    parse_vm_volume,
 )
+from .placement import INSIDE, Placement, split, undo
 from .resolver import Resolution, Resolver
-from .stores import Store, aside_name
+from .stores import Store
+from .viewrename import Rename
 
 log = logging.getLogger(__name__)
 
-#: Stages in which new objects are placed in the new layout.
-PLACING_STAGES = frozenset({"redirect", "migrate"})
-
-_AREA_KIND = {"pending": "pending", "verifier": "verifier", "verified": "verified"}
-
-
-def _kind_of(mode: int) -> str:
-    """What a file type is called in messages."""
-    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"),
-                       (stat.S_ISREG, "regular file")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _age(store: Store, rel: str, st: os.stat_result) -> tuple[int, int]:
-    """How new an object's data is, for choosing between two copies: the
-    newest (mtime_ns, ctime_ns) of the object and, for a directory (a
-    container volume), of everything below it. Compared as a pair: mtime
-    first, ctime on a tie."""
-    newest = (st.st_mtime_ns, st.st_ctime_ns)
-    if not stat.S_ISDIR(st.st_mode):
-        return newest
-    fd = store.open_dir(rel)
-    try:
-        for _, dirs, files, dfd in os.fwalk(".", dir_fd=fd):
-            for name in dirs + files:
-                try:
-                    s = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                newest = max(newest, (s.st_mtime_ns, s.st_ctime_ns))
-    finally:
-        os.close(fd)
-    return newest
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where an object is, or is to be: a store key and a path relative to it."""
-
-    store: str
-    rel: str
-    kind: str = "other"
-    state: str = "legacy"   # legacy, new, unresolved; inside: within a placed directory
-
-    @property
-    def is_legacy(self) -> bool:
-        """No index record: the legacy store, or inside a placed directory."""
-        return self.state in ("legacy", "inside")
-
-
-def split(vpath: str) -> tuple[str, str]:
-    """``img/a/b`` -> (``img``, ``a/b``)."""
-    top, _, rest = vpath.partition("/")
-    return top, rest
-
-
-def join(vdir: str, name: str) -> str:
-    return f"{vdir}/{name}" if vdir else name
-
-
-def _undo(vpath: str, step, *args) -> None:  # type: ignore[no-untyped-def]
-    """One step of undoing a change that failed: never raises (the failure
-    that made the undo necessary is what the agent gets), logs if it fails."""
-    try:
-        step(*args)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("%s: undoing a failed change: %s failed: %s", vpath,
-                    getattr(step, "__name__", step), exc)
-
+_AREA_KIND = {"pending": Kind.PENDING, "verifier": Kind.VERIFIER, "verified": Kind.VERIFIED}
 
 class View:
     """The namespace of the mounted views over one device."""
@@ -130,6 +68,7 @@ class View:
         self.resolver = resolver
         self.stage = stage
         self.views = views
+        self._rename = Rename(self)
 
     # -- where things are -------------------------------------------------------
     def locate(self, vpath: str) -> tuple[Store, str, Record | None]:
@@ -138,7 +77,7 @@ class View:
         if rec is not None:
             return self.backing.get(rec.store), rec.rel, rec
         top, rest = split(vpath)
-        if top == "prepared" and "/" in rest:
+        if top == ViewName.PREPARED and "/" in rest:
             head, _, tail = rest.partition("/")
             rec = self.index.records.get(f"prepared/{head}")
             if rec is not None:
@@ -155,7 +94,7 @@ class View:
         """Names in the view directory *vdir*: the legacy store's plus the index's.
 
         In the backing store's order (the caller snapshots it; no sort needed)."""
-        store, rel, rec = self.locate(vdir)
+        store, rel, _ = self.locate(vdir)
         names = store.listdir(rel)
         placed = self.index.children.get(vdir)
         if placed:
@@ -163,25 +102,25 @@ class View:
         return names
 
     # -- where new things go ---------------------------------------------------
-    def _inside(self, vpath: str) -> Placement | None:
+    def inside(self, vpath: str) -> Placement | None:
         """A name inside a placed directory (a container volume) lives there too."""
         top, rest = split(vpath)
-        if top != "prepared" or "/" not in rest:
+        if top != ViewName.PREPARED or "/" not in rest:
             return None
         head, _, tail = rest.partition("/")
         rec = self.index.records.get(f"prepared/{head}")
         if rec is None:
             return None
-        return Placement(rec.store, f"{rec.rel}/{tail}", "other", "inside")
+        return Placement(rec.store, f"{rec.rel}/{tail}", Kind.OTHER, INSIDE)
 
     def plain_place(self, vpath: str) -> Placement:
         """Where a symbolic link or special file named *vpath* is made: never placed."""
         top, rest = split(vpath)
-        return self._inside(vpath) or Placement(top, rest)
+        return self.inside(vpath) or Placement(top, rest)
 
     def placement(self, vpath: str, is_dir: bool) -> Placement:
         """Where a new object named *vpath* belongs in the current stage."""
-        inside = self._inside(vpath)
+        inside = self.inside(vpath)
         if inside is not None:
             return inside
         top, rest = split(vpath)
@@ -190,13 +129,13 @@ class View:
             return legacy
         parts = rest.split("/")
         try:
-            if top == "img" and len(parts) == 1 and not is_dir:
+            if top == ViewName.IMG and len(parts) == 1 and not is_dir:
                 res = self.resolver.resolve_vm(parse_vm_volume(parts[0]))
-                return self._volume(res, vpath, "vm-volume") or legacy
-            if top == "prepared" and len(parts) == 1 and is_dir:
+                return self._volume(res, vpath, Kind.VM_VOLUME) or legacy
+            if top == ViewName.PREPARED and len(parts) == 1 and is_dir:
                 res = self.resolver.resolve_container(parse_container_volume(parts[0]))
-                return self._volume(res, vpath, "oci-volume") or legacy
-            if top == "downloads" and len(parts) == 4 and not is_dir:
+                return self._volume(res, vpath, Kind.OCI_VOLUME) or legacy
+            if top == ViewName.DOWNLOADS and len(parts) == 4 and not is_dir:
                 return self._download(parts) or legacy
         except NotAVolume:
             return legacy
@@ -208,9 +147,9 @@ class View:
         if res.target is None or res.location is None:
             if res.by_rule:
                 return None
-            return Placement("unresolved", vpath, kind, "unresolved")
+            return Placement(StoreKey.UNRESOLVED, vpath, kind, State.UNRESOLVED)
         rel = os.path.relpath(res.target, self.layout.path(res.location))
-        return Placement(res.location, rel, kind, "new")
+        return Placement(res.location, rel, kind, State.NEW)
 
     def _download(self, parts: list[str]) -> Placement | None:
         obj_type = parse_obj_type(parts[0])
@@ -229,9 +168,9 @@ class View:
         if res.target is None or res.location is None:
             return None     # the rules keep it in the legacy store (eve: in progress)
         rel = os.path.relpath(res.target, self.layout.path(res.location))
-        return Placement(res.location, rel, _AREA_KIND[area_name], "new")
+        return Placement(res.location, rel, _AREA_KIND[area_name], State.NEW)
 
-    def _usable(self, p: Placement) -> bool:
+    def usable(self, p: Placement) -> bool:
         """A new-layout placement is usable when its store is open and the name is free."""
         if p.is_legacy:
             return True
@@ -243,17 +182,17 @@ class View:
         """:meth:`placement`, falling back to the legacy store when the new
         location is taken (never clobber what is there) or unavailable."""
         p = self.placement(vpath, is_dir)
-        if self._usable(p):
+        if self.usable(p):
             return p
-        if p.state == "new":
-            alt = Placement("unresolved", vpath, p.kind, "unresolved")
-            if p.kind in ("vm-volume", "oci-volume") and self._usable(alt):
+        if p.state == State.NEW:
+            alt = Placement(StoreKey.UNRESOLVED, vpath, p.kind, State.UNRESOLVED)
+            if p.kind in (Kind.VM_VOLUME, Kind.OCI_VOLUME) and self.usable(alt):
                 log.debug("%s: %s/%s is taken; parked in the unresolved area", vpath, p.store, p.rel)
                 return alt
         top, rest = split(vpath)
         return Placement(top, rest)
 
-    def _prepare(self, p: Placement) -> tuple[Store, list[str]]:
+    def prepare(self, p: Placement) -> tuple[Store, list[str]]:
         """The store of *p*, with the directories above a new-layout name made;
         returns the store and the directories made (to undo on failure)."""
         store = self.backing.get(p.store)
@@ -268,20 +207,20 @@ class View:
     # failure undoes what was done (directories made, index rows written) and
     # raises the failure's own errno; after it, only clean-up is left, which
     # logs instead of failing a change that has happened. A crash (nothing
-    # runs after it: BaseException in tests) is left to recover().
+    # runs after it: BaseException in tests) is left to the recovery (:func:`compatfs.migration.recover`).
 
     def create(self, vpath: str, flags: int, mode: int) -> tuple[int, Placement]:
         """Create and open the file *vpath*; returns (fd, where it went)."""
         p = self.place_new(vpath, is_dir=False)
         if p.is_legacy:
             return self.backing.get(p.store).open(p.rel, flags | os.O_CREAT, mode), p
-        store, made = self._prepare(p)
+        store, made = self.prepare(p)
         try:
             self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
             try:
                 fd = store.open(p.rel, flags | os.O_CREAT | os.O_EXCL, mode)
             except Exception:
-                self._forget(vpath)
+                self.forget(vpath)
                 raise
         except Exception:
             store.remove_made(made)
@@ -296,7 +235,7 @@ class View:
         if p.is_legacy:
             self.backing.get(p.store).mkdir(p.rel, mode)
             return p
-        store, made = self._prepare(p)
+        store, made = self.prepare(p)
         try:
             self.index.put(Record(vpath, p.store, p.rel, p.kind, p.state))
             try:
@@ -305,10 +244,10 @@ class View:
                     try:
                         snapshotid.write(store, p.rel, snapshotid.legacy_name(vpath))
                     except Exception:
-                        _undo(vpath, store.remove, p.rel)   # made just now: nothing else in it
+                        undo(vpath, store.remove, p.rel)   # made just now: nothing else in it
                         raise
             except Exception:
-                self._forget(vpath)
+                self.forget(vpath)
                 raise
         except Exception:
             store.remove_made(made)
@@ -319,14 +258,14 @@ class View:
         """A directory placed at *p* carries ``snapshotid.txt`` (layout eve, a container
         volume at its final name: old EVE keys its containerd snapshot by the legacy
         name, new EVE reads the key from there; docs/eve.md, E5)."""
-        return p.state == "new" and snapshotid.wanted(self.layout.rules, p.kind)
+        return p.state == State.NEW and snapshotid.wanted(self.layout.rules, p.kind)
 
-    def _placed(self, rec: Record | None, vpath: str) -> bool:
+    def placed(self, rec: Record | None, vpath: str) -> bool:
         """*rec* places *vpath* outside the legacy store (not a record kept
         only for its state or reason, whose bytes are at the legacy path)."""
         return rec is not None and rec.store != split(vpath)[0]
 
-    def _forget(self, vpath: str) -> None:
+    def forget(self, vpath: str) -> None:
         """Drop the record of *vpath*, whose bytes are not (or no longer) at
         its place. Never raises: if the index cannot be written now (a full
         disk), the record goes from memory, so the agent sees what is true,
@@ -347,18 +286,18 @@ class View:
             store.unlink(rel)
         except FileNotFoundError:
             pass
-        self._forget(vpath)
-        if self._placed(rec, vpath):
-            self._drop_legacy_shadow(vpath, directory=False)
-            self._tidy_new_dirs(rec.store, rel)
+        self.forget(vpath)
+        if self.placed(rec, vpath):
+            self.drop_legacy_shadow(vpath, directory=False)
+            self.tidy_new_dirs(rec.store, rel)
 
     def rmdir(self, vpath: str) -> None:
         store, rel, rec = self.locate(vpath)
         if rec is not None:
             self._rmdir_recorded(vpath, store, rel, rec)
-            self._forget(vpath)
-            if self._placed(rec, vpath):
-                self._drop_legacy_shadow(vpath, directory=True)
+            self.forget(vpath)
+            if self.placed(rec, vpath):
+                self.drop_legacy_shadow(vpath, directory=True)
             return
         if vpath in self.index.children:
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), vpath)
@@ -373,7 +312,7 @@ class View:
             store.rmdir(rel)
             return
         except OSError as exc:
-            if exc.errno != errno.ENOTEMPTY or rec.kind != "oci-volume" \
+            if exc.errno != errno.ENOTEMPTY or rec.kind != Kind.OCI_VOLUME \
                     or store.listdir(rel) != [snapshotid.SNAPSHOT_ID_FILE]:
                 raise
             name = snapshotid.legacy_name(vpath)
@@ -382,10 +321,10 @@ class View:
         try:
             store.rmdir(rel)
         except Exception:
-            _undo(vpath, snapshotid.write, store, rel, name)
+            undo(vpath, snapshotid.write, store, rel, name)
             raise
 
-    def _drop_legacy_shadow(self, vpath: str, directory: bool) -> None:
+    def drop_legacy_shadow(self, vpath: str, directory: bool) -> None:
         """Remove a legacy-store object the record shadowed (a copy left behind)."""
         top, rest = split(vpath)
         legacy = self.backing.get(top)
@@ -396,9 +335,9 @@ class View:
         except OSError as exc:
             log.warning("%s: could not remove the legacy copy: %s", vpath, exc.strerror)
 
-    def _tidy_new_dirs(self, store_key: str, rel: str) -> None:
+    def tidy_new_dirs(self, store_key: str, rel: str) -> None:
         """Remove now-empty parent directories a placement created (downloads)."""
-        if store_key not in ("downloader", "verifier"):
+        if store_key not in (StoreKey.DOWNLOADER, StoreKey.VERIFIER):
             return
         store = self.backing.get(store_key)
         head = rel.rpartition("/")[0]
@@ -408,304 +347,26 @@ class View:
             except OSError:
                 return
             head = head.rpartition("/")[0]
-
     def rename(self, old: str, new: str, noreplace: bool = False) -> None:
-        """Rename *old* to *new* in the view, replacing *new* like rename(2).
-
-        All or nothing: every check that can refuse comes first; the one
-        step that makes the new name visible (an index write, or a rename(2))
-        is the commit point; what fails before it is undone."""
-        src_store, src_rel, src_rec = self.locate(old)
-        st = src_store.lstat(src_rel)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        try:
-            dst_st: os.stat_result | None = self.lstat(new)
-        except (FileNotFoundError, NotADirectoryError):
-            dst_st = None
-        if dst_st is not None:
-            if noreplace:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
-            if (dst_st.st_dev, dst_st.st_ino) == (st.st_dev, st.st_ino):
-                return      # the same object (or a hard link to it): rename(2) does nothing
-            dst_dir = stat.S_ISDIR(dst_st.st_mode)
-            if is_dir and not dst_dir:
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), new)
-            if dst_dir and not is_dir:
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), new)
-            if dst_dir and self.listdir(new):
-                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new)
-        replaced = self.index.records.get(new) if dst_st is not None else None
-        if self._placed(src_rec, old):
-            assert src_rec is not None
-            self._rename_placed(src_rec, new, is_dir, dst_st is not None, replaced)
-            return
-        src_in, dst_in = self._inside(old), self._inside(new)
-        if src_in is None and dst_in is None:
-            self._rename_legacy(old, new, is_dir, src_rec, replaced)
-            return
-        # within placed directories (container volumes): rename(2) there, or EXDEV
-        dst = dst_in or self.plain_place(new)
-        src_store.rename(src_rel, self.backing.get(dst.store), dst.rel)
-
-    def _drop_replaced(self, new: str, replaced: Record | None, shadow: bool, is_dir: bool,
-                       keep: tuple[str, str]) -> None:
-        """After a rename over *new* committed: remove what *new* named before
-        (its placed bytes, unless the rename itself replaced them at *keep*,
-        and a legacy-store object under it). Clean-up only: it logs."""
-        if replaced is not None and (replaced.store, replaced.rel) != keep \
-                and self.backing.has(replaced.store):
-            store = self.backing.get(replaced.store)
-            try:
-                (store.rmdir if is_dir else store.unlink)(replaced.rel)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("%s: the object it replaced is left at %s/%s: %s", new,
-                            replaced.store, replaced.rel, exc.strerror)
-            else:
-                self._tidy_new_dirs(replaced.store, replaced.rel)
-        if shadow or replaced is not None:
-            top, rest = split(new)
-            if (top, rest) != keep:
-                self._drop_legacy_shadow(new, directory=is_dir)
-
-    def _rename_legacy(self, old: str, new: str, is_dir: bool, src_rec: Record | None,
-                       replaced: Record | None) -> None:
-        """Bytes in the legacy store stay there; the migrator places them later.
-
-        The rename(2) in the legacy store commits (it replaces a legacy object
-        under *new* atomically); then the index follows. Should the index
-        refuse (a full disk), the rename is taken back. A crash in between
-        leaves *new* with a record and a legacy file: the start-up reconcile
-        serves the newer and sets the other aside (nothing is lost)."""
-        old_top, old_rest = split(old)
-        new_top, new_rest = split(new)
-        old_store, new_store = self.backing.get(old_top), self.backing.get(new_top)
-        old_store.rename(old_rest, new_store, new_rest)
-        below = is_dir and (old in self.index.children or self.index.has_below(old))
-        try:
-            if replaced is not None:
-                self.index.delete(new)
-            if below:
-                self.index.rename_prefix(old, new)
-        except Exception:
-            _undo(old, new_store.rename, new_rest, old_store, old_rest)
-            if replaced is not None and new not in self.index.records:
-                _undo(new, self.index.put, replaced)
-            raise
-        if src_rec is not None:      # kept for its state only: it does not follow the name
-            self._forget(old)
-        self._drop_replaced(new, replaced, False, is_dir, keep=(new_top, new_rest))
-
-    def _rename_placed(self, rec: Record, new: str, is_dir: bool, dst_exists: bool,
-                       replaced: Record | None) -> None:
-        """A placed object: follow the new name to its place when rename(2) can.
-
-        The index write that names the new place (with the old one in
-        prev_store/prev_rel) is the commit point for a crash: recovery
-        finishes or rolls back the move. A failure before the bytes moved
-        (the directory cannot be made, ENOSPC, EPERM) restores the record as
-        it was and removes the directories made for it."""
-        shadow = dst_exists and replaced is None
-        want = self.placement(new, is_dir)
-        if replaced is not None and (want.store, want.rel) == (replaced.store, replaced.rel):
-            free = True           # rename(2) replaces the bytes of *new* in place
-        else:
-            free = self._usable(want)
-        cur_store = self.backing.get(rec.store)
-        if want.is_legacy or (want.store, want.rel) == (rec.store, rec.rel) or not free:
-            # keep the bytes where they are; only the legacy name changes (one
-            # transaction, which also replaces the row of *new*)
-            self.index.move(rec.view, Record(new, rec.store, rec.rel,
-                                             want.kind if not want.is_legacy else rec.kind,
-                                             rec.state))
-            self._drop_replaced(new, replaced, shadow, is_dir, keep=(rec.store, rec.rel))
-            return
-        target, made = self._prepare(want)
-        try:
-            self.index.move(rec.view, Record(new, want.store, want.rel, want.kind, want.state,
-                                             rec.store, rec.rel))
-        except Exception:
-            target.remove_made(made)
-            raise
-        try:
-            cur_store.rename(rec.rel, target, want.rel)
-        except Exception as exc:
-            target.remove_made(made)
-            if not (isinstance(exc, OSError) and exc.errno == errno.EXDEV):
-                self._restore(rec, new, replaced)
-                raise
-            # across the vault boundary: the bytes stay, the migrator moves them
-            try:
-                self.index.put(Record(new, rec.store, rec.rel, want.kind, rec.state))
-            except Exception:
-                self._restore(rec, new, replaced)
-                raise
-            self._drop_replaced(new, replaced, shadow, is_dir, keep=(rec.store, rec.rel))
-            return
-        try:
-            self.index.put(Record(new, want.store, want.rel, want.kind, want.state))
-        except Exception as exc:  # noqa: BLE001 - moved; the next start drops prev
-            log.warning("%s: moved; its record names the old place as prev until the "
-                        "next start: %s", new, exc)
-        self._drop_replaced(new, replaced, shadow, is_dir, keep=(want.store, want.rel))
-        self._tidy_new_dirs(rec.store, rec.rel)
-
-    def _restore(self, rec: Record, new: str, replaced: Record | None) -> None:
-        """Put the records of a rename that failed before its bytes moved back."""
-        _undo(rec.view, self.index.move, new, rec)
-        if replaced is not None:
-            _undo(new, self.index.put, replaced)
-        if self.index.records.get(rec.view) is not rec:
-            # the index cannot be written: memory at least says what is true
-            # (the disk row names the old place as prev; recovery rolls back)
-            self.index._forget(new)
-            self.index._remember(rec)
-            if replaced is not None:
-                self.index._remember(replaced)
+        """Rename *old* to *new* in the view, replacing *new* like rename(2)
+        (:class:`compatfs.viewrename.Rename`)."""
+        self._rename(old, new, noreplace)
 
     def link(self, old: str, new: str) -> None:
         src_store, src_rel, src_rec = self.locate(old)
         p = self.placement(new, is_dir=False)
-        if self._placed(src_rec, old) or not p.is_legacy:
+        if self.placed(src_rec, old) or not p.is_legacy:
             raise OSError(errno.EXDEV, "hard links only within the legacy store", new)
         new_top, new_rest = split(new)
         src_store.link(src_rel, self.backing.get(new_top), new_rest)
-
-    # -- recovery -----------------------------------------------------------------
-    def recover(self) -> list[str]:
-        """Finish or undo moves a crash interrupted; drop records whose bytes are gone.
-
-        Returns what was done, one line per object, for the log.
-        """
-        done: list[str] = []
-        for rec in list(self.index.records.values()):
-            try:
-                self._recover_one(rec, done)
-            except OSError as exc:  # one bad record never stops the others
-                done.append(f"{rec.view}: not recovered: {exc}")
-        for rec in list(self.index.records.values()):
-            try:
-                self._reconcile(rec, done)
-            except OSError as exc:
-                done.append(f"{rec.view}: not reconciled: {exc}")
-                log.warning("%s: a legacy copy and a placed copy could not be reconciled: %s",
-                            rec.view, exc)
-        return done
-
-    def _recover_one(self, rec: Record, done: list[str]) -> None:
-        if not self.backing.has(rec.store):
-            return  # a location not available now (locked vault): leave it be
-        store = self.backing.get(rec.store)
-        if rec.target_store is not None and rec.target_rel is not None \
-                and rec.state in (KEPT_LEGACY, "new", "unresolved"):
-            self._finish_set_aside(rec, done)
-            return
-        if rec.prev_store is not None and rec.prev_rel is not None:
-            if not store.exists(rec.rel) and self.backing.has(rec.prev_store) \
-                    and self.backing.get(rec.prev_store).exists(rec.prev_rel):
-                try:
-                    self.backing.get(rec.prev_store).rename(rec.prev_rel, self._prepare(
-                        Placement(rec.store, rec.rel, rec.kind, rec.state))[0], rec.rel)
-                    done.append(f"{rec.view}: finished an interrupted move")
-                except OSError:
-                    # back in the unresolved area it is unresolved again, so a
-                    # later config change can still place it
-                    state = "unresolved" if rec.prev_store == "unresolved" else rec.state
-                    self.index.put(Record(rec.view, rec.prev_store, rec.prev_rel,
-                                          rec.kind, state))
-                    done.append(f"{rec.view}: rolled back an interrupted move")
-                    return
-            self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state))
-        if not store.exists(rec.rel):
-            self.index.delete(rec.view)
-            done.append(f"{rec.view}: its bytes are gone; record dropped")
-            return
-        top, rest = split(rec.view)
-        parent = rest.rpartition("/")[0]
-        if top in self.views and parent:
-            self.backing.get(top).makedirs(parent)
-
-    # -- reconcile: a legacy copy beside a placed one ----------------------------------
-    # While the views are mounted nobody else can write under a legacy name, so
-    # a file at the legacy path of a placed name appears only while they are
-    # not: in particular a boot whose vault stayed locked serves stage observe
-    # with no index (it lives in the vault), and an agent re-creates its volume
-    # in the legacy store. Both copies are found once, at start, before
-    # serving; lookups need no check (and stay one dict lookup).
-
-    def _reconcile(self, rec: Record, done: list[str]) -> None:
-        """If *rec*'s name also has a legacy copy, serve the newer and set the
-        other aside (record first, then move: :meth:`_finish_set_aside`)."""
-        top, rest = split(rec.view)
-        if rec.state not in ("new", "unresolved") or rec.target_store is not None \
-                or not self._placed(rec, rec.view) or top not in self.views \
-                or not self.backing.has(rec.store) or not self.backing.has(top):
-            return
-        legacy, placed = self.backing.get(top), self.backing.get(rec.store)
-        try:
-            legacy_st = legacy.lstat(rest)      # the common case ends here: ENOENT
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        placed_st = placed.lstat(rec.rel)
-        # only a copy of the same kind can win: a regular file for a file, a
-        # directory for a tree; a symbolic link, a FIFO or a device planted at
-        # the legacy name is set aside like an older copy, never served instead
-        same_kind = stat.S_IFMT(legacy_st.st_mode) == stat.S_IFMT(placed_st.st_mode) \
-            and (stat.S_ISREG(legacy_st.st_mode) or stat.S_ISDIR(legacy_st.st_mode))
-        if same_kind and _age(legacy, rest, legacy_st) > _age(placed, rec.rel, placed_st):
-            where = aside_name(rec.rel)
-            reason = (f"a newer legacy copy was found (written while this name was served "
-                      f"from the legacy store, e.g. a boot with the vault locked); it is "
-                      f"served, and the copy in {rec.store} was set aside at "
-                      f"{placed.aside_shown(where)}")
-            self.index.put(Record(rec.view, top, rest, rec.kind, KEPT_LEGACY, rec.store,
-                                  rec.rel, target_store=rec.store, target_rel=where,
-                                  reason=reason))
-        else:
-            where = aside_name(rest)
-            what = "an older legacy copy" if same_kind else \
-                f"a {_kind_of(legacy_st.st_mode)} at its legacy path (not a copy of it)"
-            reason = (f"{what} was found beside it (written while this name was served "
-                      f"from the legacy store, e.g. a boot with the vault locked); it was "
-                      f"set aside at {legacy.aside_shown(where)}")
-            self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
-                                  target_store=top, target_rel=where, reason=reason))
-        log.warning("%s: both a legacy copy and a copy in %s exist; %s", rec.view, rec.store,
-                    reason)
-        self._finish_set_aside(self.index.records[rec.view], done)
-
-    def _finish_set_aside(self, rec: Record, done: list[str]) -> None:
-        """A set-aside is recorded: move the losing copy (idempotent), then
-        drop the move from the record and keep its reason.
-
-        The record names the copy served (store, rel) and where the other one
-        goes (target_store, target_rel); for a legacy winner the other one's
-        place is in prev_store/prev_rel, otherwise it is the legacy path."""
-        assert rec.target_store is not None and rec.target_rel is not None
-        if rec.state == KEPT_LEGACY:
-            loser_store, loser_rel = rec.prev_store, rec.prev_rel
-        else:
-            loser_store, loser_rel = split(rec.view)
-        if loser_store is None or loser_rel is None or not self.backing.has(rec.target_store):
-            return
-        store = self.backing.get(rec.target_store)
-        if store.exists(loser_rel):     # else moved before a crash (or gone): done
-            store.move_aside(loser_rel, rec.target_rel)
-            done.append(f"{rec.view}: set {rec.target_store}/{loser_rel} aside at "
-                        f"{store.aside_shown(rec.target_rel)}")
-        self.index.put(Record(rec.view, rec.store, rec.rel, rec.kind, rec.state,
-                              reason=rec.reason))
-        if rec.state == KEPT_LEGACY:
-            self._tidy_new_dirs(rec.target_store, loser_rel)
 
     def replace_unresolved(self) -> list[tuple[str, Placement]]:
         """Move objects parked in the unresolved area to their final names,
         now that the config may map them. Returns the objects moved."""
         moved = []
-        for rec in [r for r in self.index.records.values() if r.state == "unresolved"]:
-            want = self.placement(rec.view, is_dir=rec.kind == "oci-volume")
-            if want.state != "new" or not self._usable(want):
+        for rec in [r for r in self.index.records.values() if r.state == State.UNRESOLVED]:
+            want = self.placement(rec.view, is_dir=rec.kind == Kind.OCI_VOLUME)
+            if want.state != State.NEW or not self.usable(want):
                 continue
             cur = self.backing.get(rec.store)
             # a container volume carries snapshotid.txt at its final name: written
@@ -723,14 +384,14 @@ class View:
                                       rec.store, rec.rel))
             except Exception:
                 if sid:
-                    _undo(rec.view, snapshotid.drop, cur, rec.rel, name)
+                    undo(rec.view, snapshotid.drop, cur, rec.rel, name)
                 raise
             try:
-                cur.rename(rec.rel, self._prepare(want)[0], want.rel)
+                cur.rename(rec.rel, self.prepare(want)[0], want.rel)
             except OSError as exc:
                 self.index.put(rec)
                 if sid:
-                    _undo(rec.view, snapshotid.drop, cur, rec.rel, name)
+                    undo(rec.view, snapshotid.drop, cur, rec.rel, name)
                 if exc.errno != errno.EXDEV:
                     log.warning("%s: cannot move to %s/%s: %s", rec.view, want.store, want.rel,
                                 exc.strerror)

@@ -82,7 +82,7 @@ def staged(root: Path, store: str, rel: str) -> Path:
     from compatfs.backing import own_location
     from compatfs.stores import STAGING_DIR
     from compatfs.layout import Layout
-    from compatfs.migrator import tmp_leaf
+    from compatfs.migration import tmp_leaf
     return Path(Layout(str(root)).path(own_location(store))) / STAGING_DIR / store / tmp_leaf(rel)
 
 

@@ -165,7 +165,7 @@ def test_metrics_name_the_target_layout(layout, release, labels):
     """compatfs_info carries the layout (and, for eve, the release) as labels."""
     from compatfs import metrics
     from compatfs.daemonstate import DaemonState
-    from compatfs.migrator import Progress
+    from compatfs.migration import Progress
 
     state = DaemonState(root="/persist", stage="migrate", layout=layout, eve_release=release,
                         paused=False, records={}, migration=Progress().as_json(), faults=0,

@@ -1,6 +1,6 @@
 """A fault inside the migrator, or inside a view's write path, never wedges the views.
 
-Every named point of a migration (``compatfs.migrator.MIGRATE_FAULT_POINTS``)
+Every named point of a migration (``compatfs.migration.MIGRATE_FAULT_POINTS``)
 is made to raise ``OSError(EIO)`` once (``COMPATFS_FAULT_MODE=raise``,
 ``COMPATFS_FAULT_TIMES=1``) in a daemon serving stage migrate on a device
 image. While and after the fault, within a deadline: the views list, a volume
@@ -29,7 +29,7 @@ from typing import Callable
 import pyfuse3
 import pytest
 
-from compatfs.migrator import MIGRATE_FAULT_POINTS
+from compatfs.migration import MIGRATE_FAULT_POINTS
 
 from .conftest import temporaries
 from .mounting import answers_within, assert_clean_exit, mounted
@@ -196,7 +196,7 @@ def offline_migrator(root: Path, **settings: object):
     from compatfs.config import Migration
     from compatfs.index import Index
     from compatfs.layout import Layout
-    from compatfs.migrator import Migrator
+    from compatfs.migration import Migrator
     from compatfs.resolver import Resolver
     from compatfs.view import View
 
@@ -252,7 +252,7 @@ def test_an_index_that_cannot_be_written_fails_the_object_alone_then_catches_up(
 
 
 def test_seconds_clamps_what_trio_cannot_wait_for():
-    from compatfs.migrator import RESCAN_CAP_S, seconds
+    from compatfs.migration import RESCAN_CAP_S, seconds
 
     assert seconds(float("nan"), 30.0, RESCAN_CAP_S) == 30.0
     assert seconds(float("inf"), 30.0, RESCAN_CAP_S) == RESCAN_CAP_S
@@ -278,7 +278,7 @@ async def test_a_migrator_with_an_unusable_rescan_interval_keeps_running(demo_ro
 
 
 def test_failed_objects_back_off_to_a_cap_and_are_never_given_up(demo_root):
-    from compatfs.migrator import RETRY_CAP_S
+    from compatfs.migration import RETRY_CAP_S
 
     m, backing, index = offline_migrator(demo_root[0], retries=3, retry_backoff_s=10.0)
     try:

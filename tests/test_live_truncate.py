@@ -27,13 +27,13 @@ import pytest
 import trio
 
 from compatfs import filecopy
+from compatfs.migration import livecopy as migrator_mod
 from compatfs.testing import devicegen
-from compatfs import migrator as migrator_mod
 from compatfs.backing import Backing
 from compatfs.config import Migration
 from compatfs.index import Index
 from compatfs.layout import Layout
-from compatfs.migrator import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator
+from compatfs.migration import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator
 from compatfs.handles import HandleTable
 from compatfs.operations import Operations
 from compatfs.resolver import Resolver
@@ -198,7 +198,7 @@ class Bench:
 
         async def copy() -> None:
             try:
-                await self.m._copy_file(self.item)
+                await self.m.moves.copy_file(self.item)
             finally:
                 done.set()
 
@@ -272,7 +272,7 @@ async def test_the_reported_sequence_truncate_to_zero_grow_write_at_the_end(tmp_
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(agent)
-                await bench.m._copy_file(bench.item)
+                await bench.m.moves.copy_file(bench.item)
         assert read_all(bench.target) == bytes(size - len(tail)) + tail
     finally:
         bench.close()
@@ -293,9 +293,9 @@ async def test_a_file_removed_and_made_again_during_the_copy_is_not_overwritten(
         with pytest.raises(ExceptionGroup) as raised:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(agent)
-                await bench.m._copy_file(bench.item)
+                await bench.m.moves.copy_file(bench.item)
         assert raised.group_contains(Converging)
-        bench.m._undo_copy(bench.item)
+        bench.m.steps.settle(bench.item)
         fh = await bench.open(os.O_RDONLY)
         assert await bench.ops.read(fh, 0, 100) == b"new file"
         assert not (staged(tmp_path, "vault_volumes", "v.raw")).exists()
@@ -316,9 +316,9 @@ async def test_a_file_renamed_during_the_copy_is_not_switched_under_its_old_name
         with pytest.raises(ExceptionGroup) as raised:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(agent)
-                await bench.m._copy_file(bench.item)
+                await bench.m.moves.copy_file(bench.item)
         assert raised.group_contains(Converging)
-        bench.m._undo_copy(bench.item)
+        bench.m.steps.settle(bench.item)
         assert not bench.target.exists()
         assert bench.m.index.get("img/v.img") is None
         ino = (await bench.ops.lookup(img, b"w.img", Ctx())).st_ino

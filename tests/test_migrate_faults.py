@@ -1,6 +1,6 @@
 """The migration engine's guarantees under faults, on a real encrypted vault.
 
-Every fault point of compatfs/migrator.py is hit by a SIGKILL
+Every fault point of compatfs/migration/ is hit by a SIGKILL
 (``COMPATFS_FAULT``), of ``compatfs migrate --now``, of ``compatfs
 rollback`` and of a daemon in stage migrate; a later run must finish the job
 with every byte intact, nothing resolvable left behind, no temporary and no

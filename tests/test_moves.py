@@ -27,11 +27,11 @@ from typing import Iterator
 import pytest
 
 from compatfs import fscrypt
-from compatfs.testing import devicegen
+from compatfs.migration import expected_sha as _expected_sha
 from compatfs.stores import Store
+from compatfs.testing import devicegen
 from compatfs.testing.devicefs import make_vault
 from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
-from compatfs.migrator import _expected_sha
 
 from .conftest import set_aside, staged, temporaries
 from .devices import device_root

@@ -24,7 +24,8 @@ from compatfs.testing import devicegen
 from compatfs.scan import SET_ASIDE_DIR
 from compatfs.stores import Store
 from compatfs.index import DB_NAME
-from compatfs.view import KEPT_LEGACY
+from compatfs.index import KEPT_LEGACY
+from compatfs.migration import recover
 
 from .conftest import run_cli
 from .devices import ext4_image, make_vault
@@ -59,7 +60,7 @@ def test_an_older_legacy_copy_is_set_aside(device, views, tmp_path):
     legacy = device.root / "img" / device.web.legacy_name(0)
     legacy.write_bytes(b"legacy, older")
     age(legacy, time.time_ns() - HOUR)
-    done = view.recover()
+    done = recover(view)
     assert len(done) == 1 and "set img/" in done[0], done
     assert read(view, web0) == b"placed, newer"
     assert not legacy.exists()
@@ -69,7 +70,7 @@ def test_an_older_legacy_copy_is_set_aside(device, views, tmp_path):
     assert (rec.store, rec.state, rec.target_store) == ("vault_volumes", "new", None)
     assert "older legacy copy" in rec.reason and str(kept.name) in rec.reason
     assert sorted(view.listdir("img")) == sorted([SET_ASIDE_DIR, device.web.legacy_name(0)])
-    assert reopen(views, db).recover() == []                     # idempotent
+    assert recover(reopen(views, db)) == []                     # idempotent
 
 
 def test_a_newer_legacy_copy_is_served_and_the_placed_one_set_aside(device, views, tmp_path):
@@ -80,7 +81,7 @@ def test_a_newer_legacy_copy_is_served_and_the_placed_one_set_aside(device, view
     placed = device.root / "vault" / "volumes" / device.vol(device.web)
     age(placed, time.time_ns() - HOUR)
     (device.root / "img" / device.web.legacy_name(0)).write_bytes(b"legacy, newer")
-    view.recover()
+    recover(view)
     assert read(view, web0) == b"legacy, newer"
     [kept] = aside(device.root / "vault" / "volumes")
     assert kept.read_bytes() == b"placed, older" and not placed.exists()
@@ -93,7 +94,7 @@ def test_a_newer_legacy_copy_is_served_and_the_placed_one_set_aside(device, view
     view.rename(web0, "img/renamed.raw")
     assert read(view, "img/renamed.raw") == b"legacy, newer"
     assert view.index.get(web0) is None and view.index.get("img/renamed.raw") is None
-    assert reopen(views, db).recover() == []
+    assert recover(reopen(views, db)) == []
 
 
 @pytest.mark.parametrize("planted", ["symlink", "fifo"])
@@ -111,7 +112,7 @@ def test_a_special_file_at_the_legacy_name_never_wins(device, views, tmp_path, p
         os.symlink("/etc/shadow", legacy)
     else:
         os.mkfifo(legacy)
-    done = view.recover()
+    done = recover(view)
     assert len(done) == 1, done
     assert read(view, web0) == b"placed" and placed.exists()
     assert not os.path.lexists(legacy)
@@ -121,7 +122,7 @@ def test_a_special_file_at_the_legacy_name_never_wins(device, views, tmp_path, p
     assert (rec.store, rec.state) == ("vault_volumes", "new")
     kind = "symbolic link" if planted == "symlink" else "FIFO"
     assert f"a {kind} at its legacy path" in rec.reason, rec.reason
-    assert reopen(views, db).recover() == []
+    assert recover(reopen(views, db)) == []
 
 
 @pytest.mark.parametrize("changed_last", ["legacy", "placed"])
@@ -136,7 +137,7 @@ def test_on_equal_mtimes_the_later_ctime_wins(device, views, tmp_path, changed_l
     age(first, 10**18)
     time.sleep(0.05)                 # ctime has the kernel's coarse clock
     age(last, 10**18)
-    view.recover()
+    recover(view)
     assert read(view, web0) == changed_last.encode()
 
 
@@ -155,7 +156,7 @@ def test_a_container_volume_is_judged_by_the_newest_thing_in_it(device, views, t
     for p in (placed / "rootfs" / "old", placed / "rootfs", placed):
         age(p, long_ago)
     age(legacy, long_ago - HOUR)      # the directory itself is older: what is in it counts
-    view.recover()
+    recover(view)
     assert read(view, f"{vol}/rootfs/new") == b"legacy"
     [kept] = aside(device.root / "vault" / "volumes")
     assert (kept / "rootfs" / "old").read_bytes() == b"placed"
@@ -182,12 +183,12 @@ def test_a_crash_between_record_and_move_is_finished_at_the_next_start(
 
     monkeypatch.setattr(Store, "move_aside", die)
     with pytest.raises(Crash):
-        view.recover()
+        recover(view)
     monkeypatch.undo()
     rec = on_disk(db)[web0]
     assert rec.target_rel and rec.target_rel.startswith(SET_ASIDE_DIR)   # the intent, on disk
     again = reopen(views, db)
-    done = again.recover()
+    done = recover(again)
     assert len(done) == 1 and "aside" in done[0], done
     assert read(again, web0) == (b"legacy" if legacy_newer else b"placed")
     loser_dir = device.root / ("vault/volumes" if legacy_newer else "img")
@@ -195,7 +196,7 @@ def test_a_crash_between_record_and_move_is_finished_at_the_next_start(
     assert kept.read_bytes() == (b"placed" if legacy_newer else b"legacy")
     rec = on_disk(db)[web0]
     assert rec.target_store is None and rec.prev_store is None and rec.reason
-    assert reopen(views, db).recover() == []
+    assert recover(reopen(views, db)) == []
 
 
 # -- for real: a vault locked at boot, then unlocked ---------------------------------------

@@ -17,15 +17,17 @@ import pytest
 
 from compatfs.testing import devicegen
 from compatfs.backing import Backing
-from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.index import DB_NAME, Index
 from compatfs.indexformat import Record
+from compatfs.migration import recover
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
 from compatfs.names import ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 from compatfs.rules import DEFAULT_RULES, OCI_LAYER_MEDIA_TYPE, Rules, rules_for
-from compatfs.view import Placement, View
+from compatfs.placement import Placement
+from compatfs.view import View
 
 DESIGN_NOTE = rules_for("design-note")
 BOTH = pytest.mark.parametrize("layout_rules", [DEFAULT_RULES, DESIGN_NOTE],
@@ -501,7 +503,7 @@ def test_recover_finishes_a_move_the_crash_interrupted_before_the_rename(device,
     crash(db, [Record(vpath, "verifier", f"{iid}/f", "verifier", "new",
                              "downloader", f"pending/{iid}/f")])
     view = reopen(views, db)
-    done = view.recover()
+    done = recover(view)
     assert done == [f"{vpath}: finished an interrupted move"]
     assert (root / "vault" / "verifier" / "verifier" / iid / "f").read_bytes() == b"blob"
     assert not src.exists()
@@ -511,7 +513,7 @@ def test_recover_finishes_a_move_the_crash_interrupted_before_the_rename(device,
     assert (root / "downloads" / OBJ / "verifier" / iid).is_dir()
     assert view.listdir(f"downloads/{OBJ}/verifier/{iid}") == ["f"]
     assert read(view, vpath) == b"blob"
-    assert reopen(views, db).recover() == []  # idempotent
+    assert recover(reopen(views, db)) == []  # idempotent
 
 
 def test_recover_keeps_a_move_the_crash_interrupted_after_the_rename(device, views, tmp_path):
@@ -524,7 +526,7 @@ def test_recover_keeps_a_move_the_crash_interrupted_after_the_rename(device, vie
     crash(db, [Record(f"img/{name}", "vault_volumes", dst.name, "vm-volume", "new",
                              "unresolved", f"img/{name}")])
     view = reopen(views, db)
-    assert view.recover() == []
+    assert recover(view) == []
     rec = on_disk(db)[f"img/{name}"]
     assert (rec.store, rec.rel, rec.state, rec.prev_store) == ("vault_volumes", dst.name, "new", None)
     assert dst.read_bytes() == b"volume"
@@ -544,7 +546,7 @@ def test_recover_rolls_back_a_move_that_cannot_be_finished(device, views, tmp_pa
     crash(db, [Record(f"img/{name}", "vault_volumes", f"sub/{name}", "vm-volume", "new",
                              "unresolved", f"img/{name}")])
     view = reopen(views, db)
-    assert view.recover() == [f"img/{name}: rolled back an interrupted move"]
+    assert recover(view) == [f"img/{name}: rolled back an interrupted move"]
     rec = on_disk(db)[f"img/{name}"]
     assert (rec.store, rec.rel, rec.prev_store) == ("unresolved", f"img/{name}", None)
     # back in the unresolved area, it is unresolved again: the next config
@@ -575,7 +577,7 @@ def test_recover_drops_records_whose_bytes_are_gone_and_keeps_the_rest(device, v
                "verified", "new"),
     ])
     view = reopen(views, db)
-    done = view.recover()
+    done = recover(view)
     assert sorted(done) == sorted([
         f"img/{device.web.legacy_name(0)}: its bytes are gone; record dropped",
         f"downloads/{OBJ}/verifier/{iid}/f: its bytes are gone; record dropped",
@@ -611,7 +613,7 @@ def test_recover_after_a_real_interrupted_rename(device, views, tmp_path, monkey
     rec = on_disk(db)[f"{dl}/verifier/{iid}/f"]
     assert (rec.prev_store, rec.prev_rel) == ("downloader", f"pending/{iid}/f")
     fresh = reopen(views, db)
-    assert fresh.recover() == [f"{dl}/verifier/{iid}/f: finished an interrupted move"]
+    assert recover(fresh) == [f"{dl}/verifier/{iid}/f: finished an interrupted move"]
     assert read(fresh, f"{dl}/verifier/{iid}/f") == b"blob"
     assert (device.root / "vault" / "verifier" / "verifier" / iid / "f").read_bytes() == b"blob"
     assert set(on_disk(db)) == {f"{dl}/verifier/{iid}/f"}
@@ -868,7 +870,7 @@ def test_recover_does_not_stop_at_a_planted_symlink(device, views, outside, tmp_
     os.symlink(outside, root / "downloads" / OBJ)
     before = snapshot(outside)
     view = reopen(views, db)
-    done = view.recover()
+    done = recover(view)
     assert any("not recovered" in line for line in done), done
     assert_untouched(outside, before)
     # its bytes are still in the vault: the record stays for when the link is gone
