@@ -24,7 +24,7 @@ from compatfs.testing import devicegen
 from compatfs.scan import SET_ASIDE_DIR
 from compatfs.stores import Store
 from compatfs.index import DB_NAME
-from compatfs.index import KEPT_LEGACY
+from compatfs.indexformat import KEPT_LEGACY
 from compatfs.migration import recover
 
 from .conftest import run_cli
