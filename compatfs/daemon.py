@@ -30,8 +30,8 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import pyfuse3
 import trio
@@ -179,7 +179,7 @@ class Daemon:
                 self.run.clear()
                 self.run.close()
 
-    async def _serve(self, signals, ready: Callable[[], None]) -> None:
+    async def _serve(self, signals: AsyncIterator[int], ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._main, nursery)
             try:
@@ -189,7 +189,8 @@ class Daemon:
                 # still answers the kernel until the nursery cancels it, after this.
                 await self._stop_serving()
 
-    async def _serving(self, nursery: trio.Nursery, signals, ready: Callable[[], None]) -> None:
+    async def _serving(self, nursery: trio.Nursery, signals: AsyncIterator[int],
+                       ready: Callable[[], None]) -> None:
         """Bind the views, report *ready*, start the background tasks, wait for a signal."""
         await trio.to_thread.run_sync(self._bind_views)
         await trio.to_thread.run_sync(self._check_views)
@@ -233,7 +234,7 @@ class Daemon:
             try:
                 await task()
                 log.warning("%s stopped; starting it again in %g s", name, wait)
-            except Exception as exc:  # noqa: BLE001 - the views never depend on it
+            except Exception as exc:
                 log.warning("%s failed (%s: %s); starting it again in %g s", name,
                             type(exc).__name__, exc, wait)
                 log.debug("%s failed", name, exc_info=True)
@@ -323,11 +324,12 @@ class Daemon:
 
     def _invalidate(self, vpath: str) -> None:
         """Tell the kernel the attributes of *vpath* changed (compatfs moved it)."""
-        ino: int | None = pyfuse3.ROOT_INODE
+        ino: int = pyfuse3.ROOT_INODE
         for part in vpath.split("/"):
-            ino = self.ops.inodes.find(ino, part)  # type: ignore[arg-type]
-            if ino is None:
+            found = self.ops.inodes.find(ino, part)
+            if found is None:
                 return
+            ino = found
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except OSError:

@@ -291,8 +291,8 @@ def render_text(plan: Plan) -> str:
     def rel(path: str) -> str:
         return shown(plan.layout.relpath(path))
 
-    lines = [f"compatfs plan for {shown(plan.layout.root)}, target layout "
-             f"{plan.layout.rules.name}",
+    lines = [(f"compatfs plan for {shown(plan.layout.root)}, target layout "
+              f"{plan.layout.rules.name}"),
              f"checkpoint: {rel(plan.checkpoint) if plan.checkpoint else 'none'}"
              + (f" (config hash {plan.config_hash})" if plan.config_hash else "")]
     for p in plan.problems:
@@ -313,10 +313,10 @@ def render_text(plan: Plan) -> str:
         lines.append("no legacy objects found")
     t = plan.totals()
     lines += ["",
-              f"{t['objects']} objects, {t['to_move']} to move ({human(t['bytes_to_move'])}), "
-              f"{t['staying']} staying", "",
-              f"{'destination':<26} {'objects':>7} {'to move':>11} {'to copy':>11} "
-              f"{'free':>11}  fits"]
+              (f"{t['objects']} objects, {t['to_move']} to move "
+               f"({human(t['bytes_to_move'])}), {t['staying']} staying"), "",
+              (f"{'destination':<26} {'objects':>7} {'to move':>11} {'to copy':>11} "
+               f"{'free':>11}  fits")]
     for d in plan.destinations.values():
         lines.append(f"{rel(d.path):<26} {d.objects:>7} {human(d.bytes):>11} "
                      f"{human(d.copy_bytes):>11} {human(d.free):>11}  "

@@ -249,7 +249,7 @@ def exit_status(doc: dict[str, Any]) -> int:
 
 
 def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
-            progress: dict | None = None, index: IndexReport | None = None,
+            progress: dict[str, Any] | None = None, index: IndexReport | None = None,
             views: dict[str, str] | None = None) -> dict[str, Any]:
     totals: dict[str, Any] = {s.value: {"objects": 0, "bytes": 0} for s in Reported}
     for o in objects:
@@ -273,8 +273,8 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
 
 
 def render_text(doc: dict[str, Any]) -> str:
-    lines = [f"compatfs status for {shown(doc['root'])}: stage {doc['stage']}, "
-             f"{'mounted' if doc['mounted'] else 'not mounted'}, target layout {doc['layout']}"]
+    lines = [(f"compatfs status for {shown(doc['root'])}: stage {doc['stage']}, "
+              f"{'mounted' if doc['mounted'] else 'not mounted'}, target layout {doc['layout']}")]
     dead = [v for v, state in doc.get("views", {}).items() if state == "dead"]
     if dead:
         lines.append(f"views dead: {', '.join(dead)} (the daemon serving them died; agents get "

@@ -12,13 +12,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import __version__
 from ..config import ConfigError
 from ..layout import LayoutError
 from ..mounts import RunDirError
-from . import ctl, debug_mount, demo, migrate, mount, plan, reload, rollback, status, umount
+from . import (
+    ctl,
+    debug_mount,
+    demo,
+    migrate,
+    mount,
+    plan,
+    reload,
+    rollback,
+    status,
+    umount,
+)
 from .common import EXIT_FAILURE, EXIT_USAGE, Command, CommandError
 
 #: The commands, in the order ``compatfs --help`` lists them.
@@ -68,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("compatfs: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a line
+    except Exception as exc:
         if os.environ.get("COMPATFS_DEBUG"):
             raise
         print(f"compatfs: internal error: {type(exc).__name__}: {exc} "

@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import Config, load
 from ..mounts import DEFAULT_RUN_DIR, RunDir

@@ -7,12 +7,19 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from .. import mounts
 from ..enums import ViewName
 from ..layout import Layout
-from .common import EXIT_USAGE, AddCommand, CommandError, add_mount_common, config_and_root
+from .common import (
+    EXIT_USAGE,
+    AddCommand,
+    CommandError,
+    add_mount_common,
+    config_and_root,
+)
 
 T = TypeVar("T")
 
@@ -28,7 +35,8 @@ def register(add: AddCommand) -> None:
 
 def control_file(layout: Layout) -> str:
     """The path of the control file of the daemon serving *layout*'s views."""
-    from ..control import CONTROL_NAME   # pyfuse3 is loaded only by what talks to a daemon
+    # imported here: pyfuse3 is loaded only by the commands that talk to a daemon
+    from ..control import CONTROL_NAME
 
     return os.path.join(layout.path(ViewName.IMG), CONTROL_NAME)
 

@@ -10,8 +10,15 @@ import sys
 
 from ..mounts import fuse_unmount, mounted_at
 from .background import spawn
-from .common import (EXIT_USAGE, AddCommand, CommandError, add_mount_common,
-                     config_and_root, run_dir, setup_logging)
+from .common import (
+    EXIT_USAGE,
+    AddCommand,
+    CommandError,
+    add_mount_common,
+    config_and_root,
+    run_dir,
+    setup_logging,
+)
 
 
 def register(add: AddCommand) -> None:

@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-
 from typing import TYPE_CHECKING
 
 from ..enums import State
 from ..plan import human
-from .common import (EXIT_USAGE, LOG_LEVELS, AddCommand, CommandError, add_mount_common,
-                     setup_logging)
+from .common import (
+    EXIT_USAGE,
+    LOG_LEVELS,
+    AddCommand,
+    CommandError,
+    add_mount_common,
+    setup_logging,
+)
 from .offline import open_offline
 
 if TYPE_CHECKING:

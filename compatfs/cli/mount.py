@@ -11,8 +11,17 @@ from ..device import DeviceError
 from ..enums import SERVED_STAGES, Stage
 from ..mounts import RunDir, RunDirError
 from .background import sd_notify, spawn
-from .common import (EXIT_FAILURE, EXIT_USAGE, LOG_LEVELS, AddCommand, CommandError,
-                     add_mount_common, config_and_root, run_dir, setup_logging)
+from .common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    LOG_LEVELS,
+    AddCommand,
+    CommandError,
+    add_mount_common,
+    config_and_root,
+    run_dir,
+    setup_logging,
+)
 
 
 def register(add: AddCommand) -> None:
