@@ -203,7 +203,7 @@ class Daemon:
         ready()
         nursery.start_soon(self._supervised, "the config watcher", self._watch_config)
         nursery.start_soon(self._supervised, "the metrics writer", self._write_metrics)
-        if self.stage == "migrate":
+        if self.stage == Stage.MIGRATE:
             nursery.start_soon(self._supervised, "the migrator", self.migrator.run)
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)

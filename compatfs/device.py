@@ -5,8 +5,8 @@ The daemon, ``migrate --now``, ``rollback``, the read-only inspection view
 root. This module is where they are found and opened, in one order and with
 one set of checks, so that what ``status`` reports is what ``mount`` would do:
 
-- :meth:`DeviceRoot.at`: the config's layout of a root and its resolver,
-  nothing opened (``plan``, ``status``);
+- :func:`locate`: the config's layout of a root and its resolver, nothing
+  opened (``plan``, ``status``);
 - :func:`index_of`: its index, proven sound, in any of the modes the callers
   need (made, read-only, or neither);
 - :func:`free_views`: whether the views' legacy locations are free to serve
@@ -59,10 +59,11 @@ class DeviceRoot:
     layout: Layout
     resolver: Resolver
 
-    @classmethod
-    def at(cls, cfg: Config, root: str) -> DeviceRoot:
-        layout = cfg.layout(root)
-        return cls(cfg, layout, Resolver(layout, cfg.overrides))
+
+def locate(cfg: Config, root: str) -> DeviceRoot:
+    """*root* as *cfg* lays it out, and its resolver (which reads the checkpoint)."""
+    layout = cfg.layout(root)
+    return DeviceRoot(cfg, layout, Resolver(layout, cfg.overrides))
 
 
 def index_of(layout: Layout, *, create: bool, read_only: bool = False,
@@ -137,8 +138,7 @@ def open_device(cfg: Config, root: str, stage: Stage, views: tuple[ViewName, ...
     # makes for itself passes an explicit mode: the run dir's in
     # mounts.RunDir, the vault's in Backing and the migrator.
     os.umask(0)
-    site = DeviceRoot.at(cfg, root)
-    layout = site.layout
+    layout = cfg.layout(root)
     if stage in PLACING_STAGES and not _wait_for_vault(layout, cfg.vault_wait_s):
         log.warning("the vault %s was not unlocked within %g s; serving in stage observe "
                     "instead of %s", layout.path("vault"), cfg.vault_wait_s, stage)
@@ -155,14 +155,15 @@ def open_device(cfg: Config, root: str, stage: Stage, views: tuple[ViewName, ...
     except Exception as exc:  # noqa: BLE001 - VaultNotEncrypted: its message says all
         raise DeviceError(str(exc)) from None
     try:
-        index = _open_index(site, backing, placing, require)
+        index = _open_index(layout, backing, placing, require)
     except BaseException:
         backing.close()
         raise
-    for problem in site.resolver.problems:
+    resolver = Resolver(layout, cfg.overrides)   # the checkpoint as it is once all is open
+    for problem in resolver.problems:
         log.warning("%s", problem)
-    view = View(layout, backing, index, site.resolver, stage, views)
-    return Device(cfg, layout, site.resolver, stage, views, backing, index, view)
+    view = View(layout, backing, index, resolver, stage, views)
+    return Device(cfg, layout, resolver, stage, views, backing, index, view)
 
 
 def inspect_device(cfg: Config, root: str, views: tuple[ViewName, ...]) -> Device:
@@ -170,8 +171,7 @@ def inspect_device(cfg: Config, root: str, views: tuple[ViewName, ...]) -> Devic
     index is opened read-only, the view serves the *views* present, in observe.
     Raises ``OSError`` (``ENOENT`` when no legacy location exists) or
     :class:`IndexRefused`: a refused index is not shown as empty."""
-    site = DeviceRoot.at(cfg, root)
-    layout = site.layout
+    layout = cfg.layout(root)
     backing = Backing.open(layout, views, create_new=False, require_encrypted=False,
                            read_only=True)
     present = tuple(v for v in views if backing.has(v))
@@ -185,8 +185,9 @@ def inspect_device(cfg: Config, root: str, views: tuple[ViewName, ...]) -> Devic
         backing.close()
         raise
     opened = index if index is not None else Index(None)
-    view = View(layout, backing, opened, site.resolver, Stage.OBSERVE, present)
-    return Device(cfg, layout, site.resolver, Stage.OBSERVE, present, backing, opened, view)
+    resolver = Resolver(layout, cfg.overrides)
+    view = View(layout, backing, opened, resolver, Stage.OBSERVE, present)
+    return Device(cfg, layout, resolver, Stage.OBSERVE, present, backing, opened, view)
 
 
 def _wait_for_vault(layout: Layout, seconds: float) -> bool:
@@ -216,16 +217,16 @@ def _wait_for_vault(layout: Layout, seconds: float) -> bool:
         time.sleep(0.5)
 
 
-def _open_index(site: DeviceRoot, backing: Backing, placing: bool, require: bool) -> Index:
+def _open_index(layout: Layout, backing: Backing, placing: bool, require: bool) -> Index:
     """The index, proven sound: made on a first start in a placing stage; in
     observe, an empty in-memory one when none was ever made."""
-    state = site.layout.path("state")
+    state = layout.path("state")
     try:
         if placing and require and os.path.isdir(state) \
                 and not fscrypt.path_is_encrypted(state):
             raise DeviceError(f"{state} is not encrypted; refusing to keep the index "
                               "there (require_encrypted_vault)")
-        index = index_of(site.layout, create=placing, root_fd=backing.get(StoreKey.ROOT).fd)
+        index = index_of(layout, create=placing, root_fd=backing.get(StoreKey.ROOT).fd)
     except IndexRefused as exc:
         raise DeviceError(str(exc)) from None
     except OSError as exc:

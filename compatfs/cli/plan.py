@@ -8,7 +8,7 @@ import json
 import sys
 
 from ..config import Config
-from ..device import DeviceRoot
+from ..device import locate
 from ..plan import make_plan, render_text
 from .common import AddCommand, config_and_root
 
@@ -28,7 +28,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def print_plan(cfg: Config, root: str, as_json: bool) -> int:
     """The plan of *root* on stdout (its problems as warnings on stderr); exit status 0."""
-    site = DeviceRoot.at(cfg, root)
+    site = locate(cfg, root)
     plan = make_plan(site.layout, site.resolver)
     if as_json:
         json.dump(plan.as_json(), sys.stdout, indent=1)

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from ..device import DeviceRoot
+from ..device import locate
 from ..enums import Stage, views_for
 from .common import AddCommand, add_mount_common, config_and_root
 from .ctl import ask_daemon
@@ -27,7 +27,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ..status import as_json, collect, exit_status, render_text, view_states
 
     cfg, root = config_and_root(args)
-    site = DeviceRoot.at(cfg, root)
+    site = locate(cfg, root)
     layout = site.layout
     views = view_states(layout, views_for(cfg.mount_prepared))
     serving = "serving" in views.values()
