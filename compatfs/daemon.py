@@ -9,9 +9,9 @@ one view of the config, with no cross-process locking; the bind mounts share
 the FUSE connection, so when the daemon dies every view fails with
 ``ENOTCONN`` at once instead of exposing the legacy directories underneath.
 
-Order of set-up: open every backing directory (before anything covers it),
-recover the index, mount FUSE privately, bind the views, check each answers,
-report readiness. Tear-down runs in reverse on SIGTERM, SIGINT or when the
+Order of set-up: open the device (:mod:`compatfs.device`: every backing
+directory before anything covers it, and the index), recover, mount FUSE
+privately, bind the views, check each answers, report readiness. Tear-down runs in reverse on SIGTERM, SIGINT or when the
 FUSE session ends.
 
 Nothing but the FUSE loop may end the serving: the background tasks (the
@@ -30,29 +30,23 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import pyfuse3
 import trio
 
-from . import __version__, fscrypt, metrics, mounts
-from .backing import ROOT_STORE, Backing
+from . import metrics, mounts
 from .changes import NO_CHANGES
 from .config import Config
 from .control import Control
 from .daemonstate import DaemonState
-from .enums import count_by_state, views_for as _views_for
+from .device import Device, DeviceError, free_views, open_device
+from .enums import ALL_VIEWS, SERVED_STAGES, Stage, ViewName, count_by_state, views_for
 from .handles import HandleTable
-from .enums import PLACING_STAGES
-from .index import Index, IndexRefused
-from .indexopen import open_index
 from .migration import Migrator
 from .operations import Operations
-from .resolver import Resolver
 from .rules import release_text
-from .rundir import RunDir
-from .view import View
 
 log = logging.getLogger(__name__)
 
@@ -68,100 +62,59 @@ RESTART_CAP_SECONDS = 300.0
 UNBIND_SECONDS = 30.0
 
 
-class DaemonError(Exception):
-    """The daemon cannot start; the message says why, in one line."""
-
-
-def views_for(cfg: Config) -> tuple[str, ...]:
-    return _views_for(cfg.mount_prepared)
+class DaemonError(DeviceError):
+    """The daemon cannot start; the message says why, in one line (as a device
+    that cannot be opened does)."""
 
 
 @dataclass
 class Daemon:
+    """The one process serving every view of a root; its device comes from
+    :func:`compatfs.device.open_device` in :meth:`prepare`."""
+
     cfg: Config
     root: str
-    stage: str
+    stage: Stage
     run: RunDir
     attr_timeout: float = 10.0
-    views: tuple[str, ...] = ()
-    offline: bool = False    # migrate --now / rollback: no views served, no stage change
+    views: tuple[ViewName, ...] = ()
     bound: list[str] = field(default_factory=list)
-    dead_views: set[str] = field(default_factory=set)   # a dead daemon's, to replace
+    dead_views: frozenset[ViewName] = frozenset()   # a dead daemon's, to replace
 
     def __post_init__(self) -> None:
+        self.stage = Stage(self.stage)
         self.layout = self.cfg.layout(self.root)
-        self.views = self.views or views_for(self.cfg)
+        self.views = self.views or views_for(self.cfg.mount_prepared)
+        self.device: Device
+        self.migrator: Migrator
+        self.ops: Operations
 
     # -- set-up ---------------------------------------------------------------------
     def prepare(self) -> None:
         """Open everything the views need, before anything is mounted."""
-        if self.stage == "off":
+        if self.stage == Stage.OFF:
             raise DaemonError("stage is off: nothing to mount")
-        if self.stage not in ("observe", "redirect", "migrate"):
+        if self.stage not in SERVED_STAGES:
             raise DaemonError(f"stage {self.stage} is not served by the daemon; "
                               "use 'compatfs rollback' to move a device back")
-        for view in self.views:
-            target = self.layout.path(view)
-            entry = mounts.mounted_at(target)
-            if entry is None:
-                continue
-            state = mounts.view_state(target) if entry.fstype == mounts.FSTYPE else None
-            if not self.offline and state == "dead":
-                self.dead_views.add(view)     # a dead daemon's: replaced, not uncovered
-                continue
-            if state == "not answering":
-                raise DaemonError(f"{target} is served by a compatfs daemon that is alive but "
-                                  "does not answer (stopped or blocked); kill it, then mount "
-                                  "again: its views are replaced without uncovering the "
-                                  "legacy directories")
-            raise DaemonError(f"{target} is already a mount point")
-        # The views create files for agents with exactly the mode the agent asked
-        # for minus the agent's own umask (applied in Operations); the kernel
-        # must not mask it again with ours. So every file and directory the
-        # daemon makes for itself passes an explicit mode: the run dir's in
-        # rundir.RunDir, the vault's in Backing and the migrator.
-        os.umask(0)
-        if not self.offline:
-            try:
-                self.run.make()     # a RunDirError (an unsafe run dir) goes to the caller as is
-            except OSError as exc:
-                raise DaemonError(f"run dir {self.run.dir}: {exc.strerror or exc}") from None
-        if self.stage in PLACING_STAGES and not self._wait_for_vault():
-            log.warning("the vault %s was not unlocked within %g s; serving in stage observe "
-                        "instead of %s", self.layout.path("vault"), self.cfg.vault_wait_s,
-                        self.stage)
-            self.stage = "observe"
-        placing = self.stage in PLACING_STAGES
-        require = self.cfg.require_encrypted_vault
+        self.dead_views = free_views(self.layout, self.views, replace_dead=True)
+        os.umask(0)   # before the run dir is made: see open_device
         try:
-            self.backing = Backing.open(self.layout, self.views, placing, require,
-                                        covered=frozenset(self.dead_views))
-        except OSError as exc:   # from makedirs/open, beneath the root without links
-            where = os.path.join(self.layout.root, os.fsdecode(exc.filename or ""))
-            raise DaemonError(f"cannot open {where}: {exc.strerror} (compatfs opens its "
-                              "locations without following symbolic links; what is there "
-                              "must be a directory, or absent for compatfs to make it)") from None
-        except Exception as exc:  # noqa: BLE001 - VaultNotEncrypted: its message says all
-            raise DaemonError(str(exc)) from None
-        self.index = self._open_index(placing, require)
-        if not self.offline:
-            self._log_stage_change()
-        self.resolver = Resolver(self.layout, self.cfg.overrides)
-        for problem in self.resolver.problems:
-            log.warning("%s", problem)
-        self.view = View(self.layout, self.backing, self.index, self.resolver, self.stage,
-                         self.views)
+            self.run.make()     # a RunDirError (an unsafe run dir) goes to the caller as is
+        except OSError as exc:
+            raise DaemonError(f"run dir {self.run.dir}: {exc.strerror or exc}") from None
+        self.device = open_device(self.cfg, self.root, self.stage, self.views,
+                                  covered=self.dead_views)
+        self.stage = self.device.stage
+        self._log_stage_change()
         handles = HandleTable()
-        bases = {view: f"/proc/self/fd/{self.backing.get(view).fd}" for view in self.views}
-        self.migrator = Migrator(self.view, self.cfg.migration,
-                                 None if self.offline else handles, bases,
-                                 on_switch=self._invalidate)
+        self.migrator = Migrator(self.device.view, self.cfg.migration, handles,
+                                 self.device.bases(), on_switch=self._invalidate)
         self.throttle_mib_per_s = self.cfg.migration.throttle_mib_per_s
-        for line in self.migrator.recover():
-            log.info("recovery: %s", line)
+        self.device.recover(self.migrator)
         self.ops = Operations(
-            self.view, self.attr_timeout, handles=handles,
-            changes=self.migrator.changes if self.stage == "migrate" else NO_CHANGES,
+            self.device.view, self.attr_timeout, handles=handles,
+            changes=self.migrator.changes if self.stage == Stage.MIGRATE else NO_CHANGES,
             control=Control(self.snapshot, self))
 
     # -- what the control file and the metrics see and ask -------------------------------
@@ -171,9 +124,9 @@ class Daemon:
         return DaemonState(
             root=self.layout.root, stage=self.stage, layout=rules.layout,
             eve_release=release_text(rules.release) if rules.release is not None else None,
-            paused=self.migrator.paused, records=count_by_state(self.index.records.values()),
+            paused=self.migrator.paused, records=count_by_state(self.device.index.records.values()),
             migration=self.migrator.progress.as_json(), faults=self.ops.faults,
-            problems=tuple(self.resolver.problems),
+            problems=tuple(self.device.resolver.problems),
             throttle_mib_per_s=self.throttle_mib_per_s, requests=self.ops.latency.copy(),
             write_behind_started=self.ops.write_behind.started,
             write_behind_dropped=self.ops.write_behind.dropped)
@@ -189,72 +142,23 @@ class Daemon:
 
     def reload(self) -> None:
         # read in the config watcher, off the event loop, within its poll period
-        self.resolver.invalidate()
+        self.device.resolver.invalidate()
         self.migrator.wake()
 
     def set_throttle(self, mib_per_s: float) -> None:
         self.migrator.throttle.set_rate(mib_per_s * (1 << 20) or None)
         self.throttle_mib_per_s = mib_per_s
 
-    def _wait_for_vault(self) -> bool:
-        """Wait up to ``vault_wait_s`` for the vault to exist and be unlocked.
-
-        A vault that exists but is not encrypted is not waited for: placing
-        data there is refused later (require_encrypted_vault), or allowed.
-        """
-        deadline = time.monotonic() + self.cfg.vault_wait_s
-        path = self.layout.path("vault")
-        while True:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                unlocked = False
-            else:
-                try:
-                    unlocked = fscrypt.key_present(fd) is not False
-                except OSError:
-                    unlocked = True  # no encryption support: nothing to wait for
-                finally:
-                    os.close(fd)
-            if unlocked:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.5)
-
     def _log_stage_change(self) -> None:
         """Every change of stage is logged with the stage before and after."""
-        before = self.index.meta("stage") if self.index.path else None
+        before = self.device.index.meta("stage") if self.device.index.path else None
         if before is None:
             before = (self.run.read_text(self.run.LAST_STAGE) or "").strip() or None
         if before != self.stage:
             log.info("stage: %s -> %s", before or "none", self.stage)
-        if self.index.path:
-            self.index.set_meta("stage", self.stage)
+        if self.device.index.path:
+            self.device.index.set_meta("stage", self.stage)
         self.run.write_file(self.run.LAST_STAGE, self.stage + "\n")
-
-    def _open_index(self, placing: bool, require: bool) -> Index:
-        """The index, proven sound (:func:`compatfs.index.open_index`): made on a
-        first start in a placing stage; in observe, an empty in-memory one when
-        none was ever made."""
-        state = self.layout.path("state")
-        try:
-            if placing and require and os.path.isdir(state) \
-                    and not fscrypt.path_is_encrypted(state):
-                raise DaemonError(f"{state} is not encrypted; refusing to keep the index "
-                                  "there (require_encrypted_vault)")
-            index = open_index(self.layout.root, self.layout.rel("state"), create=placing,
-                               root_fd=self.backing.get(ROOT_STORE).fd)
-        except IndexRefused as exc:
-            raise DaemonError(str(exc)) from None
-        except OSError as exc:
-            raise DaemonError(f"cannot open the index in {state}: {exc.strerror or exc}") from None
-        return index if index is not None else Index(None)  # observe, nothing ever placed
-
-    def close(self) -> None:
-        """Close what :meth:`prepare` opened (for work without mounting)."""
-        self.index.close()
-        self.backing.close()
 
     # -- serving --------------------------------------------------------------------
     async def serve(self, ready: Callable[[], None]) -> None:
@@ -271,12 +175,11 @@ class Daemon:
                 self._detach_views()
                 pyfuse3.close(unmount=True)
                 self.ops.close_all()
-                self.index.close()
-                self.backing.close()
+                self.device.close()
                 self.run.clear()
                 self.run.close()
 
-    async def _serve(self, signals, ready: Callable[[], None]) -> None:
+    async def _serve(self, signals: AsyncIterator[int], ready: Callable[[], None]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._main, nursery)
             try:
@@ -286,7 +189,8 @@ class Daemon:
                 # still answers the kernel until the nursery cancels it, after this.
                 await self._stop_serving()
 
-    async def _serving(self, nursery: trio.Nursery, signals, ready: Callable[[], None]) -> None:
+    async def _serving(self, nursery: trio.Nursery, signals: AsyncIterator[int],
+                       ready: Callable[[], None]) -> None:
         """Bind the views, report *ready*, start the background tasks, wait for a signal."""
         await trio.to_thread.run_sync(self._bind_views)
         await trio.to_thread.run_sync(self._check_views)
@@ -299,7 +203,7 @@ class Daemon:
         ready()
         nursery.start_soon(self._supervised, "the config watcher", self._watch_config)
         nursery.start_soon(self._supervised, "the metrics writer", self._write_metrics)
-        if self.stage == "migrate":
+        if self.stage == Stage.MIGRATE:
             nursery.start_soon(self._supervised, "the migrator", self.migrator.run)
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
@@ -330,7 +234,7 @@ class Daemon:
             try:
                 await task()
                 log.warning("%s stopped; starting it again in %g s", name, wait)
-            except Exception as exc:  # noqa: BLE001 - the views never depend on it
+            except Exception as exc:
                 log.warning("%s failed (%s: %s); starting it again in %g s", name,
                             type(exc).__name__, exc, wait)
                 log.debug("%s failed", name, exc_info=True)
@@ -406,12 +310,12 @@ class Daemon:
         while True:
             await trio.sleep(CONFIG_POLL_SECONDS)
             try:
-                if not await trio.to_thread.run_sync(self.resolver.refresh):
+                if not await trio.to_thread.run_sync(self.device.resolver.refresh):
                     continue
                 log.info("checkpoint or latch changed; re-resolving")
-                for problem in self.resolver.problems:
+                for problem in self.device.resolver.problems:
                     log.warning("%s", problem)
-                for vpath, where in self.view.replace_unresolved():
+                for vpath, where in self.device.view.replace_unresolved():
                     log.info("%s: placed at %s/%s", vpath, where.store, where.rel)
                     self._invalidate(vpath)
                 self.migrator.wake()
@@ -420,11 +324,12 @@ class Daemon:
 
     def _invalidate(self, vpath: str) -> None:
         """Tell the kernel the attributes of *vpath* changed (compatfs moved it)."""
-        ino: int | None = pyfuse3.ROOT_INODE
+        ino: int = pyfuse3.ROOT_INODE
         for part in vpath.split("/"):
-            ino = self.ops.inodes.find(ino, part)  # type: ignore[arg-type]
-            if ino is None:
+            found = self.ops.inodes.find(ino, part)
+            if found is None:
                 return
+            ino = found
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except OSError:
@@ -439,7 +344,7 @@ def cleanup_stale(cfg: Config, root: str, run: RunDir, *, views: bool = True) ->
     """
     layout = cfg.layout(root)
     done = []
-    for view in ("prepared", "downloads", "img") if views else ():
+    for view in reversed(ALL_VIEWS) if views else ():
         path = layout.path(view)
         if mounts.is_compatfs(path):
             mounts.unmount(path, lazy=True)

@@ -30,16 +30,12 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .backing import Backing
 from .boundary import errno_boundary
 from .config import Config
-from .daemon import views_for
-from .enums import ViewName
-from .index import Index
-from .indexopen import open_index
+from .device import inspect_device
+from .enums import ViewName, views_for
 from .operations import Operations
-from .resolver import Resolver
-from .status import ObjectStatus, _view_path, collect
+from .status import ObjectStatus, collect, view_path
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -92,24 +88,14 @@ class Inspector:
 
     def __init__(self, cfg: Config, root: str, mountpoint: str) -> None:
         self.cfg = cfg
-        self.layout = cfg.layout(root)
         self.mountpoint = os.path.abspath(mountpoint)
-        views = views_for(cfg)
-        self.backing = Backing.open(self.layout, views, create_new=False,
-                                    require_encrypted=False, read_only=True)
-        present = tuple(v for v in views if self.backing.has(v))
-        if not present:
-            self.backing.close()
-            raise OSError(errno.ENOENT, f"no legacy location under {self.layout.root}")
-        try:   # proven sound as mount proves it: a refused index is not shown as empty
-            index = open_index(self.layout.root, self.layout.rel("state"), create=False,
-                               read_only=True)
-        except BaseException:
-            self.backing.close()
-            raise
-        self.index = index if index is not None else Index(None)
-        self.resolver = Resolver(self.layout, cfg.overrides)
-        self.view = View(self.layout, self.backing, self.index, self.resolver, "observe", present)
+        # read-only, and a refused index is refused here, not shown as empty
+        self.device = inspect_device(cfg, root, views_for(cfg.mount_prepared))
+        self.layout = self.device.layout
+        self.backing = self.device.backing
+        self.index = self.device.index
+        self.resolver = self.device.resolver
+        self.view = self.device.view
         self.ops = InspectionOperations(self.view, self.statuses)
         self._statuses: dict[str, ObjectStatus] = {}
         self._read_at = 0.0
@@ -126,7 +112,7 @@ class Inspector:
                 log.warning("reading the device state failed: %s", exc)
                 return self._statuses
             self._statuses = {v: o for o in objects
-                              if (v := _view_path(self.layout, o.legacy)) is not None}
+                              if (v := view_path(self.layout, o.legacy)) is not None}
         return self._statuses
 
     async def serve(self, ready: Callable[[], None]) -> None:

@@ -11,25 +11,37 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from . import inuse
-from .layout import Layout
+from .enums import Kind, StoreKey
 from .fscrypt import path_is_encrypted
+from .layout import Layout
 from .names import shown
 from .resolver import Resolution, Resolver
-from .enums import Kind
 from .scan import Bases, LegacyObject, scan
 
+
+class Action(StrEnum):
+    """What the plan does with a legacy object."""
+
+    COPY = "copy"            # copied to its target
+    RENAME = "rename"        # renamed to its target (same file system, no encryption boundary)
+    SET_ASIDE = "set-aside"  # the destination exists and wins: the legacy copy is set aside
+    KEEP = "keep"            # stays at its legacy name (see the entry's reason)
+
+
 #: The actions that place a legacy object at its target.
-MOVES = ("copy", "rename")
+MOVES = (Action.COPY, Action.RENAME)
 
 
 def destinations(layout: Layout) -> tuple[str, ...]:
     """Destination locations of *layout*'s target, in report order (the locations of
     downloads in progress only where the target moves them)."""
-    transient = ("downloader", "verifier") if layout.rules.move_transient else ()
-    return ("vault_volumes", layout.rules.clear_volumes, *transient, "verified", "cas")
+    transient = (StoreKey.DOWNLOADER, StoreKey.VERIFIER) if layout.rules.move_transient else ()
+    return (StoreKey.VAULT_VOLUMES, layout.rules.clear_volumes, *transient, StoreKey.VERIFIED,
+            StoreKey.CAS)
 
 
 @dataclass
@@ -38,9 +50,7 @@ class PlanEntry:
     target: str | None
     reason: str | None
     location: str | None
-    #: "copy", "rename", "set-aside" (the destination exists and wins: the legacy
-    #: copy is set aside, see reason), "keep" (stays, see reason)
-    action: str
+    action: Action
     #: it stays because the target layout's rules keep it in the legacy store
     #: (not because nothing maps it yet)
     by_rule: bool = False
@@ -79,7 +89,7 @@ class Plan:
     problems: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, Any]:
-        by_kind = {k: {"objects": 0, "bytes": 0} for k in Kind}
+        by_kind = {k.value: {"objects": 0, "bytes": 0} for k in Kind}
         resolved = 0
         for e in self.entries:
             by_kind[e.obj.kind]["objects"] += 1
@@ -115,10 +125,10 @@ class Plan:
 def _resolve(resolver: Resolver, obj: LegacyObject) -> Resolution:
     if obj.reason is not None:
         return Resolution(None, obj.reason)
-    if obj.kind == "vm-volume":
+    if obj.kind == Kind.VM_VOLUME:
         assert obj.volume is not None
         return resolver.resolve_vm(obj.volume)
-    if obj.kind == "oci-volume":
+    if obj.kind == Kind.OCI_VOLUME:
         assert obj.volume is not None
         return resolver.resolve_container(obj.volume)
     if obj.download is not None:
@@ -159,12 +169,12 @@ def _existing_destination(e: PlanEntry, st: os.stat_result, layout: Layout) -> N
     note keeps the newer: a newer (or as new) destination the same way, an
     older one is set aside before the legacy copy is placed."""
     if layout.rules.destination_always_wins:
-        e.action = "set-aside"
+        e.action = Action.SET_ASIDE
         age = "newer" if st.st_mtime_ns > e.obj.mtime_ns else "older"
         e.reason = (f"the destination exists ({age} than the legacy copy) and is kept, as "
                     "EVE's converter keeps it; the legacy copy is set aside, never deleted")
     elif st.st_mtime_ns >= e.obj.mtime_ns:
-        e.action = "set-aside"
+        e.action = Action.SET_ASIDE
         e.reason = ("the destination exists and is newer (downgrade then upgrade): it is "
                     "kept and the legacy copy is set aside")
     else:
@@ -186,7 +196,7 @@ def _settle_conflicts(entries: list[PlanEntry], layout: Layout) -> None:
             if e is not winner:
                 e.reason = (f"{layout.relpath(winner.obj.path)} resolves to the same "
                             f"{layout.relpath(target)} and is newer")
-                e.target, e.location, e.action = None, None, "keep"
+                e.target, e.location, e.action = None, None, Action.KEEP
 
 
 def _note_busy(entries: list[PlanEntry], layout: Layout) -> None:
@@ -216,7 +226,7 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
     entries = []
     for obj in scan(layout, include_prepared, bases):
         res = _resolve(resolver, obj)
-        action = "keep" if res.target is None else "copy"
+        action = Action.KEEP if res.target is None else Action.COPY
         entries.append(PlanEntry(obj, res.target, res.reason, res.location, action,
                                  res.by_rule))
     _settle_conflicts(entries, layout)
@@ -237,7 +247,7 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
             st = None
         if st is not None:
             _existing_destination(e, st, layout)
-            if e.action == "set-aside":
+            if e.action == Action.SET_ASIDE:
                 continue
         d = dests[e.location]
         parent = os.path.dirname(e.obj.path)
@@ -248,10 +258,10 @@ def make_plan(layout: Layout, resolver: Resolver, include_prepared: bool = True,
         # a rename(2) out of an fscrypt directory keeps the contents encrypted under
         # its key: a move from an encrypted img/ is a decrypting copy (E8)
         plain = not (source_encrypted or encrypted[d.location] or inside_vault)
-        e.action = "rename" if device == d.device and plain else "copy"
+        e.action = Action.RENAME if device == d.device and plain else Action.COPY
         d.objects += 1
         d.bytes += e.obj.bytes
-        if e.action == "copy":
+        if e.action == Action.COPY:
             d.copy_bytes += e.obj.bytes
     need_per_fs: dict[int, int] = {}
     for d in dests.values():
@@ -281,21 +291,21 @@ def render_text(plan: Plan) -> str:
     def rel(path: str) -> str:
         return shown(plan.layout.relpath(path))
 
-    lines = [f"compatfs plan for {shown(plan.layout.root)}, target layout "
-             f"{plan.layout.rules.name}",
+    lines = [(f"compatfs plan for {shown(plan.layout.root)}, target layout "
+              f"{plan.layout.rules.name}"),
              f"checkpoint: {rel(plan.checkpoint) if plan.checkpoint else 'none'}"
              + (f" (config hash {plan.config_hash})" if plan.config_hash else "")]
     for p in plan.problems:
         lines.append(f"problem: {shown(p)}")
     lines.append("")
-    width = max([len(k) for k in Kind])
+    width = max(len(k) for k in Kind)
     for e in plan.entries:
         lines.append(f"{e.obj.kind:<{width}}  {rel(e.obj.path)}  [{human(e.obj.bytes)}]")
         if e.action in MOVES:
             lines.append(f"{'':<{width}}  -> {rel(e.target or '')} ({e.action})")
             if e.reason:
                 lines.append(f"{'':<{width}}     {shown(e.reason)}")
-        elif e.action == "set-aside":
+        elif e.action == Action.SET_ASIDE:
             lines.append(f"{'':<{width}}  set aside: {shown(e.reason or '')}")
         else:
             lines.append(f"{'':<{width}}  stays: {shown(e.reason or '')}")
@@ -303,10 +313,10 @@ def render_text(plan: Plan) -> str:
         lines.append("no legacy objects found")
     t = plan.totals()
     lines += ["",
-              f"{t['objects']} objects, {t['to_move']} to move ({human(t['bytes_to_move'])}), "
-              f"{t['staying']} staying", "",
-              f"{'destination':<26} {'objects':>7} {'to move':>11} {'to copy':>11} "
-              f"{'free':>11}  fits"]
+              (f"{t['objects']} objects, {t['to_move']} to move "
+               f"({human(t['bytes_to_move'])}), {t['staying']} staying"), "",
+              (f"{'destination':<26} {'objects':>7} {'to move':>11} {'to copy':>11} "
+               f"{'free':>11}  fits")]
     for d in plan.destinations.values():
         lines.append(f"{rel(d.path):<26} {d.objects:>7} {human(d.bytes):>11} "
                      f"{human(d.copy_bytes):>11} {human(d.free):>11}  "

@@ -18,29 +18,40 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from . import mounts
-from .backing import ROOT_STORE, store_path
+from .backing import store_path
 from .beneath import RESOLVE_BENEATH, RESOLVE_NO_SYMLINKS, openat2
+from .device import index_of
+from .enums import ALL_VIEWS, MIGRATING_STATES, State, StoreKey, ViewName
 from .index import IndexRefused
 from .indexformat import Record
-from .indexopen import open_index
 from .layout import Layout
 from .names import shown
 from .plan import Plan, human, make_plan
 from .resolver import Resolver
 from .scan import tree_bytes
 
-STATES = ("legacy", "new", "migrating", "failed", "unresolved")
+
+class Reported(StrEnum):
+    """The state ``status`` reports of an object: its index state, summed up."""
+
+    LEGACY = "legacy"
+    NEW = "new"
+    MIGRATING = "migrating"
+    FAILED = "failed"
+    UNRESOLVED = "unresolved"
+
 
 #: index state -> the state status reports
-_REPORTED = {"legacy": "legacy", "new": "new", "switched": "new", "unresolved": "unresolved",
-             "renaming": "migrating", "copying": "migrating", "copied": "migrating",
-             "rolling-back": "migrating",
-             "failed": "failed", "quarantined": "failed"}
-
-_VIEW_KEYS = ("img", "downloads", "prepared")
+_REPORTED: dict[str, Reported] = {
+    State.LEGACY: Reported.LEGACY, State.NEW: Reported.NEW, State.SWITCHED: Reported.NEW,
+    State.UNRESOLVED: Reported.UNRESOLVED,
+    State.RENAMING: Reported.MIGRATING, State.COPYING: Reported.MIGRATING,
+    State.COPIED: Reported.MIGRATING, State.ROLLING_BACK: Reported.MIGRATING,
+    State.FAILED: Reported.FAILED, State.QUARANTINED: Reported.FAILED}
 
 
 @dataclass
@@ -54,11 +65,12 @@ class ObjectStatus:
     bytes: int
 
 
-def _view_path(layout: Layout, legacy_rel: str) -> str | None:
-    """The index key of the legacy object at *legacy_rel* (see Migrator.cas_vpath)."""
+def view_path(layout: Layout, legacy_rel: str) -> str | None:
+    """The index key of the legacy object at *legacy_rel* (see Migrator.cas_vpath);
+    None for a path under no view."""
     if legacy_rel == layout.rel("containerd"):
-        return f"{ROOT_STORE}/{legacy_rel}"
-    for key in _VIEW_KEYS:
+        return f"{StoreKey.ROOT}/{legacy_rel}"
+    for key in ALL_VIEWS:
         base = layout.rel(key)
         if legacy_rel == base or legacy_rel.startswith(base + "/"):
             return key + legacy_rel[len(base):]
@@ -67,7 +79,7 @@ def _view_path(layout: Layout, legacy_rel: str) -> str | None:
 
 def _legacy_rel(layout: Layout, vpath: str) -> str:
     top, _, rest = vpath.partition("/")
-    if top == ROOT_STORE:
+    if top == StoreKey.ROOT:
         return rest
     return os.path.join(layout.rel(top), rest) if rest else layout.rel(top)
 
@@ -89,7 +101,7 @@ class IndexReport:
 def read_index(layout: Layout) -> IndexReport:
     """The index, read-only and proven sound as ``mount`` would prove it."""
     try:
-        index = open_index(layout.root, layout.rel("state"), create=False, read_only=True)
+        index = index_of(layout, create=False, read_only=True)
     except IndexRefused as exc:
         return IndexReport("refused", str(exc))
     except OSError as exc:
@@ -103,11 +115,11 @@ def read_index(layout: Layout) -> IndexReport:
         index.close()
 
 
-def view_states(layout: Layout, views: tuple[str, ...] = _VIEW_KEYS) -> dict[str, str]:
+def view_states(layout: Layout, views: tuple[ViewName, ...] = ALL_VIEWS) -> dict[str, str]:
     """Each view: ``serving``, ``dead`` (a daemon that died left it: ENOTCONN),
     ``not answering`` (its daemon is alive but stuck: stopped, or blocked) or
     ``not mounted``. Never waits more than a few seconds on a view."""
-    out = {}
+    out: dict[str, str] = {}
     for view in views:
         path = layout.path(view)
         entry = mounts.mounted_at(path)
@@ -183,23 +195,24 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool,
     out = []
     seen = set()
     for e, legacy in zip(plan.entries, legacies):
-        vpath = _view_path(layout, legacy)
+        vpath = view_path(layout, legacy)
         rec = records.get(vpath) if vpath else None
         target = layout.relpath(e.target) if e.target else None
         if rec is not None:
             seen.add(vpath)
             location = os.path.relpath(os.path.join(store_path(layout, rec.store), rec.rel),
                                        layout.root)
-            state = _REPORTED.get(rec.state, "new")
-            reason = rec.reason if rec.reason else (None if state == "new" else e.reason)
-            if rec.state in ("copying", "copied", "renaming") and rec.target_store:
+            state = _REPORTED.get(rec.state, Reported.NEW)
+            reason = rec.reason if rec.reason else (None if state == Reported.NEW else e.reason)
+            if rec.state in MIGRATING_STATES and rec.target_store:
                 target = os.path.relpath(os.path.join(store_path(layout, rec.target_store),
                                                       rec.target_rel or ""), layout.root)
             out.append(ObjectStatus(e.obj.kind, legacy, location, target or location, state,
                                     reason, e.obj.bytes))
         else:
             # the legacy store is where it belongs when the rules keep it there
-            state = "legacy" if e.target is not None or e.by_rule else "unresolved"
+            state = Reported.LEGACY if e.target is not None or e.by_rule \
+                else Reported.UNRESOLVED
             out.append(ObjectStatus(e.obj.kind, legacy, legacy, target, state, e.reason,
                                     e.obj.bytes))
     for vpath, rec in records.items():
@@ -213,10 +226,10 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool,
                 size += tree_bytes(location)
         except OSError:
             size = 0
-        state = _REPORTED.get(rec.state, "new")
+        state = _REPORTED.get(rec.state, Reported.NEW)
         out.append(ObjectStatus(rec.kind, _legacy_rel(layout, vpath),
                                 os.path.relpath(location, layout.root),
-                                os.path.relpath(location, layout.root) if state == "new" else None,
+                                os.path.relpath(location, layout.root) if state == Reported.NEW else None,
                                 state, rec.reason, size))
     out.sort(key=lambda o: o.legacy)
     return plan, out, report
@@ -238,9 +251,9 @@ def exit_status(doc: dict[str, Any]) -> int:
 
 
 def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
-            progress: dict | None = None, index: IndexReport | None = None,
+            progress: dict[str, Any] | None = None, index: IndexReport | None = None,
             views: dict[str, str] | None = None) -> dict[str, Any]:
-    totals: dict[str, Any] = {s: {"objects": 0, "bytes": 0} for s in STATES}
+    totals: dict[str, Any] = {s.value: {"objects": 0, "bytes": 0} for s in Reported}
     for o in objects:
         totals[o.state]["objects"] += 1
         totals[o.state]["bytes"] += o.bytes
@@ -254,7 +267,7 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
         "index": index.as_json(plan.layout),
         "problems": plan.problems,
         "objects": [dict(o.__dict__, progress=(progress or {}).get("current", {}).get(
-            _view_path(plan.layout, o.legacy) or "")) for o in objects],
+            view_path(plan.layout, o.legacy) or "")) for o in objects],
         "migration": progress,
         "totals": {"objects": len(objects), "bytes": sum(o.bytes for o in objects),
                    "by_state": totals},
@@ -262,8 +275,8 @@ def as_json(stage: str, mounted: bool, plan: Plan, objects: list[ObjectStatus],
 
 
 def render_text(doc: dict[str, Any]) -> str:
-    lines = [f"compatfs status for {shown(doc['root'])}: stage {doc['stage']}, "
-             f"{'mounted' if doc['mounted'] else 'not mounted'}, target layout {doc['layout']}"]
+    lines = [(f"compatfs status for {shown(doc['root'])}: stage {doc['stage']}, "
+              f"{'mounted' if doc['mounted'] else 'not mounted'}, target layout {doc['layout']}")]
     dead = [v for v, state in doc.get("views", {}).items() if state == "dead"]
     if dead:
         lines.append(f"views dead: {', '.join(dead)} (the daemon serving them died; agents get "
