@@ -77,13 +77,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from benchlib import commit, drop_caches, log, run
+
 from compatfs import mounts
-from compatfs.testing import daemonproc, devicefs, devicegen
 from compatfs.backing import NEW_STORES, own_location
-from compatfs.stores import STAGING_DIR
 from compatfs.layout import Layout
 from compatfs.migration import tmp_leaf
 from compatfs.names import DownloadArea, ObjType
+from compatfs.stores import STAGING_DIR
+from compatfs.testing import daemonproc, devicefs, devicegen
 
 MiB = 1 << 20
 GiB = 1 << 30

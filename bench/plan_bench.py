@@ -24,8 +24,9 @@ import tempfile
 import time
 
 from benchlib import drop_caches
-from compatfs.testing import devicegen
+
 from compatfs.names import DownloadArea, ObjType
+from compatfs.testing import devicegen
 
 
 def build(root: str, n: int, seed: int = 1) -> dict[str, int]:

@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from benchlib import commit, drop_caches, log, run
+
 from compatfs import mounts
 from compatfs.testing import daemonproc, devicegen
 

@@ -47,6 +47,7 @@ from .handles import HandleTable
 from .migration import Migrator
 from .operations import Operations
 from .rules import release_text
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 

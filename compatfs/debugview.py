@@ -19,7 +19,6 @@ directories it opens are those views, so it shows what the agents see.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal

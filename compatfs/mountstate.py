@@ -28,7 +28,6 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .attributes import entry_attributes, root_attributes, xattr_at
-from .backing import Store
 from .boundary import BadHandle
 from .changes import NO_CHANGES, ChangeObserver
 from .control import CONTROL_NAME, Control
@@ -37,6 +36,7 @@ from .handles import Handle, HandleTable
 from .inodes import ROOT, InodeTable
 from .latency import LatencyHistogram
 from .placement import join
+from .stores import Store
 from .view import View
 from .writebehind import Stream, WriteBehind
 

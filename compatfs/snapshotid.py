@@ -23,8 +23,8 @@ import os
 import stat
 
 from .enums import Kind
-from .stores import Store
 from .rules import Rules
+from .stores import Store
 
 #: EVE's name for the file (``snapshotIDFile`` in its containerd package).
 SNAPSHOT_ID_FILE = "snapshotid.txt"

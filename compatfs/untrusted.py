@@ -43,7 +43,7 @@ def kind(mode: int) -> str:
 def _open(path: str, flags: int, beneath: str | None) -> int:
     if beneath is None:
         return os.open(path, flags)
-    from .beneath import openat2   # the one openat2 wrapper
+    from .beneath import openat2  # the one openat2 wrapper
 
     rel = os.path.relpath(path, beneath)
     if rel == os.curdir or rel.split(os.sep, 1)[0] == os.pardir:

@@ -17,9 +17,11 @@ import os
 import stat
 from typing import Protocol
 
-from .backing import Backing, Store
-from .index import Index, Record
+from .backing import Backing
+from .index import Index
+from .indexformat import Record
 from .placement import Placement, split, undo
+from .stores import Store
 
 log = logging.getLogger(__name__)
 

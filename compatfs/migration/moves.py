@@ -20,15 +20,14 @@ import threading
 
 import trio
 
-from .. import filecopy, treecopy
-from ..throttle import Throttle
-from .. import inuse, snapshotid
-from ..stores import Store, aside_name
+from .. import filecopy, inuse, snapshotid, treecopy
 from ..changes import FileKey
 from ..config import Migration
 from ..enums import State, StoreKey
 from ..handles import HandleTable
 from ..indexformat import Record
+from ..stores import Store, aside_name
+from ..throttle import Throttle
 from ..view import View
 from . import livecopy
 from .livecopy import DirtyLog, in_background

@@ -25,10 +25,10 @@ import os
 import stat
 
 from .. import snapshotid
-from ..stores import Store, aside_name
 from ..enums import Kind, State, StoreKey
 from ..indexformat import Record
 from ..placement import Placement, split
+from ..stores import Store, aside_name
 from ..view import View
 from .faults import Faults
 from .progress import Item, why

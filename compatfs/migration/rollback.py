@@ -18,10 +18,10 @@ import stat
 import trio
 
 from .. import filecopy, treecopy
-from ..stores import Store
 from ..enums import State, StoreKey
 from ..indexformat import Record
 from ..placement import split
+from ..stores import Store
 from .moves import refuse_if_held
 from .scheduler import Migrator
 from .steps import drop_tmp_dir, fsync_parent, signature, tmp_place

@@ -32,13 +32,13 @@ from collections.abc import Callable
 import trio
 
 from .. import filecopy
-from ..throttle import Throttle
 from ..config import Migration
 from ..enums import Kind, State, StoreKey, ViewName
 from ..handles import HandleTable
 from ..indexformat import Record
 from ..placement import split
-from ..plan import make_plan
+from ..plan import Action, make_plan
+from ..throttle import Throttle
 from ..view import View
 from .faults import Faults
 from .livecopy import LiveChanges
@@ -178,10 +178,10 @@ class Migrator:
             else:
                 dst_rel = os.path.relpath(e.target, layout.path(e.location))
             action = e.action
-            if action not in ("copy", "rename", "set-aside"):
+            if action not in (Action.COPY, Action.RENAME, Action.SET_ASIDE):
                 continue
-            if action == "copy" and self._renameable(top, dst_store):
-                action = "rename"
+            if action == Action.COPY and self._renameable(top, dst_store):
+                action = Action.RENAME
             items.append(Item(vpath, e.obj.kind, e.obj.is_dir, top, rest, dst_store, dst_rel,
                               e.obj.bytes, action, expected_sha(e.location, dst_rel),
                               e.reason))

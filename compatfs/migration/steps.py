@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 from .. import snapshotid
 from ..backing import Backing
-from ..stores import Side, Store
 from ..changes import FileKey
 from ..enums import MIGRATING_STATES, Kind, State, StoreKey
 from ..handles import HandleTable
@@ -32,6 +31,7 @@ from ..index import Index
 from ..indexformat import Record
 from ..placement import split
 from ..scan import TMP_DIR
+from ..stores import Side, Store
 from .faults import Faults
 from .progress import Item, why
 

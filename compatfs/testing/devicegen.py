@@ -22,8 +22,11 @@ from ..latch import expected_file_name
 from ..names import DownloadArea, ObjType
 from ..proto import eve_auth_pb2, eve_config_pb2
 
-_FORMAT_ENUM = {"raw": 1, "qcow": 2, "qcow2": 3, "vhd": 4, "vmdk": 5, "ova": 6,
-                "vhdx": 7, "container": 8, "iso": 9, "pvc": 10}
+_FORMAT_ENUM: dict[str, eve_config_pb2.Format] = {
+    "raw": eve_config_pb2.RAW, "qcow": eve_config_pb2.QCOW, "qcow2": eve_config_pb2.QCOW2,
+    "vhd": eve_config_pb2.VHD, "vmdk": eve_config_pb2.VMDK, "ova": eve_config_pb2.OVA,
+    "vhdx": eve_config_pb2.VHDX, "container": eve_config_pb2.CONTAINER,
+    "iso": eve_config_pb2.ISO, "pvc": eve_config_pb2.PVC}
 
 
 # -- unknown fields ------------------------------------------------------------
@@ -117,7 +120,7 @@ def build_config(apps: list[AppDef], *, config_hash: str = "demo") -> eve_config
             drive = a.drives.add()
             drive.image.uuidandversion.uuid = d.image_uuid
             drive.image.name = f"{app.name}-{d.image_uuid[:8]}"
-            drive.image.iformat = _FORMAT_ENUM.get(d.fmt, 0)
+            drive.image.iformat = _FORMAT_ENUM.get(d.fmt, eve_config_pb2.FmtUnknown)
             if d.sha_in_image:
                 drive.image.sha256 = d.sha
             ref = a.volumeRefList.add()
@@ -130,12 +133,12 @@ def build_config(apps: list[AppDef], *, config_hash: str = "demo") -> eve_config
             vol.clear_text = d.clear_text
             if d.content_tree:
                 tree_uuid = str(uuidlib.UUID(int=uuidlib.UUID(d.volume_uuid).int ^ 1))
-                vol.origin.type = 2
+                vol.origin.type = eve_config_pb2.VCOT_DOWNLOAD
                 vol.origin.downloadContentTreeID = tree_uuid
                 tree = cfg.contentInfo.add()
                 tree.uuid = tree_uuid
                 tree.sha256 = d.sha
-                tree.iformat = _FORMAT_ENUM.get(d.fmt, 0)
+                tree.iformat = _FORMAT_ENUM.get(d.fmt, eve_config_pb2.FmtUnknown)
                 tree.displayName = drive.image.name
                 tree.URL = f"https://example.invalid/{d.sha}"
     return resp
