@@ -11,8 +11,8 @@ the FUSE connection, so when the daemon dies every view fails with
 
 Order of set-up: open the device (:mod:`compatfs.device`: every backing
 directory before anything covers it, and the index), recover, mount FUSE
-privately, bind the views, check each answers, report readiness. Tear-down runs in reverse on SIGTERM, SIGINT or when the
-FUSE session ends.
+privately, bind the views, check each answers, report readiness. Tear-down
+runs in reverse on SIGTERM, SIGINT or when the FUSE session ends.
 
 Nothing but the FUSE loop may end the serving: the background tasks (the
 migrator, the config watcher, the metrics writer) each run under

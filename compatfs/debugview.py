@@ -13,8 +13,9 @@ It changes nothing on disk: it creates no directory, opens the index
 read-only, is mounted ``ro`` and answers ``EROFS`` to every change. (While a
 daemon runs, SQLite's shared-memory file beside the index, ``index.db-shm``,
 takes this reader's read marks, as it does for every reader; it holds no
-data. Without a daemon the index is opened immutable and nothing is touched.) While the live views are mounted, the legacy
-directories it opens are those views, so it shows what the agents see.
+data. Without a daemon the index is opened immutable and nothing is touched.)
+While the live views are mounted, the legacy directories it opens are those
+views, so it shows what the agents see.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class Inspector:
             try:
                 if self.index.path is not None:
                     self.index.reload()
-                _, objects, _ = collect(self.layout, self.resolver, ViewName.PREPARED in self.view.views)
+                _, objects, _ = collect(self.layout, self.resolver,
+                                        ViewName.PREPARED in self.view.views)
             except Exception as exc:  # noqa: BLE001 - inspection keeps serving old data
                 log.warning("reading the device state failed: %s", exc)
                 return self._statuses

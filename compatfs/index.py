@@ -323,7 +323,8 @@ class Index:
         self.db.execute(
             f"INSERT OR REPLACE INTO objects ({COLUMNS}, updated_ns) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (encode_name(rec.view), rec.store, encode_name(rec.rel), rec.kind, rec.state, rec.prev_store,
+            (encode_name(rec.view), rec.store, encode_name(rec.rel), rec.kind, rec.state,
+             rec.prev_store,
              encode_name(rec.prev_rel), rec.target_store, encode_name(rec.target_rel), rec.sig,
              encode_name(rec.reason), rec.attempts, time.time_ns()))
 

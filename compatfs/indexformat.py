@@ -129,7 +129,7 @@ def _safe_rel(value: object) -> bool:
 
 def check_record(rec: Record, raw: tuple[object, ...] = ()) -> str | None:
     """Why *rec* is not a record compatfs writes, or None. *raw* is the row as stored."""
-    for field, value in zip(FIELDS, raw) if bytes in map(type, raw) else ():
+    for field, value in zip(FIELDS, raw, strict=True) if bytes in map(type, raw) else ():
         if isinstance(value, bytes):
             if field not in NAME_FIELDS:
                 return f"{field} is a BLOB"

@@ -43,7 +43,8 @@ class Operations(MountState):
 
     # -- lookups and attributes ---------------------------------------------------
     @errno_boundary
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         n = os.fsdecode(name)
         if n == ".":
             return self._dot_entry(parent_inode)
@@ -87,8 +88,9 @@ class Operations(MountState):
                 self._control_inodes.discard(ino)
 
     @errno_boundary
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only()
         if inode == ROOT:
             raise FUSEError(errno.EPERM)
@@ -234,7 +236,8 @@ class Operations(MountState):
 
     @errno_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+                     ctx: pyfuse3.RequestContext,
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         vpath, n = self._vpath(parent_inode, name)
         fd, _ = self.view.create(vpath, backing_flags(flags), (mode & ~ctx.umask) & 0o7777)
         try:
@@ -364,7 +367,8 @@ class Operations(MountState):
         return self.backing_listxattr(inode)
 
     @errno_boundary
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
         self._refuse_if_read_only()
         if inode in self._control_inodes:
             return self.control_file.setxattr(name, value)

@@ -194,7 +194,7 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool,
     records = report.records
     out = []
     seen = set()
-    for e, legacy in zip(plan.entries, legacies):
+    for e, legacy in zip(plan.entries, legacies, strict=True):
         vpath = view_path(layout, legacy)
         rec = records.get(vpath) if vpath else None
         target = layout.relpath(e.target) if e.target else None
@@ -229,7 +229,8 @@ def collect(layout: Layout, resolver: Resolver, include_prepared: bool,
         state = _REPORTED.get(rec.state, Reported.NEW)
         out.append(ObjectStatus(rec.kind, _legacy_rel(layout, vpath),
                                 os.path.relpath(location, layout.root),
-                                os.path.relpath(location, layout.root) if state == Reported.NEW else None,
+                                os.path.relpath(location, layout.root)
+                                if state == Reported.NEW else None,
                                 state, rec.reason, size))
     out.sort(key=lambda o: o.legacy)
     return plan, out, report

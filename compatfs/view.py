@@ -15,9 +15,9 @@ resolver can place goes straight to its new-layout location, a volume name it
 cannot place yet goes to the unresolved area inside the vault, and anything
 else stays in the legacy store: names that do not parse, and what the target
 layout's rules keep there (in ``eve``: downloads in progress, ``cert.obj``,
-verified objects whose name the target keeps cannot be derived). A rename keeps bytes on their side of the
-vault boundary when they cannot move by ``rename(2)``, so an agent never
-waits for a copy and never sees ``EXDEV``.
+verified objects whose name the target keeps cannot be derived). A rename
+keeps bytes on their side of the vault boundary when they cannot move by
+``rename(2)``, so an agent never waits for a copy and never sees ``EXDEV``.
 
 This module decides; :mod:`compatfs.backing` does the syscalls;
 :mod:`compatfs.operations` turns FUSE requests into calls here. Renames are
@@ -187,7 +187,8 @@ class View:
         if p.state == State.NEW:
             alt = Placement(StoreKey.UNRESOLVED, vpath, p.kind, State.UNRESOLVED)
             if p.kind in (Kind.VM_VOLUME, Kind.OCI_VOLUME) and self.usable(alt):
-                log.debug("%s: %s/%s is taken; parked in the unresolved area", vpath, p.store, p.rel)
+                log.debug("%s: %s/%s is taken; parked in the unresolved area",
+                          vpath, p.store, p.rel)
                 return alt
         top, rest = split(vpath)
         return Placement(top, rest)
@@ -207,7 +208,8 @@ class View:
     # failure undoes what was done (directories made, index rows written) and
     # raises the failure's own errno; after it, only clean-up is left, which
     # logs instead of failing a change that has happened. A crash (nothing
-    # runs after it: BaseException in tests) is left to the recovery (:func:`compatfs.migration.recover`).
+    # runs after it: BaseException in tests) is left to the recovery
+    # (:func:`compatfs.migration.recover`).
 
     def create(self, vpath: str, flags: int, mode: int) -> tuple[int, Placement]:
         """Create and open the file *vpath*; returns (fd, where it went)."""

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Command, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
-        p.add_argument("--config", metavar="FILE", help="YAML configuration (docs/configuration.md)")
+        p.add_argument("--config", metavar="FILE",
+                       help="YAML configuration (docs/configuration.md)")
         return p
 
     for command in COMMANDS:

@@ -63,7 +63,8 @@ def setup_logging(level: str) -> None:
 
 def add_mount_common(p: argparse.ArgumentParser) -> None:
     """The options of every command that works on a root a daemon may serve."""
-    p.add_argument("--root", metavar="DIR", help="the /persist directory (default: from the config)")
+    p.add_argument("--root", metavar="DIR",
+                   help="the /persist directory (default: from the config)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="where daemons keep pid, log and private mountpoint "
                         "(default $COMPATFS_RUN_DIR or /run/compatfs)")

@@ -17,7 +17,8 @@ def register(add: AddCommand) -> None:
     p = add("plan", cmd_plan,
             "Report every legacy object under the root: where it belongs, or why it stays. "
             "Changes nothing.")
-    p.add_argument("--root", metavar="DIR", help="the /persist directory (default: from the config)")
+    p.add_argument("--root", metavar="DIR",
+                   help="the /persist directory (default: from the config)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
 
 

@@ -26,7 +26,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline and run.live_pid() == pid and os.path.exists(f"/proc/{pid}"):
+        while time.monotonic() < deadline and run.live_pid() == pid \
+                and os.path.exists(f"/proc/{pid}"):
             time.sleep(0.05)
         if os.path.exists(f"/proc/{pid}") and run.live_pid() == pid:
             raise CommandError(f"daemon pid {pid} did not stop within {args.timeout:.0f} s")

@@ -120,7 +120,8 @@ class DirtyLog:
     def add(self, offset: int, length: int) -> None:
         self.touched = True
         if length > 0:
-            self.blocks.update(range(offset // DIRTY_BLOCK, (offset + length - 1) // DIRTY_BLOCK + 1))
+            first, last = offset // DIRTY_BLOCK, (offset + length - 1) // DIRTY_BLOCK
+            self.blocks.update(range(first, last + 1))
 
     @property
     def bytes(self) -> int:

@@ -10,8 +10,9 @@ the ``copied``/``switched`` commits around it (:meth:`Steps.place`), the open
 handles switched to the copy (:meth:`Steps.switch_handles`), the legacy
 original dropped (:meth:`Steps.finish_removal`), a half-made copy dropped
 (:meth:`Steps.drop_copy`), a set-aside finished (:meth:`Steps.finish_set_aside`),
-a rollback finished (:meth:`Steps.finish_rollback`) and a failed attempt put back in order (:meth:`Steps.settle`). The scheduler
-decides what moves and when; these only move.
+a rollback finished (:meth:`Steps.finish_rollback`) and a failed attempt put
+back in order (:meth:`Steps.settle`). The scheduler decides what moves and
+when; these only move.
 """
 
 from __future__ import annotations

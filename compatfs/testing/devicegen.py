@@ -47,7 +47,8 @@ def unknown_fields(rng: random.Random, count: int, taken: set[int]) -> bytes:
     """*count* wire-encoded fields with numbers outside *taken*, of every wire type."""
     out = bytearray()
     for _ in range(count):
-        number = rng.choice([n for n in range(1, 60) if n not in taken] + [rng.randrange(100, 5000)])
+        free = [n for n in range(1, 60) if n not in taken]
+        number = rng.choice(free + [rng.randrange(100, 5000)])
         wire = rng.choice((0, 1, 2, 5))
         out += _varint((number << 3) | wire)
         if wire == 0:
@@ -177,7 +178,8 @@ def write_latch(directory: str, app_uuid: str, image_uuid: str, sha: str, purge:
 
 
 def write_device_state(root: str, apps: list[AppDef], *, wrap: bool = False,
-                       rng: random.Random | None = None, checkpoint_name: str = "lastconfig") -> None:
+                       rng: random.Random | None = None,
+                       checkpoint_name: str = "lastconfig") -> None:
     """Write the checkpoint and the latch entries for *apps* under *root*."""
     data = encode_checkpoint(build_config(apps), wrap=wrap, rng=rng)
     write_atomic(os.path.join(root, "checkpoint", checkpoint_name), data)
@@ -287,8 +289,8 @@ def make_demo(root: str, seed: int = 7) -> list[AppDef]:
     sparse_file(os.path.join(img, f"{random_sha(rng)}-{u()}.qcow2"), 16 << 20, {0: b"x" * 4096})
     with open(os.path.join(img, "notes.txt"), "w") as f:
         f.write("left by an operator\n")
-    container_tree(os.path.join(root, "runx", "pods", "prepared", pod.legacy_name(0, container=True)),
-                   rng)
+    prepared = os.path.join(root, "runx", "pods", "prepared")
+    container_tree(os.path.join(prepared, pod.legacy_name(0, container=True)), rng)
 
     blob = rng.randbytes(300 << 10)
     image_id = u()
