@@ -39,13 +39,8 @@ NEW_STORES = (StoreKey.VAULT_VOLUMES, StoreKey.CLEAR_VOLUMES, StoreKey.NOVAULT_V
 #: The clear-text volume locations: EVE's (``clear/volumes``) and the design note's.
 CLEAR_STORES = frozenset({StoreKey.CLEAR_VOLUMES, StoreKey.NOVAULT_VOLUMES})
 
-#: The root itself: the legacy ``containerd`` tree is moved out of it as one name.
-ROOT_STORE = StoreKey.ROOT
-#: The directory the CAS location is a name in (``vault`` for ``vault/containerd``).
-CAS_PARENT = StoreKey.CAS_PARENT
-
 #: New-layout locations that must be encrypted (all but the clear-text volumes).
-VAULT_STORES = frozenset(NEW_STORES) - CLEAR_STORES | {CAS_PARENT}
+VAULT_STORES = frozenset(NEW_STORES) - CLEAR_STORES | {StoreKey.CAS_PARENT}
 
 def new_stores(layout: Layout) -> tuple[str, ...]:
     """The new-layout locations *layout*'s target uses: every one but the clear-text
@@ -64,9 +59,9 @@ def own_location(key: str) -> str:
 
 def store_path(layout: Layout, key: str) -> str:
     """The directory of the store *key* (a location key, or one of the two above)."""
-    if key == ROOT_STORE:
+    if key == StoreKey.ROOT:
         return layout.root
-    if key == CAS_PARENT:
+    if key == StoreKey.CAS_PARENT:
         return os.path.dirname(layout.path("cas"))
     return layout.path(key)
 
@@ -84,8 +79,8 @@ def _refuse_plain_vault(root: Store, layout: Layout) -> None:
     directory made below it inherits its policy (or its lack of one). So a
     refused plain vault is left exactly as it was found."""
     cas_parent = os.path.dirname(layout.rel("cas"))
-    for key, rel in [(k, layout.rel(k)) for k in VAULT_STORES - {CAS_PARENT}] \
-            + [(CAS_PARENT, cas_parent)]:
+    for key, rel in [(k, layout.rel(k)) for k in VAULT_STORES - {StoreKey.CAS_PARENT}] \
+            + [(StoreKey.CAS_PARENT, cas_parent)]:
         parts = rel.split("/") if rel else []
         while True:
             try:
@@ -117,7 +112,7 @@ def _own_sides(root: Store, layout: Layout, stores: dict[str, Store],
     or a set-aside there fails with ENOENT rather than land in EVE's directory."""
     owns: dict[str, Store] = {}
     for key in [k for k in NEW_STORES if k in stores] \
-            + ([CAS_PARENT] if CAS_PARENT in stores else []):
+            + ([StoreKey.CAS_PARENT] if StoreKey.CAS_PARENT in stores else []):
         store = stores[key]
         own_key = own_location(key)
         own = owns.get(own_key)
@@ -189,7 +184,7 @@ class Backing:
         # Every location is reached from the root like any other path: beneath
         # it and through no symbolic link, so a link planted at, say,
         # vault/verifier cannot send data (or mkdir) outside the root.
-        root = Store(ROOT_STORE, layout.root,
+        root = Store(StoreKey.ROOT, layout.root,
                      os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         clone: Store | None = None    # the root without submounts, for covered views
         try:
@@ -205,17 +200,18 @@ class Backing:
                     continue
                 if view in covered:
                     if clone is None:
-                        clone = Store(ROOT_STORE, layout.root, clone_without_submounts(root.fd))
+                        clone = Store(StoreKey.ROOT, layout.root, clone_without_submounts(root.fd))
                     stores[view] = Store(key, layout.path(key), clone.open_dir(layout.rel(key)))
                     continue
                 root.makedirs(layout.rel(key), 0o755)
                 stores[view] = Store(key, layout.path(key), root.open_dir(layout.rel(key)))
             cas_parent = os.path.dirname(layout.rel("cas"))
             used = new_stores(layout)
-            for key, rel in [(k, layout.rel(k)) for k in NEW_STORES] + [(CAS_PARENT, cas_parent)]:
+            wanted = [(k, layout.rel(k)) for k in NEW_STORES] + [(StoreKey.CAS_PARENT, cas_parent)]
+            for key, rel in wanted:
                 path = os.path.join(layout.root, rel)
                 if create_new and not read_only and key != "cas" and rel \
-                        and (key in used or key == CAS_PARENT):
+                        and (key in used or key == StoreKey.CAS_PARENT):
                     # EVE's volumemgr makes its volume directories 0700
                     private = key in VAULT_STORES or key == "clear_volumes"
                     root.makedirs(rel, 0o700 if private else 0o755)
@@ -229,7 +225,7 @@ class Backing:
                         f"{path} is not encrypted (the kernel reports no fscrypt policy); "
                         "refusing to place vault-bound data there. Unlock or create the "
                         "vault, or set require_encrypted_vault: false")
-            stores[ROOT_STORE] = root
+            stores[StoreKey.ROOT] = root
             owns = _own_sides(root, layout, stores, create_new and not read_only)
         except BaseException:
             root.close()

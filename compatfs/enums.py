@@ -83,7 +83,8 @@ def views_for(mount_prepared: bool) -> tuple[ViewName, ...]:
 class StoreKey(StrEnum):
     """The backing directories compatfs opens, by the key its index records name."""
 
-    ROOT = "persist"                  # the root itself (the index, the latch)
+    ROOT = "persist"                  # the root itself (the legacy containerd tree moves
+                                      # out of it as one name)
     IMG = "img"
     DOWNLOADS = "downloads"
     PREPARED = "prepared"
@@ -95,7 +96,7 @@ class StoreKey(StrEnum):
     VERIFIED = "verified"
     UNRESOLVED = "unresolved"
     CAS = "cas"
-    CAS_PARENT = "cas_parent"
+    CAS_PARENT = "cas_parent"         # the directory the CAS location is a name in
 
 
 class _Stated(Protocol):

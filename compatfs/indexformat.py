@@ -69,7 +69,6 @@ NAME_FIELDS = frozenset({"view", "rel", "prev_rel", "target_rel", "reason"})
 #: The state of a record kept only for its reason: the bytes are at the legacy
 #: path (a reconcile found the legacy copy newer; the placed one was set
 #: aside). Served, listed and migrated like a legacy object with no record.
-KEPT_LEGACY = State.LEGACY
 #: Every state a record can be in: the views' and the migrator's.
 STATES = frozenset(State)
 #: Every store a record can name (layout keys, the root, the CAS parent).

@@ -24,13 +24,13 @@ from compatfs.testing import devicegen
 from compatfs.scan import SET_ASIDE_DIR
 from compatfs.stores import Store
 from compatfs.index import DB_NAME
-from compatfs.indexformat import KEPT_LEGACY
 from compatfs.migration import recover
 
 from .conftest import run_cli
 from .devices import ext4_image, make_vault
 from .mounting import mounted
 from .test_view import (  # noqa: F401
+from compatfs.enums import State
     OBJ, device, layout_rules, mkdirs, on_disk, read, reopen, views, write_new,
 )
 
@@ -86,7 +86,7 @@ def test_a_newer_legacy_copy_is_served_and_the_placed_one_set_aside(device, view
     [kept] = aside(device.root / "vault" / "volumes")
     assert kept.read_bytes() == b"placed, older" and not placed.exists()
     rec = on_disk(db)[web0]
-    assert (rec.store, rec.rel, rec.state) == ("img", device.web.legacy_name(0), KEPT_LEGACY)
+    assert (rec.store, rec.rel, rec.state) == ("img", device.web.legacy_name(0), State.LEGACY)
     assert (rec.prev_store, rec.target_store) == (None, None)
     assert "newer legacy copy" in rec.reason and kept.name in rec.reason
     assert view.listdir("img").count(device.web.legacy_name(0)) == 1
