@@ -42,6 +42,7 @@ CLEAR_STORES = frozenset({StoreKey.CLEAR_VOLUMES, StoreKey.NOVAULT_VOLUMES})
 #: New-layout locations that must be encrypted (all but the clear-text volumes).
 VAULT_STORES = frozenset(NEW_STORES) - CLEAR_STORES | {StoreKey.CAS_PARENT}
 
+
 def new_stores(layout: Layout) -> tuple[str, ...]:
     """The new-layout locations *layout*'s target uses: every one but the clear-text
     volume location of the other target layout."""
