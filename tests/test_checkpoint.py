@@ -236,7 +236,8 @@ def small_checkpoints() -> list[tuple[str, bytes]]:
     return [("bare", bare), ("wrapped", wrapped)]
 
 
-@pytest.mark.parametrize("kind,data", small_checkpoints(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("kind,data", small_checkpoints(),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_every_truncation_is_a_checkpoint_error(kind, data):
     assert checkpoint.decode(data).apps  # the whole thing is fine
     assert 100 < len(data) < 2000

@@ -166,7 +166,8 @@ ERRORS = [
     pytest.param("migration: fast\n", 1, "migration", id="migration-str"),
     pytest.param("vault_wait_s: soon\n", 1, "vault_wait_s", id="vault_wait_s-str"),
     pytest.param("vault_wait_s: -1\n", 1, "vault_wait_s", id="vault_wait_s-negative"),
-    pytest.param("migration:\n  concurrency: 0\n", 2, "migration.concurrency", id="migration-range"),
+    pytest.param("migration:\n  concurrency: 0\n", 2, "migration.concurrency",
+                 id="migration-range"),
     pytest.param("migration:\n  verify: 'yes'\n", 2, "migration.verify", id="migration-bool"),
     pytest.param("migration:\n  throttle_mib_per_s: -1\n", 2, "migration.throttle_mib_per_s",
                  id="migration-negative"),
@@ -181,7 +182,8 @@ ERRORS = [
     pytest.param("# c\nstage: fast\n", 2, "stage", id="bad-stage"),
     pytest.param("stage: Observe\n", 1, "stage", id="stage-wrong-case"),
     # bad paths
-    pytest.param("paths:\n  vault_volumes: /abs/volumes\n", 2, "paths.vault_volumes", id="path-absolute"),
+    pytest.param("paths:\n  vault_volumes: /abs/volumes\n", 2, "paths.vault_volumes",
+                 id="path-absolute"),
     pytest.param("paths:\n  img: ../img\n", 2, "paths.img", id="path-dotdot"),
     pytest.param("paths:\n  img: a/../../img\n", 2, "paths.img", id="path-dotdot-inner"),
     pytest.param("paths:\n  img: ''\n", 2, "paths.img", id="path-empty"),
@@ -189,14 +191,16 @@ ERRORS = [
     # duplicates
     pytest.param("stage: observe\nroot: /p\nstage: migrate\n", 3, "stage", id="dup-top"),
     pytest.param("paths:\n  img: a\n  img: b\n", 3, "paths.img", id="dup-paths"),
-    pytest.param(f"overrides:\n  - app: {APP}\n    app: {APP}\n", 3, "overrides[0].app", id="dup-override"),
+    pytest.param(f"overrides:\n  - app: {APP}\n    app: {APP}\n", 3, "overrides[0].app",
+                 id="dup-override"),
     # overrides items
     pytest.param("overrides:\n  - 5\n", 2, "overrides[0]", id="override-item-scalar"),
     pytest.param("overrides:\n  - [a]\n", 2, "overrides[0]", id="override-item-list"),
     pytest.param(_ov(app=None), 2, "overrides[0]", id="override-missing-app"),
     pytest.param(_ov(sha=None), 2, "overrides[0]", id="override-missing-sha"),
     pytest.param(_ov(volume=None), 2, "overrides[0]", id="override-missing-volume"),
-    pytest.param(_ov() + f"  - app: {APP2}\n    sha: {SHA}\n", 5, "overrides[1]", id="second-missing"),
+    pytest.param(_ov() + f"  - app: {APP2}\n    sha: {SHA}\n", 5, "overrides[1]",
+                 id="second-missing"),
     pytest.param(_ov(app="not-a-uuid"), 2, "overrides[0].app", id="override-bad-app"),
     pytest.param(_ov(app=APP.replace("-", "")), 2, "overrides[0].app", id="override-app-no-dashes"),
     pytest.param(_ov(volume=VOL[:-1]), 4, "overrides[0].volume", id="override-bad-volume"),
@@ -206,7 +210,8 @@ ERRORS = [
     pytest.param(_ov(generation=2**63), 5, "overrides[0].generation", id="override-huge-gen"),
     pytest.param(_ov(generation="true"), 5, "overrides[0].generation", id="override-bool-gen"),
     pytest.param(_ov(generation=1.5), 5, "overrides[0].generation", id="override-float-gen"),
-    pytest.param(_ov(clear_text="yes please"), 5, "overrides[0].clear_text", id="override-bad-clear"),
+    pytest.param(_ov(clear_text="yes please"), 5, "overrides[0].clear_text",
+                 id="override-bad-clear"),
     pytest.param(_ov(format="img"), 5, "overrides[0].format", id="override-unknown-format"),
     pytest.param(_ov(format="QCOW2"), 5, "overrides[0].format", id="override-upper-format"),
     pytest.param(_ov(format=3), 5, "overrides[0].format", id="override-int-format"),
@@ -324,7 +329,8 @@ def test_load_directory(tmp_path: Path) -> None:
     assert str(tmp_path) in str(info.value)
 
 
-@pytest.mark.parametrize("data", [b"stage: \xff\n", b"\xfe\xff\x00s", "stage: observé\n".encode("latin-1")])
+@pytest.mark.parametrize("data", [b"stage: \xff\n", b"\xfe\xff\x00s",
+                                  "stage: observé\n".encode("latin-1")])
 def test_load_non_utf8(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(data)

@@ -92,7 +92,8 @@ def test_metrics_file_in_prometheus_text_format(live):
         if os.path.exists(metrics):
             with open(metrics) as f:
                 text = f.read()
-            if "compatfs_fuse_requests_total" in text and "compatfs_fuse_requests_total 0" not in text:
+            if ("compatfs_fuse_requests_total" in text
+                    and "compatfs_fuse_requests_total 0" not in text):
                 break
         time.sleep(0.5)
     for name in ("objects", "migration_bytes_remaining", "migration_rate_bytes_per_second",

@@ -127,7 +127,7 @@ class Files:
         self.src = os.open(src, os.O_RDONLY)
         self.dst = os.open(dst, os.O_RDWR | dst_flags, 0o600)
 
-    def __enter__(self) -> "Files":
+    def __enter__(self) -> Files:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -199,7 +199,7 @@ def test_compare_copies_sparse_files_exactly_and_reads_every_piece_back(
     # Every data byte written was read back, holes were not.
     assert sum(n for _, n in reads) == r.data_bytes
     covered = sorted(reads)
-    for (a, n), (b, _) in zip(covered, covered[1:]):
+    for (a, n), (b, _) in zip(covered, covered[1:], strict=False):  # consecutive pairs
         assert a + n <= b
 
 
@@ -483,9 +483,12 @@ def test_copy_ranges_recopies_only_the_given_ranges(tmp_path: Path) -> None:
     a, b, c = (1 * MiB, 100_000), (3 * MiB, 2 * MiB), (6 * MiB, 4096)
     new_a, new_c, tail = os.urandom(a[1]), os.urandom(c[1]), os.urandom(MiB)
     with open(src, "r+b") as f:
-        f.seek(a[0]); f.write(new_a)
-        f.seek(c[0]); f.write(new_c)
-        f.seek(8 * MiB); f.write(tail)
+        f.seek(a[0])
+        f.write(new_a)
+        f.seek(c[0])
+        f.write(new_c)
+        f.seek(8 * MiB)
+        f.write(tail)
     punch(src, *b)
     with Files(src, dst, 0) as f:
         n = filecopy.copy_ranges(f.src, f.dst, [b, a, (8 * MiB, MiB)])

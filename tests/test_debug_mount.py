@@ -85,7 +85,8 @@ def test_inspects_an_unmounted_tree_without_touching_it(tmp_path):
     before = tree_snapshot(root)
     look = tmp_path / "look"
     look.mkdir()
-    proc = run_cli("debug-mount", "--root", str(root), "--run-dir", str(tmp_path / "run"), str(look))
+    proc = run_cli("debug-mount", "--root", str(root), "--run-dir", str(tmp_path / "run"),
+                   str(look))
     assert proc.returncode == 0, proc.stderr
     try:
         name = look / "img" / app.legacy_name(0)

@@ -442,7 +442,8 @@ def test_converter_no_checkpoint_moves_nothing(tmp_path):
         assert e.target is None and e.action == "keep" and "first boot" in e.reason
 
 
-@pytest.mark.parametrize("dest_newer", [True, False], ids=["destination-newer", "destination-older"])
+@pytest.mark.parametrize("dest_newer", [True, False],
+                         ids=["destination-newer", "destination-older"])
 def test_converter_existing_destination_always_wins(tmp_path, dest_newer):
     """EVE's converter never replaces an existing destination, newer or older;
     compatfs eve keeps it too, and the plan says the legacy copy is set aside.
@@ -552,7 +553,7 @@ def test_converter_verified_app_img_and_base_os_move_cert_stays(tmp_path, releas
     _verified(tmp_path, ObjType.CERT, cert_data)
     entries = {e.obj.download[0]: e for e in eve_plan(tmp_path, release).entries}
     suffix = "" if release == "11.7" else ".application%2Fvnd.oci.image.layer.v1.tar+gzip"
-    for obj_type, sha in zip((ObjType.APP_IMG, ObjType.BASE_OS), shas):
+    for obj_type, sha in zip((ObjType.APP_IMG, ObjType.BASE_OS), shas, strict=True):
         assert entries[obj_type].target == str(
             tmp_path / "vault/verifier/verified" / f"{sha}{suffix}")
     cert = entries[ObjType.CERT]
@@ -682,7 +683,8 @@ def _write_random_device(root: Path, apps: list[dict], wrap: bool) -> None:
             ref = app.volumeRefList.add()
             ref.uuid, ref.generationCount = vol_uuid, d["ref_gen"]
             vol = resp.config.volumes.add()
-            vol.uuid, vol.generationCount, vol.clear_text = vol_uuid, d["volume_gen"], d["clear_text"]
+            vol.uuid, vol.generationCount, vol.clear_text = (
+                vol_uuid, d["volume_gen"], d["clear_text"])
             if d["sha_source"] == "latch":
                 drive.image.iformat = d["format"]
                 devicegen.write_latch(str(latch_dir), a["uuid"], d["image"], d["sha"],

@@ -359,7 +359,8 @@ NAME = st.binary(min_size=1, max_size=40).filter(
     lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(a=NAME, b=NAME, d=NAME)
 def test_any_bytes_name_round_trips(tmp_path_factory, a, b, d):
     root = tmp_path_factory.mktemp("names")

@@ -263,7 +263,7 @@ def test_everything_at_once(tmp_path):
         put(d, good_name(image=image, purge=purge), entry(image=image, sha=sha, purge=purge))
         good[(APP, image, purge)] = sha
     bad = []
-    for kind, obj in sorted(BAD_CONTENTS.items()):
+    for _kind, obj in sorted(BAD_CONTENTS.items()):
         bad.append(put(d, good_name(image=devicegen.random_uuid(rng)), obj))
     link = d / good_name(image=devicegen.random_uuid(rng))
     link.symlink_to(next(iter(d.glob("*.json"))))

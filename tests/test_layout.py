@@ -69,7 +69,8 @@ def test_cas_default_is_in_the_vault() -> None:
     assert Layout().rel("cas") in ("vault/containerd", "vault/case")
 
 
-@pytest.mark.parametrize("key", ["vault_volumes", "downloader", "verifier", "verified", "cas", "state"])
+@pytest.mark.parametrize("key", ["vault_volumes", "downloader", "verifier", "verified", "cas",
+                                 "state"])
 def test_sensitive_locations_are_inside_the_vault(key: str) -> None:
     layout = Layout()
     assert layout.rel(key).startswith(layout.rel("vault") + "/")
@@ -101,7 +102,8 @@ def test_relative_root_is_made_absolute(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     layout = Layout("persist")
     assert layout.root == os.path.join(str(tmp_path), "persist")
-    assert layout.path("vault_volumes") == os.path.join(str(tmp_path), "persist", "vault", "volumes")
+    assert layout.path("vault_volumes") == os.path.join(str(tmp_path), "persist", "vault",
+                                                        "volumes")
 
 
 def test_unknown_key_is_a_key_error() -> None:
@@ -288,7 +290,8 @@ def _modules() -> list[Path]:
 @pytest.mark.parametrize("module", _modules(), ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
 def test_only_layout_spells_location_paths(module: Path) -> None:
     found = spelled_locations(module.read_text(encoding="utf-8"))
-    assert not found, f"{module.name} spells location paths; ask Layout instead:\n" + "\n".join(found)
+    assert not found, (f"{module.name} spells location paths; ask Layout instead:\n"
+                       + "\n".join(found))
 
 
 def test_the_package_has_modules_to_check() -> None:

@@ -378,9 +378,10 @@ def check_after_remount(root: Path, tmp_path: Path, legacy: Path, target: Path,
     got = read_all(target)
     assert len(got) == len(model), f"{what}: size {len(got)}, model {len(model)}"
     if got != bytes(model):
-        first = next(i for i, (a, b) in enumerate(zip(got, model)) if a != b)
+        first = next(i for i, (a, b) in enumerate(zip(got, model, strict=True)) if a != b)
+        differing = sum(a != b for a, b in zip(got, model, strict=True))
         raise AssertionError(f"{what}: the vault copy differs from the model from byte "
-                             f"{first} ({sum(a != b for a, b in zip(got, model))} bytes)")
+                             f"{first} ({differing} bytes)")
     assert not legacy.exists() and temporary_of(target) is None
     with mounted(root, tmp_path / "run2", stage="migrate"):
         assert read_all(legacy) == bytes(model), what
@@ -507,7 +508,8 @@ def test_fallocate_through_a_view_is_refused_and_changes_nothing(tmp_path):
     config.write_text("require_encrypted_vault: false\nvault_wait_s: 0\n")
     with mounted(root, tmp_path / "run", stage="observe", config=config):
         path = root / "img" / "f.img"
-        for args in (["-l", "1M"], ["-p", "-o", "0", "-l", "8192"], ["-z", "-o", "0", "-l", "8192"]):
+        for args in (["-l", "1M"], ["-p", "-o", "0", "-l", "8192"],
+                     ["-z", "-o", "0", "-l", "8192"]):
             proc = subprocess.run(["fallocate", *args, str(path)], capture_output=True, text=True)
             # EOPNOTSUPP ("Operation not supported"; util-linux words -p its own way)
             assert proc.returncode != 0 and "supported" in proc.stderr, (args, proc)

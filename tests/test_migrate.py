@@ -93,7 +93,8 @@ def test_migrate_now_moves_everything_intact_and_a_second_pass_finds_nothing(dev
         elif legacy.startswith("downloads/"):        # in progress: only the design note moves it
             assert (root / legacy).exists() == (layout == "eve"), legacy
     tree = root / "vault/volumes" / vol(pod.drives[0], "container")
-    assert (tree / "rootfs/bin/start").is_symlink() and os.readlink(tree / "rootfs/bin/start") == "app"
+    assert ((tree / "rootfs/bin/start").is_symlink()
+            and os.readlink(tree / "rootfs/bin/start") == "app")
     assert not (root / "runx/pods/prepared" / pod.legacy_name(0, container=True)).exists()
     # the containerd store moved whole into the vault
     assert not (root / "containerd").exists()

@@ -494,7 +494,7 @@ def test_a_disk_that_fills_up_mid_copy_backs_off_and_loses_nothing(tmp_path):
         size = int(vfs.f_bavail * vfs.f_frsize * 0.29) // MIB * MIB   # 4 size > free > 3 size
         names = [f"img/{app.legacy_name(i)}" for i in range(2)]
         want = {n: write_random(root / n, size, rng) for n in names}
-        targets = {n: root / vol_target(d) for n, d in zip(names, app.drives)}
+        targets = {n: root / vol_target(d) for n, d in zip(names, app.drives, strict=True)}
 
         proc = migrate(root, run, config=cfg)
         assert proc.returncode == 1, proc.stderr

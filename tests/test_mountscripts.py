@@ -538,7 +538,8 @@ def wait_for(predicate, deadline_s: float, what: str, proc: subprocess.Popen, lo
             raise AssertionError(f"supervisor exited with {proc.returncode} before {what}:\n"
                                  f"{log.read_text(errors='replace')}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {deadline_s} s:\n{log.read_text(errors='replace')}")
+            raise AssertionError(f"no {what} within {deadline_s} s:\n"
+                                 f"{log.read_text(errors='replace')}")
         time.sleep(0.01)
 
 

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.root
 
 MIB = 1 << 20
 #: The only names EVE's volumemgr keeps in its volume directories.
-VOLUME_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}#\d+\.[a-z0-9]+")
+VOLUME_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+                         r"#\d+\.[a-z0-9]+")
 
 
 @contextmanager
@@ -259,7 +260,7 @@ def test_moved_container_volumes_carry_snapshotid_and_rollback_removes_it(tmp_pa
             before[n] = tree(prepared / n)
         proc = migrate(root, tmp_path, config)
         assert proc.returncode == 0, proc.stderr
-        for n, d in zip(names, pod.drives):
+        for n, d in zip(names, pod.drives, strict=True):
             assert not (prepared / n).exists()
             moved = target(root, d)
             sid = moved / "snapshotid.txt"
@@ -273,7 +274,7 @@ def test_moved_container_volumes_carry_snapshotid_and_rollback_removes_it(tmp_pa
 
         proc = rollback(root, tmp_path, config)
         assert proc.returncode == 0, proc.stderr
-        for n, d in zip(names, pod.drives):
+        for n, d in zip(names, pod.drives, strict=True):
             assert tree(prepared / n) == before[n]
             assert not target(root, d).exists()
 

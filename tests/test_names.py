@@ -132,18 +132,21 @@ INVALID = [
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP.replace('-', '')}.raw", "UUID", "vm-uuid-no-dashes"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{{{APP}}}.raw", "UUID", "vm-uuid-braces"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#0.raw", "'#0'", "vm-purge-zero"),
-    _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#01.raw", "canonical decimal", "vm-purge-leading-zero"),
+    _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#01.raw", "canonical decimal",
+         "vm-purge-leading-zero"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#.raw", "canonical decimal", "vm-purge-empty"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#+1.raw", "canonical decimal", "vm-purge-plus"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#-1.raw", "canonical decimal", "vm-purge-negative"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}# 1.raw", "canonical decimal", "vm-purge-space"),
-    _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#\u0661.raw", "canonical decimal", "vm-purge-arabic-digit"),
+    _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#\u0661.raw", "canonical decimal",
+         "vm-purge-arabic-digit"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#1#2.raw", "canonical decimal", "vm-two-hashes"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}#{UINT32_MAX + 1}.raw", "out of range",
          "vm-purge-over-uint32"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}.RAW", "lower-case format", "vm-upper-format"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}.Qcow2", "lower-case format", "vm-mixed-format"),
-    _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}.{'a' * 17}", "lower-case format", "vm-format-too-long"),
+    _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}.{'a' * 17}", "lower-case format",
+         "vm-format-too-long"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}.", "lower-case format", "vm-empty-format"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}.raw\n", "lower-case format", "vm-trailing-newline"),
     _bad(parse_vm_volume, f"{SHA_LOWER}-{APP}", "no '.<format>'", "vm-no-format"),
@@ -201,7 +204,8 @@ def test_invalid_names(parse, name: str, reason: str) -> None:
 
 HEX_ANY = "0123456789abcdefABCDEF"
 shas = st.text(HEX_ANY, min_size=64, max_size=64)
-uuids = st.tuples(*(st.text(HEX_ANY, min_size=n, max_size=n) for n in (8, 4, 4, 4, 12))).map("-".join)
+uuids = st.tuples(*(st.text(HEX_ANY, min_size=n, max_size=n)
+                    for n in (8, 4, 4, 4, 12))).map("-".join)
 purges = st.integers(0, UINT32_MAX)
 generations = st.integers(0, INT64_MAX)
 formats = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=16)

@@ -220,7 +220,7 @@ def parity(pair: tuple[Path, Path], scenario: Callable[[Path, Rec], None]) -> li
     view, plain = records
     if view != plain:
         diff = [f"  {lv}: view={ov!r}\n  {' ' * len(lv)}  plain={op!r}"
-                for (lv, ov), (_, op) in zip(view, plain) if ov != op]
+                for (lv, ov), (_, op) in zip(view, plain, strict=False) if ov != op]
         pytest.fail("view and plain directory disagree:\n" + "\n".join(diff)
                     + (f"\n  (step counts {len(view)} vs {len(plain)})"
                        if len(view) != len(plain) else ""))
@@ -251,7 +251,8 @@ def test_open_flags_and_errors(pair):
         r("size after O_TRUNC", lambda: lst(d / "f"))
         write_file(d / "g", b"some bytes")
         r("O_RDONLY|O_TRUNC truncates on Linux", lambda: closing(
-            os.open(d / "g", os.O_RDONLY | os.O_TRUNC), lambda fd: (fst(fd)["size"], os.read(fd, 4))))
+            os.open(d / "g", os.O_RDONLY | os.O_TRUNC),
+            lambda fd: (fst(fd)["size"], os.read(fd, 4))))
         r("O_CREAT|O_TRUNC on existing", lambda: closing(
             os.open(d / "g", os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600), fst))
         r("name too long", os.open, d / ("n" * 256), os.O_CREAT | os.O_WRONLY, 0o644)
@@ -470,7 +471,8 @@ def test_default_permissions_for_another_uid(pair):
         r("other uid creates in a 1777 dir", as_other, "open", str(d / "shared" / "o"),
           os.O_CREAT | os.O_WRONLY, 0o640)
         r("other uid mkdir in a 1777 dir", as_other, "mkdir", str(d / "shared" / "od"), 0o750)
-        r("sticky: other uid unlinks root's file", as_other, "unlink", str(d / "shared" / "rootfile"))
+        r("sticky: other uid unlinks root's file", as_other, "unlink",
+          str(d / "shared" / "rootfile"))
         r("sticky: other uid renames root's file", as_other, "rename",
           str(d / "shared" / "rootfile"), str(d / "shared" / "x"))
         r("other uid writes root's 0666 file", as_other, "open", str(d / "shared" / "rootfile"),
@@ -509,7 +511,8 @@ def test_umask_of_the_caller_alone_decides_new_modes(pair):
     def scenario(d: Path, r: Rec) -> None:
         old = os.umask(0)
         try:
-            r("create 0666", lambda: closing(os.open(d / "f", os.O_CREAT | os.O_WRONLY, 0o666), fst))
+            r("create 0666",
+              lambda: closing(os.open(d / "f", os.O_CREAT | os.O_WRONLY, 0o666), fst))
             r("mkdir 0777", lambda: (os.mkdir(d / "d", 0o777), lst(d / "d"))[1])
             r("mkfifo 0666", lambda: (os.mkfifo(d / "p", 0o666), lst(d / "p"))[1])
         finally:
@@ -522,8 +525,10 @@ def test_umask_022_create_modes(pair):
     def scenario(d: Path, r: Rec) -> None:
         old = os.umask(0o027)
         try:
-            r("create 0666", lambda: closing(os.open(d / "f", os.O_CREAT | os.O_WRONLY, 0o666), fst))
-            r("create 0700", lambda: closing(os.open(d / "g", os.O_CREAT | os.O_WRONLY, 0o700), fst))
+            r("create 0666",
+              lambda: closing(os.open(d / "f", os.O_CREAT | os.O_WRONLY, 0o666), fst))
+            r("create 0700",
+              lambda: closing(os.open(d / "g", os.O_CREAT | os.O_WRONLY, 0o700), fst))
             r("mkdir 0777", lambda: (os.mkdir(d / "d", 0o777), lst(d / "d"))[1])
             r("mkfifo", lambda: (os.mkfifo(d / "p", 0o640), lst(d / "p"))[1])
         finally:
@@ -537,7 +542,8 @@ def test_utime(pair):
         write_file(d / "f", b"x")
         r("set both", os.utime, d / "f", ns=(123_456_789_012_345_678, 987_654_321_987_654_321))
         r("read back", lambda: lst(d / "f", times=True))
-        r("seconds API", lambda: (os.utime(d / "f", (1000.5, 2000.25)), lst(d / "f", times=True))[1])
+        r("seconds API",
+          lambda: (os.utime(d / "f", (1000.5, 2000.25)), lst(d / "f", times=True))[1])
         r("futimens", lambda: closing(os.open(d / "f", os.O_WRONLY),
                                       lambda fd: (os.utime(fd, ns=(5, 6)), fst(fd, times=True))[1]))
         before = time.time_ns()
@@ -814,7 +820,7 @@ def test_user_xattrs(pair):
         (d / "dir").mkdir()
         for target in ("f", "dir"):
             p = d / target
-            r(f"{target}: empty list", lambda: sorted(os.listxattr(p)))
+            r(f"{target}: empty list", lambda p=p: sorted(os.listxattr(p)))
             r(f"{target}: get missing", os.getxattr, p, "user.missing")
             r(f"{target}: set", os.setxattr, p, "user.a", b"alpha")
             r(f"{target}: set binary", os.setxattr, p, "user.bin", bytes(range(256)))
@@ -822,23 +828,26 @@ def test_user_xattrs(pair):
             r(f"{target}: get", os.getxattr, p, "user.a")
             r(f"{target}: get binary", os.getxattr, p, "user.bin")
             r(f"{target}: get empty", os.getxattr, p, "user.empty")
-            r(f"{target}: list", lambda: sorted(os.listxattr(p)))
+            r(f"{target}: list", lambda p=p: sorted(os.listxattr(p)))
             r(f"{target}: create existing", os.setxattr, p, "user.a", b"x", os.XATTR_CREATE)
             r(f"{target}: replace missing", os.setxattr, p, "user.b", b"x", os.XATTR_REPLACE)
             r(f"{target}: replace", os.setxattr, p, "user.a", b"beta", os.XATTR_REPLACE)
             r(f"{target}: create new", os.setxattr, p, "user.b", b"bee", os.XATTR_CREATE)
             r(f"{target}: get replaced", os.getxattr, p, "user.a")
-            r(f"{target}: big value", lambda: (os.setxattr(p, "user.big", b"v" * 3000),
-                                               len(os.getxattr(p, "user.big")))[1])
+            r(f"{target}: big value", lambda p=p: (os.setxattr(p, "user.big", b"v" * 3000),
+                                                   len(os.getxattr(p, "user.big")))[1])
             r(f"{target}: remove", os.removexattr, p, "user.a")
             r(f"{target}: remove missing", os.removexattr, p, "user.a")
-            r(f"{target}: list after", lambda: sorted(os.listxattr(p)))
+            r(f"{target}: list after", lambda p=p: sorted(os.listxattr(p)))
             r(f"{target}: name too long", os.setxattr, p, "user." + "n" * 300, b"x")
             r(f"{target}: unknown namespace", os.setxattr, p, "bogus.x", b"x")
         r("by fd", lambda: closing(os.open(d / "f", os.O_RDONLY), lambda fd: (
-            os.setxattr(fd, "user.fd", b"1"), os.getxattr(fd, "user.fd"), sorted(os.listxattr(fd)))))
-        r("survive rename", lambda: (os.rename(d / "f", d / "g"), os.getxattr(d / "g", "user.fd"))[1])
-        r("on a 0000 file (root)", lambda: (os.chmod(d / "g", 0), os.setxattr(d / "g", "user.z", b"z"),
+            os.setxattr(fd, "user.fd", b"1"), os.getxattr(fd, "user.fd"),
+            sorted(os.listxattr(fd)))))
+        r("survive rename",
+          lambda: (os.rename(d / "f", d / "g"), os.getxattr(d / "g", "user.fd"))[1])
+        r("on a 0000 file (root)", lambda: (os.chmod(d / "g", 0),
+                                            os.setxattr(d / "g", "user.z", b"z"),
                                             os.getxattr(d / "g", "user.z"))[2])
         os.symlink("g", d / "link")
         r("follows a symlink", os.getxattr, d / "link", "user.z")
@@ -883,9 +892,10 @@ def test_statvfs_fields(pair):
         write_file(d / "f", b"x")
         for p in (d, d / "f"):
             vfs = os.statvfs(p)
-            r(f"statvfs {p.name}", lambda: (vfs.f_bsize, vfs.f_frsize, vfs.f_namemax))
+            r(f"statvfs {p.name}", lambda vfs=vfs: (vfs.f_bsize, vfs.f_frsize, vfs.f_namemax))
         r("fstatvfs", lambda: closing(os.open(d / "f", os.O_RDONLY),
-                                      lambda fd: (os.fstatvfs(fd).f_bsize, os.fstatvfs(fd).f_namemax)))
+                                      lambda fd: (os.fstatvfs(fd).f_bsize,
+                                                  os.fstatvfs(fd).f_namemax)))
         r("statvfs missing", os.statvfs, d / "missing")
 
     parity(pair, scenario)
@@ -950,7 +960,8 @@ def _ofd_lock(fd: int, kind: int, start: int, length: int) -> None:
 
 
 def _ofd_probe(fd: int, kind: int, start: int, length: int) -> tuple[int, int, int]:
-    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack("hhqqi", kind, os.SEEK_SET, start, length, 0))
+    raw = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                      struct.pack("hhqqi", kind, os.SEEK_SET, start, length, 0))
     l_type, _, l_start, l_len, _ = struct.unpack("hhqqi", raw)
     return l_type, l_start, l_len
 
@@ -993,7 +1004,8 @@ def test_shared_mapping_writes_reach_the_file(pair):
             m[10:15] = b"HELLO"
             m[4096 * 2 + 7:4096 * 2 + 12] = b"WORLD"
             r("msync", m.flush)
-            r("read(2) sees the mapping", lambda: (os.pread(fd, 5, 10), os.pread(fd, 5, 4096 * 2 + 7)))
+            r("read(2) sees the mapping",
+              lambda: (os.pread(fd, 5, 10), os.pread(fd, 5, 4096 * 2 + 7)))
             os.pwrite(fd, b"PWRITE", 100)
             r("the mapping sees pwrite", lambda: m[100:106])
             m.close()

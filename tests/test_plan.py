@@ -82,7 +82,7 @@ def test_eve_downloads_placed_as_the_release_reads_them(demo_root):
         by_release[release] = by_legacy(plan_of(root, rules=rules_for("eve", release)))
     for release, entries in by_release.items():
         kinds = {}
-        for rel, e in entries.items():
+        for _rel, e in entries.items():
             kinds.setdefault(e.obj.kind, []).append(e)
             if e.obj.kind in ("pending", "verifier"):
                 assert e.target is None and e.by_rule and e.action == "keep"
@@ -117,7 +117,8 @@ def test_plan_json_document_and_nothing_changes_on_disk(demo_root):
     assert doc["layout"] == "eve 17.3"
     for obj in doc["objects"]:
         assert set(obj) >= {"kind", "legacy", "target", "reason", "bytes"}
-        assert obj["kind"] in {"vm-volume", "oci-volume", "pending", "verifier", "verified", "other"}
+        assert obj["kind"] in {"vm-volume", "oci-volume", "pending", "verifier", "verified",
+                               "other"}
         assert obj["target"] is not None or obj["reason"]  # placed, or why not
         assert not obj["legacy"].startswith("/")
         assert obj["target"] is None or not obj["target"].startswith("/")
@@ -141,7 +142,8 @@ def test_plan_text_has_destination_totals(demo_root):
 def test_same_target_twice_newest_wins(tmp_path):
     rng = __import__("random").Random(5)
     app = devicegen.AppDef(devicegen.random_uuid(rng), "a",
-                           [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng))])
+                           [devicegen.DriveDef(devicegen.random_uuid(rng),
+                                               devicegen.random_sha(rng))])
     devicegen.write_device_state(str(tmp_path), [app])
     lower = tmp_path / "img" / app.legacy_name(0)
     upper = tmp_path / "img" / app.legacy_name(0, sha_upper=True)
@@ -161,7 +163,8 @@ def test_existing_destination_rule(tmp_path, dest_newer, layout):
     placed). The action says it, not only the reason."""
     rng = __import__("random").Random(6)
     app = devicegen.AppDef(devicegen.random_uuid(rng), "a",
-                           [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng))])
+                           [devicegen.DriveDef(devicegen.random_uuid(rng),
+                                               devicegen.random_sha(rng))])
     devicegen.write_device_state(str(tmp_path), [app])
     legacy = tmp_path / "img" / app.legacy_name(0)
     devicegen.sparse_file(str(legacy), 4096, {0: b"legacy"}, mtime=1_500_000)
@@ -243,8 +246,10 @@ def test_crafted_and_stray_names_stay(tmp_path):
 def test_verified_dir_with_two_files_places_one(tmp_path):
     data = b"verified object"
     sha = devicegen.sha_of(data)
-    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "a.img", data)
-    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "b.img", data)
+    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "a.img",
+                            data)
+    devicegen.download_file(str(tmp_path), ObjType.APP_IMG, DownloadArea.VERIFIED, sha, "b.img",
+                            data)
     entries = plan_of(tmp_path, rules=rules_for("eve", "11.7")).entries
     assert [e.target is not None for e in entries] == [True, False]
     assert "more than one file" in entries[1].reason
@@ -260,7 +265,8 @@ def test_two_object_types_same_sha_claim_one_target(tmp_path):
 
 
 def test_override_places_an_unknown_app(tmp_path):
-    sha, app, vol = "c" * 64, "12345678-1234-1234-1234-123456789abc", "87654321-4321-4321-4321-cba987654321"
+    sha = "c" * 64
+    app, vol = "12345678-1234-1234-1234-123456789abc", "87654321-4321-4321-4321-cba987654321"
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / f"{sha}-{app}.vhdx").write_bytes(b"x")
     assert plan_of(tmp_path).entries[0].target is None
@@ -275,7 +281,8 @@ def small_vault(tmp_path):
     """tmp_path/persist with a 1 MiB tmpfs mounted at vault/ (needs root)."""
     root = tmp_path / "persist"
     (root / "vault").mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root / "vault")], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root / "vault")],
+                   check=True)
     try:
         yield root
     finally:
@@ -287,7 +294,8 @@ def test_destination_too_small_does_not_fit(small_vault):
     root = small_vault
     rng = __import__("random").Random(8)
     app = devicegen.AppDef(devicegen.random_uuid(rng), "big",
-                           [devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw")])
+                           [devicegen.DriveDef(devicegen.random_uuid(rng),
+                                               devicegen.random_sha(rng), "raw")])
     devicegen.write_device_state(str(root), [app])
     devicegen.sparse_file(str(root / "img" / app.legacy_name(0)), 8 << 20, {0: b"z" * (4 << 20)})
     plan = plan_of(root)

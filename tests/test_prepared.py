@@ -96,7 +96,7 @@ def test_container_volume_made_through_the_view_carries_snapshotid(tmp_path, lay
                 (prepared / n / "rootfs" / "bin").mkdir(parents=True)
                 (prepared / n / "rootfs" / "bin" / "app").write_bytes(b"\x7fELF" + b"x" * 4096)
                 (prepared / n / "image-config.json").write_text("{}")
-            for n, d in zip(names, pod.drives):
+            for n, d in zip(names, pod.drives, strict=True):
                 placed = placed_at(root, d)
                 sid = placed / "snapshotid.txt"
                 assert (placed / "rootfs/bin/app").read_bytes()[:4] == b"\x7fELF"

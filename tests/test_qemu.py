@@ -79,12 +79,14 @@ def test_qcow2_create_write_read_check_resize(legacy, tmp_path):
     with mounted(legacy, tmp_path / "run") as m:
         qemu("qemu-img", "create", "-q", "-f", "qcow2", img, "256M")
         assert os.path.exists(img) and virtual_size(img, "qcow2") == 256 * MiB
-        qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 100M 64k", img)
+        qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 100M 64k",
+             img)
         # cache=none: QEMU opens the image with O_DIRECT
         qemu("qemu-io", "-f", "qcow2", "-t", "none", "-c", "write -P 0xef 2M 64k",
              "-c", "write -P 0x12 150M 4k", img)
         qemu("qemu-io", "-f", "qcow2", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 100M 64k",
-             "-c", "read -P 0xef 2M 64k", "-c", "read -P 0x12 150M 4k", "-c", "read -P 0 50M 64k", img)
+             "-c", "read -P 0xef 2M 64k", "-c", "read -P 0x12 150M 4k", "-c", "read -P 0 50M 64k",
+             img)
         qemu("qemu-io", "-f", "qcow2", "--cache=none", "-c", "read -P 0xab 0 1M",
              "-c", "read -P 0xcd 100M 64k", "-c", "read -P 0xef 2M 64k", img)
         qemu_check(img)
@@ -116,11 +118,14 @@ def test_convert_raw_to_qcow2_and_back_through_legacy_names(legacy, tmp_path):
         qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 32M 64k",
              "-c", f"write -P 0x33 {64 * MiB - 4096} 4k", raw)
         # volumemgr converts a verified image into a volume; O_DIRECT on both sides
-        qemu("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none", raw, qcow)
-        assert "Images are identical." in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, qcow)
+        qemu("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none",
+             raw, qcow)
+        assert "Images are identical." in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                                               raw, qcow)
         qemu_check(qcow)
         qemu("qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back)
-        assert "Images are identical." in qemu("qemu-img", "compare", "-f", "raw", "-F", "raw", raw, back)
+        assert "Images are identical." in qemu("qemu-img", "compare", "-f", "raw", "-F", "raw",
+                                               raw, back)
         assert os.stat(back).st_size == 64 * MiB
         listed = sorted(os.listdir(img))
         assert listed == sorted(p.name for p in (raw, qcow, back))
@@ -128,9 +133,11 @@ def test_convert_raw_to_qcow2_and_back_through_legacy_names(legacy, tmp_path):
     _unmounted(legacy)
     for p in (raw, qcow, back):
         st = os.stat(p)
-        assert (st.st_size, st.st_mtime_ns) == (st_view[p.name].st_size, st_view[p.name].st_mtime_ns)
+        assert (st.st_size, st.st_mtime_ns) == (st_view[p.name].st_size,
+                                                st_view[p.name].st_mtime_ns)
     qemu_check(qcow)
-    assert "Images are identical." in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, qcow)
+    assert "Images are identical." in qemu("qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                                           raw, qcow)
     # the converted raw copy kept the source's holes
     assert os.stat(back).st_blocks * 512 < 8 * MiB
 
@@ -162,7 +169,8 @@ def test_raw_sparse_volume_over_4gib_keeps_its_holes(legacy, tmp_path):
         assert st.st_size == 6 * GiB
         assert st.st_blocks * 512 < 8 * MiB
         if QEMU:
-            qemu("qemu-io", "-f", "raw", "-t", "none", "-c", f"write -P 0x5b {5 * GiB + MiB} 64k", path)
+            qemu("qemu-io", "-f", "raw", "-t", "none", "-c", f"write -P 0x5b {5 * GiB + MiB} 64k",
+                 path)
             qemu("qemu-io", "-f", "raw", "-c", f"read -P 0x5b {5 * GiB + MiB} 64k",
                  "-c", f"read -P 0 {4 * GiB + 4096} 64k",
                  path)
@@ -224,7 +232,8 @@ def test_redirect_stage_qemu_volumes_land_in_the_new_layout(tmp_path):
     go to clear/ and vault/ under volume UUIDs, and stay sound there."""
     app = devicegen.AppDef(APP, "vm", [
         devicegen.DriveDef("aaaaaaaa-2222-4333-8444-555555555555", "ab" * 32, "qcow2"),
-        devicegen.DriveDef("bbbbbbbb-2222-4333-8444-555555555555", "cd" * 32, "raw", clear_text=True),
+        devicegen.DriveDef("bbbbbbbb-2222-4333-8444-555555555555", "cd" * 32, "raw",
+                           clear_text=True),
     ])
     work = tmp_path / "dev"
     work.mkdir()
@@ -234,8 +243,10 @@ def test_redirect_stage_qemu_volumes_land_in_the_new_layout(tmp_path):
         raw = root / "img" / app.legacy_name(1)
         with mounted(root, tmp_path / "run", stage="redirect") as m:
             qemu("qemu-img", "create", "-q", "-f", "raw", raw, "64M")
-            qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 32M 64k", raw)
-            qemu("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none", raw, qcow)
+            qemu("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 32M 64k",
+                 raw)
+            qemu("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none",
+                 raw, qcow)
             qemu_check(qcow)
             qemu("qemu-img", "resize", "-f", "qcow2", qcow, "128M")
             qemu("qemu-io", "-f", "qcow2", "-t", "none", "-c", "write -P 0x33 100M 64k", qcow)
@@ -250,7 +261,7 @@ def test_redirect_stage_qemu_volumes_land_in_the_new_layout(tmp_path):
         placed_raw = root / "clear" / "volumes" / f"{app.drives[1].volume_uuid}#0.raw"
         qemu_check(placed_qcow)
         assert virtual_size(placed_qcow, "qcow2") == 128 * MiB
-        qemu("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M", "-c", "read -P 0x33 100M 64k",
-             placed_qcow)
+        qemu("qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x11 0 1M",
+             "-c", "read -P 0x33 100M 64k", placed_qcow)
         assert os.stat(placed_raw).st_size == 64 * MiB
         qemu("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 32M 64k", placed_raw)

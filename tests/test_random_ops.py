@@ -88,7 +88,8 @@ class Model:
         if pick < 0.6:   # around the end of the file
             return max(0, size + self.rng.randint(-2 * PAGE, 2 * PAGE))
         if pick < 0.85:  # a page boundary inside the file, give or take a byte or two
-            return max(0, (self.rng.randrange(size) // PAGE) * PAGE + self.rng.choice((-1, 0, 0, 1, 7)))
+            return max(0, (self.rng.randrange(size) // PAGE) * PAGE
+                       + self.rng.choice((-1, 0, 0, 1, 7)))
         return self.rng.randrange(size)
 
     def length(self) -> int:
@@ -143,7 +144,8 @@ class Model:
         off = max(0, size - self.rng.randint(0, 3 * PAGE))
         got = os.pread(self.fd, 4 * PAGE, off)
         if got != bytes(self.data[off:off + 4 * PAGE]):
-            self.fail(f"pread across EOF at {off}: {_first_difference(got, self.data[off:off + 4 * PAGE])}")
+            self.fail(f"pread across EOF at {off}: "
+                      f"{_first_difference(got, self.data[off:off + 4 * PAGE])}")
 
     def do_ftruncate(self) -> None:
         pick = self.rng.random()
@@ -214,7 +216,8 @@ def test_random_operations_match_the_model(tmp_path, seed):
                 os.close(model.fd)
         through_view = _read_whole(root / "img" / name)
         assert hashlib.sha256(through_view).digest() == hashlib.sha256(model.data).digest(), \
-            f"seed {seed}: whole file through the view: {_first_difference(through_view, model.data)}"
+            f"seed {seed}: whole file through the view: " \
+            f"{_first_difference(through_view, model.data)}"
         assert "Traceback" not in m.log_text(), m.log_text()
     assert mounts.mounted_at(str(root / "img")) is None
     backing = root / "img" / name   # the legacy store, revealed by the unmount

@@ -207,7 +207,8 @@ def test_latch_wins_over_content_tree(tmp_path, ids):
     latched = ids.sha()
     devicegen.write_latch(latch_dir(tmp_path), app.uuid, drive.image_uuid, latched, 0)
     r = resolver_for(tmp_path, [app])
-    assert vm(r, f"{latched}-{app.uuid}.raw").target == vault(tmp_path, f"{drive.volume_uuid}#0.raw")
+    assert vm(r, f"{latched}-{app.uuid}.raw").target == vault(tmp_path,
+                                                              f"{drive.volume_uuid}#0.raw")
     assert_unresolved(vm(r, app.legacy_name(0)), "matches no drive")
 
 
@@ -742,7 +743,8 @@ def test_design_note_resolve_download_areas(tmp_path, ids):
     r = Resolver(Layout(str(tmp_path), rules=DESIGN_NOTE))
     image_id = ids.uuid()
     res = r.resolve_download(ObjType.APP_IMG, DownloadArea.PENDING, image_id, "ubuntu.img")
-    assert res.target == str(tmp_path / "vault" / "downloader" / "pending" / image_id / "ubuntu.img")
+    assert res.target == str(tmp_path / "vault" / "downloader" / "pending" / image_id
+                             / "ubuntu.img")
     assert res.location == "downloader"
     res = r.resolve_download(ObjType.BASE_OS, DownloadArea.VERIFIER, image_id, "rootfs.img")
     assert res.target == str(tmp_path / "vault" / "verifier" / "verifier" / image_id / "rootfs.img")

@@ -78,8 +78,10 @@ def test_forward_and_back_through_the_boot_script(tmp_path, capsys):
                     new = root / "img" / fresh.legacy_name(0)
                     new.write_bytes(b"created in redirect")
                     expected[f"img/{new.name}"] = digest(new)
-                    assert (root / "vault/volumes" / f"{fresh.drives[0].volume_uuid}#0.raw").exists()
-                assert run("compatfs-stop", "--root", str(root), "--run-dir", str(run_dir)).returncode == 0
+                    assert (root / "vault/volumes"
+                            / f"{fresh.drives[0].volume_uuid}#0.raw").exists()
+                assert run("compatfs-stop", "--root", str(root),
+                           "--run-dir", str(run_dir)).returncode == 0
                 assert mounts.mounted_at(str(root / "img")) is None
 
             # migrate, supervised: everything moves; a killed daemon comes back

@@ -165,7 +165,7 @@ def agent_loop(agent: Agent, stop: threading.Event, root: Path) -> None:
                 length = rng.choice((4096, 65536, MIB))
                 got: list[bytes] = []
 
-                def pread(fd, off=off, length=length):
+                def pread(fd, off=off, length=length, got=got):
                     got.append(os.pread(fd, length, off))
                 if _retry(agent, stop, vol.call(pread)):
                     want = bytes(agent.model[off:off + length])
@@ -303,7 +303,7 @@ def check_all(agents: list[Agent], when: str) -> None:
     for a in agents:
         got = a.volume.read_bytes()
         if got != bytes(a.model):
-            first = next((i for i, (x, y) in enumerate(zip(got, a.model)) if x != y),
+            first = next((i for i, (x, y) in enumerate(zip(got, a.model, strict=False)) if x != y),
                          min(len(got), len(a.model)))
             bad.append(f"{a.volume.name}: {len(got)} bytes, model {len(a.model)}, "
                        f"first difference at {first}")

@@ -41,7 +41,8 @@ def test_forward_through_every_stage_and_back(tmp_path):
                 for legacy, digest in contents.items():  # every legacy name reads the same
                     with open(root / legacy, "rb") as f:
                         import hashlib
-                        assert hashlib.file_digest(f, "sha256").hexdigest() == digest, (stage, legacy)
+                        assert hashlib.file_digest(f, "sha256").hexdigest() == digest, (
+                            stage, legacy)
             deadline = time.monotonic() + 60
             target = root / "vault/volumes" / f"{web.drives[0].volume_uuid}#0.qcow2"
             while not target.exists() and time.monotonic() < deadline:

@@ -193,11 +193,13 @@ def placement_cases(d: Device, rules: Rules) -> list[tuple[str, bool, Placement]
         (f"downloads/{OBJ}/pending/{iid}/sub", True, legacy(f"downloads/{OBJ}/pending/{iid}/sub")),
         (f"downloads/{OBJ}/pending/{iid}/sub/f", False,
          legacy(f"downloads/{OBJ}/pending/{iid}/sub/f")),
-        (f"downloads/{OBJ}/pending/not-an-id/f", False, legacy(f"downloads/{OBJ}/pending/not-an-id/f")),
+        (f"downloads/{OBJ}/pending/not-an-id/f", False,
+         legacy(f"downloads/{OBJ}/pending/not-an-id/f")),
         (f"downloads/{OBJ}/verified/{sha[:63]}/f", False,
          legacy(f"downloads/{OBJ}/verified/{sha[:63]}/f")),
         (f"downloads/{OBJ}/verified/{iid}/f", False, legacy(f"downloads/{OBJ}/verified/{iid}/f")),
-        (f"downloads/other.obj/pending/{iid}/f", False, legacy(f"downloads/other.obj/pending/{iid}/f")),
+        (f"downloads/other.obj/pending/{iid}/f", False,
+         legacy(f"downloads/other.obj/pending/{iid}/f")),
         (f"downloads/{OBJ}/elsewhere/{iid}/f", False, legacy(f"downloads/{OBJ}/elsewhere/{iid}/f")),
     ]
 
@@ -277,7 +279,8 @@ def test_observe_creates_in_the_legacy_store_only(device, views):
     write_new(view, f"downloads/{OBJ}/pending/{device.image_id}/f", b"dl")
     view.mkdir(f"prepared/{device.pod.legacy_name(0, container=True)}", 0o755)
     assert (device.root / "img" / device.web.legacy_name(0)).read_bytes() == b"vm"
-    assert (device.root / "downloads" / OBJ / "pending" / device.image_id / "f").read_bytes() == b"dl"
+    assert (device.root / "downloads" / OBJ / "pending" / device.image_id
+            / "f").read_bytes() == b"dl"
     assert files(device.root / "vault") == set()
     assert view.index.records == {}
 
@@ -321,7 +324,8 @@ def test_rename_of_a_placed_download_follows_to_each_new_place(device, views):
     assert not (vault / "downloader" / "pending" / iid / "f").exists()
     assert view.index.get(f"{dl}/pending/{iid}/f") is None
     rec = view.index.get(f"{dl}/verifier/{iid}/f")
-    assert (rec.store, rec.rel, rec.kind, rec.prev_store) == ("verifier", f"{iid}/f", "verifier", None)
+    assert (rec.store, rec.rel, rec.kind, rec.prev_store) == ("verifier", f"{iid}/f", "verifier",
+                                                              None)
     assert view.listdir(f"{dl}/pending/{iid}") == ["f.progress"]
     assert view.listdir(f"{dl}/verifier/{iid}") == ["f"]
 
@@ -508,7 +512,8 @@ def test_recover_finishes_a_move_the_crash_interrupted_before_the_rename(device,
     assert (root / "vault" / "verifier" / "verifier" / iid / "f").read_bytes() == b"blob"
     assert not src.exists()
     rec = on_disk(db)[vpath]
-    assert (rec.store, rec.rel, rec.prev_store, rec.prev_rel) == ("verifier", f"{iid}/f", None, None)
+    assert (rec.store, rec.rel, rec.prev_store, rec.prev_rel) == ("verifier", f"{iid}/f",
+                                                                  None, None)
     # the legacy directories the record lists in are made again
     assert (root / "downloads" / OBJ / "verifier" / iid).is_dir()
     assert view.listdir(f"downloads/{OBJ}/verifier/{iid}") == ["f"]
@@ -528,7 +533,8 @@ def test_recover_keeps_a_move_the_crash_interrupted_after_the_rename(device, vie
     view = reopen(views, db)
     assert recover(view) == []
     rec = on_disk(db)[f"img/{name}"]
-    assert (rec.store, rec.rel, rec.state, rec.prev_store) == ("vault_volumes", dst.name, "new", None)
+    assert (rec.store, rec.rel, rec.state, rec.prev_store) == ("vault_volumes", dst.name,
+                                                               "new", None)
     assert dst.read_bytes() == b"volume"
     assert read(view, f"img/{name}") == b"volume"
 
@@ -628,7 +634,8 @@ def test_replace_unresolved_places_parked_volumes(device, views):
     devicegen.write_device_state(str(root), [device.web, device.stray])
     assert view.resolver.refresh()
     moved = view.replace_unresolved()
-    assert moved == [(stray, Placement("vault_volumes", device.vol(device.stray), "vm-volume", "new"))]
+    assert moved == [(stray, Placement("vault_volumes", device.vol(device.stray), "vm-volume",
+                                       "new"))]
     assert (root / "vault" / "volumes" / device.vol(device.stray)).read_bytes() == b"parked"
     assert files(root / "vault" / "compatfs" / "unresolved") == set()
     assert read(view, stray) == b"parked"
@@ -780,7 +787,8 @@ def snapshot(path: Path) -> dict[str, tuple]:
 
 def assert_untouched(path: Path, before: dict[str, tuple]) -> None:
     assert snapshot(path) == before
-    assert (path / "pending" / "11111111-2222-3333-4444-555555555555" / "f").read_bytes() == b"secret"
+    assert (path / "pending" / "11111111-2222-3333-4444-555555555555"
+            / "f").read_bytes() == b"secret"
     assert (path / "target.img").read_bytes() == b"target"
 
 
@@ -839,7 +847,8 @@ def test_a_symlink_as_the_last_component_is_served_but_never_followed(device, vi
     assert stat.S_ISLNK(view.lstat(name).st_mode)
     store, rel, _ = view.locate(name)
     assert store.readlink(rel) == str(outside / "target.img")
-    for fn, args in ((store.open, (rel, os.O_RDONLY)), (store.open, (rel, os.O_WRONLY | os.O_TRUNC)),
+    for fn, args in ((store.open, (rel, os.O_RDONLY)),
+                     (store.open, (rel, os.O_WRONLY | os.O_TRUNC)),
                      (store.truncate, (rel, 0))):
         with pytest.raises(OSError) as err:
             fn(*args)
@@ -862,7 +871,8 @@ def test_recover_does_not_stop_at_a_planted_symlink(device, views, outside, tmp_
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(area.encode())
     crash(db, [
-        Record(f"downloads/{OBJ}/pending/{iid}/f", "downloader", f"pending/{iid}/f", "pending", "new"),
+        Record(f"downloads/{OBJ}/pending/{iid}/f", "downloader", f"pending/{iid}/f", "pending",
+               "new"),
         Record(f"downloads/baseOs.obj/verified/{device.sha.upper()}/f", "verified", device.sha,
                "verified", "new"),
     ])

@@ -58,7 +58,8 @@ def enospc() -> OSError:
 
 
 def snapshot(view, root: Path) -> tuple:
-    return (dict((k, (r.store, r.rel, r.state, r.prev_store)) for k, r in view.index.records.items()),
+    return (dict((k, (r.store, r.rel, r.state, r.prev_store))
+                 for k, r in view.index.records.items()),
             tree(root / "vault"), tree(root / "downloads"), tree(root / "img"))
 
 

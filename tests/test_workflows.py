@@ -167,7 +167,8 @@ def test_design_note_downloader_and_verifier_through_the_views(device, tmp_path,
         os.makedirs(pending)
         with open(pending / name, "wb") as f:
             f.write(blob[:100 << 10])
-        (pending / f"{name}.progress").write_text(json.dumps({"done": 100 << 10, "state": "downloading"}))
+        (pending / f"{name}.progress").write_text(
+            json.dumps({"done": 100 << 10, "state": "downloading"}))
         placed = vault / "downloader" / "pending" / image_id / name
         assert placed.read_bytes() == blob[:100 << 10]
         with open(pending / name, "ab") as f:  # resume
@@ -229,7 +230,8 @@ def test_design_note_downloader_and_verifier_through_the_views(device, tmp_path,
         os.rename(dl / "pending" / old_id / "old.img", dl / "verifier" / old_id / "old.img")
         os.chmod(dl / "verifier" / old_id / "old.img", 0o400)
         os.makedirs(dl / "verified" / old_sha.upper())
-        os.rename(dl / "verifier" / old_id / "old.img", dl / "verified" / old_sha.upper() / "old.img")
+        os.rename(dl / "verifier" / old_id / "old.img",
+                  dl / "verified" / old_sha.upper() / "old.img")
         shutil.rmtree(dl / "pending" / old_id)
         shutil.rmtree(dl / "verifier" / old_id)
         legacy_verified = f"{OBJ}/verified/{old_sha.upper()}/old.img"
