@@ -6,17 +6,17 @@ import contextlib
 import errno
 import hashlib
 import os
-import stat
 import random
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.scan import TMP_DIR
+from compatfs.testing import devicegen
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,17 +80,17 @@ def staged(root: Path, store: str, rel: str) -> Path:
     """Where compatfs stages the copy of *rel* into the new-layout store *store*
     (a location key) under the default layout paths: ``<own>/staging/<store>/``."""
     from compatfs.backing import own_location
-    from compatfs.stores import STAGING_DIR
     from compatfs.layout import Layout
     from compatfs.migration import tmp_leaf
+    from compatfs.stores import STAGING_DIR
     return Path(Layout(str(root)).path(own_location(store))) / STAGING_DIR / store / tmp_leaf(rel)
 
 
 def set_aside(root: Path, store: str) -> list[Path]:
     """What compatfs set aside from the new-layout store *store* (default paths)."""
     from compatfs.backing import own_location
-    from compatfs.stores import ASIDE_DIR
     from compatfs.layout import Layout
+    from compatfs.stores import ASIDE_DIR
     d = Path(Layout(str(root)).path(own_location(store))) / ASIDE_DIR / store
     return sorted(d.iterdir()) if d.is_dir() else []
 

@@ -4,7 +4,7 @@ under the names the tests use, plus the checks they share."""
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from compatfs.testing.daemonproc import DEADLINE, Child, teardown, view_paths
 from compatfs.testing.daemonproc import running as mounted

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from compatfs.backing import Backing, VaultNotEncrypted
+from compatfs.layout import Layout
 from compatfs.scan import SET_ASIDE_DIR
 from compatfs.stores import Store
-from compatfs.layout import Layout
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.backing import Backing
 from compatfs.boundary import errno_boundary, is_bounded
 from compatfs.debugview import InspectionOperations
@@ -28,6 +27,7 @@ from compatfs.layout import Layout
 from compatfs.operations import Operations
 from compatfs.resolver import Resolver
 from compatfs.rules import rules_for
+from compatfs.testing import devicegen
 from compatfs.view import View
 
 from .mounting import mounted
@@ -79,7 +79,8 @@ async def test_the_inspection_view_refuses_every_change_before_a_store(tmp_path)
         img = await lookup_img(ops)
         a = (await ops.lookup(img, b"a.txt", Ctx())).st_ino
         attr, fields = pyfuse3.EntryAttributes(), pyfuse3.SetattrFields()
-        for call in (ops.mkdir(img, b"d", 0o755, Ctx()), ops.create(img, b"n", 0o644, os.O_RDWR, Ctx()),
+        for call in (ops.mkdir(img, b"d", 0o755, Ctx()),
+                     ops.create(img, b"n", 0o644, os.O_RDWR, Ctx()),
                      ops.mknod(img, b"p", 0o644, 0, Ctx()), ops.symlink(img, b"s", b"a.txt", Ctx()),
                      ops.unlink(img, b"a.txt", Ctx()), ops.rmdir(img, b"a.txt", Ctx()),
                      ops.rename(img, b"a.txt", img, b"b", 0, Ctx()), ops.link(a, img, b"b", Ctx()),
@@ -110,7 +111,8 @@ async def test_a_bad_file_or_directory_handle_answers_ebadf_logged_at_debug(ops,
     with caplog.at_level(logging.DEBUG, logger="compatfs.operations"):
         for call in (ops.read(777, 0, 10), ops.write(777, 0, b"x"), ops.fsync(777, False),
                      ops.release(777), ops.readdir(dh, 0, None), ops.fsyncdir(dh, False),
-                     ops.setattr(img, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), 777, Ctx()),
+                     ops.setattr(img, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), 777,
+                                 Ctx()),
                      ops.releasedir(dh)):
             assert await errno_of(call) == errno.EBADF
     assert "no open handle 777" in caplog.text and f"no open handle {dh}" in caplog.text

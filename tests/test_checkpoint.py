@@ -22,13 +22,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compatfs import checkpoint
-from compatfs.testing import devicegen
 from compatfs.checkpoint import (
-    AppSpec, CheckpointError, ContentTreeSpec, DeviceConfig, DriveSpec, VolumeRefSpec,
+    AppSpec,
+    CheckpointError,
+    ContentTreeSpec,
+    DeviceConfig,
+    DriveSpec,
+    VolumeRefSpec,
     VolumeSpec,
 )
-from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.proto import eve_auth_pb2, eve_config_pb2
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,18 +22,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from compatfs import checkpoint
-from compatfs.testing import devicegen
 from compatfs.checkpoint import CheckpointChanging, CheckpointError, read_stable
-from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
 from compatfs.names import parse_vm_volume
 from compatfs.resolver import Resolver
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.untrusted import read_regular
 
 from .conftest import run_cli

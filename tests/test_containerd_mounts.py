@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.inuse import busy, mounts_inside
+from compatfs.testing import devicegen
 
 from .conftest import run_cli, temporaries, tmpfs
 from .devices import device_root

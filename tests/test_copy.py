@@ -1,6 +1,6 @@
 """compatfs/filecopy.py, treecopy.py and throttle.py: sparse, throttled,
-stoppable, page-cache-bounded copies of files and container trees, with copy_file_range and its read/write fallback,
-into a real fscrypt vault too.
+stoppable, page-cache-bounded copies of files and container trees, with
+copy_file_range and its read/write fallback, into a real fscrypt vault too.
 """
 
 from __future__ import annotations

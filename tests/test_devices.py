@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from compatfs import fscrypt
-
 from compatfs.testing import devicefs as devices
+
 from .devices import device_root, ext4_image, make_vault
 
 SIZE_MB = 64

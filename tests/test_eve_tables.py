@@ -37,11 +37,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compatfs.testing import devicegen
 from compatfs.checkpoint import FORMAT_SUFFIX
 from compatfs.layout import Layout
 from compatfs.names import (
-    LegacyVolumeName, NotAVolume, ObjType, DownloadArea, parse_container_volume,
+    DownloadArea,
+    LegacyVolumeName,
+    NotAVolume,
+    ObjType,
+    parse_container_volume,
     parse_vm_volume,
 )
 from compatfs.plan import make_plan
@@ -49,6 +52,7 @@ from compatfs.proto import eve_config_pb2
 from compatfs.resolver import Resolver
 from compatfs.rules import OCI_LAYER_MEDIA_TYPE, RELEASES, release_text, rules_for
 from compatfs.scan import scan_img, scan_prepared
+from compatfs.testing import devicegen
 
 from .conftest import run_cli, tree_snapshot
 

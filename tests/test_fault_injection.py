@@ -22,9 +22,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import pyfuse3
 import pytest
@@ -34,8 +34,17 @@ from compatfs.migration import MIGRATE_FAULT_POINTS
 from .conftest import temporaries
 from .mounting import answers_within, assert_clean_exit, mounted
 from .test_migrate_faults import (
-    UNFINISHED, config, crash_device, device, digest, file_sha, index_records, moves_of,
-    one_app, vol_target, write_random,
+    UNFINISHED,
+    config,
+    crash_device,
+    device,
+    digest,
+    file_sha,
+    index_records,
+    moves_of,
+    one_app,
+    vol_target,
+    write_random,
 )
 from .test_operations import Ctx, lookup_img, ops  # noqa: F401 - ops is a fixture
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from compatfs import mounts
-from compatfs.testing import devicegen
-from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.index import DB_NAME
 from compatfs.indexopen import MARKER_NAME
 from compatfs.status import EXIT_INDEX_REFUSED, EXIT_OK, EXIT_VIEWS_DEAD
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
 
 from .conftest import fill, run_cli, tmpfs
 from .mounting import assert_clean_exit, mounted

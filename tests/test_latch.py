@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from compatfs import latch
-from compatfs.testing import devicegen
 from compatfs.latch import Latch, expected_file_name
+from compatfs.testing import devicegen
 
 RNG = random.Random(2024)
 APP = devicegen.random_uuid(RNG)

@@ -27,16 +27,16 @@ import pytest
 import trio
 
 from compatfs import filecopy
-from compatfs.migration import livecopy as migrator_mod
-from compatfs.testing import devicegen
 from compatfs.backing import Backing
 from compatfs.config import Migration
+from compatfs.handles import HandleTable
 from compatfs.index import Index
 from compatfs.layout import Layout
 from compatfs.migration import DIRTY_BLOCK, Converging, DirtyLog, Item, Migrator
-from compatfs.handles import HandleTable
+from compatfs.migration import livecopy as migrator_mod
 from compatfs.operations import Operations
 from compatfs.resolver import Resolver
+from compatfs.testing import devicegen
 from compatfs.view import View
 
 from .conftest import staged

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from compatfs.scan import TMP_DIR
 from compatfs.testing import devicegen
 from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
-from compatfs.scan import TMP_DIR
 
 from .conftest import staged
 from .devices import device_root

@@ -27,17 +27,17 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.config import Config
-from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 
 from .conftest import legacy_snapshot, set_aside, staged, temporaries
 from .devices import device_root

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from compatfs.testing import devicegen
 from compatfs.backing import Backing
 from compatfs.config import Migration
 from compatfs.enums import State, StoreKey
@@ -29,11 +28,18 @@ from compatfs.index import Index
 from compatfs.indexformat import Record
 from compatfs.layout import Layout
 from compatfs.migration import (
-    DIRTY_BLOCK, DirtyLog, LiveChanges, Migrator, Rollback, Steps, recover,
+    DIRTY_BLOCK,
+    DirtyLog,
+    LiveChanges,
+    Migrator,
+    Rollback,
+    Steps,
+    recover,
 )
 from compatfs.migration.faults import Faults
 from compatfs.migration.steps import signature, tmp_place
 from compatfs.resolver import Resolver
+from compatfs.testing import devicegen
 from compatfs.view import View
 
 VIEWS = ("img", "downloads")

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from compatfs import mounts
-from compatfs.testing import devicegen
 from compatfs.rundir import RunDir
+from compatfs.testing import devicegen
 
 from .conftest import REPO
 from .devices import device_root

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.config import Override
 from compatfs.layout import Layout
 from compatfs.names import DownloadArea, ObjType
 from compatfs.plan import make_plan, render_text
 from compatfs.resolver import Resolver
 from compatfs.rules import OCI_LAYER_MEDIA_TYPE, path_escape, rules_for
+from compatfs.testing import devicegen
 
 from .conftest import layout_config, run_cli, tree_snapshot
-
 
 DESIGN_NOTE = rules_for("design-note")
 

@@ -20,18 +20,26 @@ from pathlib import Path
 import pytest
 
 from compatfs import fscrypt
-from compatfs.testing import devicegen
-from compatfs.scan import SET_ASIDE_DIR
-from compatfs.stores import Store
+from compatfs.enums import State
 from compatfs.index import DB_NAME
 from compatfs.migration import recover
+from compatfs.scan import SET_ASIDE_DIR
+from compatfs.stores import Store
+from compatfs.testing import devicegen
 
 from .conftest import run_cli
 from .devices import ext4_image, make_vault
 from .mounting import mounted
 from .test_view import (  # noqa: F401
-from compatfs.enums import State
-    OBJ, device, layout_rules, mkdirs, on_disk, read, reopen, views, write_new,
+    OBJ,
+    device,
+    layout_rules,
+    mkdirs,
+    on_disk,
+    read,
+    reopen,
+    views,
+    write_new,
 )
 
 HOUR = 3600 * 10**9

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.config import Override
-from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
 from compatfs.names import DownloadArea, ObjType, parse_container_volume, parse_vm_volume
 from compatfs.resolver import Resolution, Resolver
 from compatfs.rules import OCI_LAYER_MEDIA_TYPE, rules_for
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
 
 DESIGN_NOTE = rules_for("design-note")
 

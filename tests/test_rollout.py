@@ -13,8 +13,8 @@ import time
 import pytest
 
 from compatfs import mounts
-from compatfs.testing import devicegen
 from compatfs.rundir import RunDir
+from compatfs.testing import devicegen
 
 from .conftest import legacy_snapshot, run_cli
 from .devices import device_root

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from compatfs import mounts
-from compatfs.testing import devicegen
 from compatfs.rundir import READ_LIMIT, RunDir, RunDirError
+from compatfs.testing import devicegen
 
 from .conftest import run_cli
 from .mounting import mounted, teardown

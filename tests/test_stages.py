@@ -12,8 +12,8 @@ import time
 import pytest
 
 from compatfs import fscrypt, mounts
-from compatfs.testing import devicegen
 from compatfs.rundir import RunDir
+from compatfs.testing import devicegen
 
 from .conftest import legacy_snapshot, run_cli
 from .devices import device_root

@@ -10,8 +10,8 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -19,7 +19,6 @@ from compatfs.testing import devicegen
 from compatfs.untrusted import UntrustedFileError, read_regular
 
 from .mounting import mounted
-
 
 # -- the helper ---------------------------------------------------------------------
 

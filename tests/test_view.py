@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.backing import Backing
 from compatfs.index import DB_NAME, Index
 from compatfs.indexformat import Record
-from compatfs.migration import recover
-from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.layout import Layout
+from compatfs.migration import recover
 from compatfs.names import ObjType
+from compatfs.placement import Placement
 from compatfs.plan import make_plan
 from compatfs.resolver import Resolver
 from compatfs.rules import DEFAULT_RULES, OCI_LAYER_MEDIA_TYPE, Rules, rules_for
-from compatfs.placement import Placement
+from compatfs.testing import devicegen
+from compatfs.testing.devicegen import AppDef, DriveDef
 from compatfs.view import View
 
 DESIGN_NOTE = rules_for("design-note")

@@ -19,15 +19,23 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.testing import devicegen
-from compatfs.stores import Store
 from compatfs.index import Index
+from compatfs.stores import Store
+from compatfs.testing import devicegen
 
 from .conftest import layout_config
 from .devices import ext4_image, make_vault
 from .mounting import mounted
 from .test_view import (  # noqa: F401
-    DESIGN_NOTE_ONLY, OBJ, Device, device, layout_rules, mkdirs, read, views, write_new,
+    DESIGN_NOTE_ONLY,
+    OBJ,
+    Device,
+    device,
+    layout_rules,
+    mkdirs,
+    read,
+    views,
+    write_new,
 )
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from compatfs.testing import devicegen
 from compatfs.rundir import RunDir
+from compatfs.testing import devicegen
 from compatfs.writebehind import Stream, WriteBehind
 
 from .mounting import mounted
