@@ -233,6 +233,23 @@ def test_the_import_graph_has_no_cycle() -> None:
         pytest.fail("\n".join(cycles), pytrace=False)
 
 
+#: The only product modules that may use the test and demo helpers: the demo builds
+#: its device with them.
+DEMO_MODULES = frozenset({"compatfs.demo", "compatfs.cli.demo"})
+
+
+def test_only_the_demo_uses_the_test_helpers() -> None:
+    """compatfs.testing builds devices for tests, benchmarks and the demo; the
+    product (the daemon, the migration, the commands) never depends on it."""
+    graph = import_graph()
+    wrong = [str(imp) for name, edges in graph.items()
+             if not name.startswith("compatfs.testing") and name not in DEMO_MODULES
+             for target, imp in edges.items() if target.startswith("compatfs.testing")]
+    if wrong:
+        pytest.fail("product modules import compatfs.testing:\n" + "\n".join(wrong),
+                    pytrace=False)
+
+
 def test_the_cycle_finder_finds_cycles_and_reads_every_kind_of_import(tmp_path: Path) -> None:
     """The finder itself: a loop through TYPE_CHECKING and a function-local import is seen."""
     modules = {"compatfs": tmp_path / "__init__.py", "compatfs.a": tmp_path / "a.py",
