@@ -439,12 +439,17 @@ def test_generated_modules_are_up_to_date():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_generate_check_detects_a_stale_module(tmp_path):
-    """--check really compares: a doctored copy is reported out of date."""
+def _copy_proto_dir(to: Path) -> None:
+    """The .proto files with their generated modules and stubs, copied to *to*."""
     proto_dir = Path(checkpoint.__file__).parent / "proto"
     for name in ("eve_config.proto", "eve_auth.proto", "eve_config_pb2.py", "eve_auth_pb2.py",
                  "eve_config_pb2.pyi", "eve_auth_pb2.pyi"):
-        (tmp_path / name).write_bytes((proto_dir / name).read_bytes())
+        (to / name).write_bytes((proto_dir / name).read_bytes())
+
+
+def test_generate_check_detects_a_stale_module(tmp_path):
+    """--check really compares: a doctored copy is reported out of date."""
+    _copy_proto_dir(tmp_path)
     # as if generated from an older eve_auth.proto where payload was field 2
     module = tmp_path / "eve_auth_pb2.py"
     text = module.read_text()
@@ -466,10 +471,7 @@ def test_generate_check_detects_a_stale_module(tmp_path):
 
 def test_generate_check_detects_a_stale_stub(tmp_path):
     """--check compares the .pyi stubs too: one missing a field is reported out of date."""
-    proto_dir = Path(checkpoint.__file__).parent / "proto"
-    for name in ("eve_config.proto", "eve_auth.proto", "eve_config_pb2.py", "eve_auth_pb2.py",
-                 "eve_config_pb2.pyi", "eve_auth_pb2.pyi"):
-        (tmp_path / name).write_bytes((proto_dir / name).read_bytes())
+    _copy_proto_dir(tmp_path)
     stub = tmp_path / "eve_auth_pb2.pyi"
     text = stub.read_text()
     assert text.count("    payload: bytes\n") == 1
