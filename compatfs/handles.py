@@ -10,7 +10,6 @@ the table, never the FUSE operations.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,47 +40,33 @@ class Handle:
     stream: Stream | None = None          # where its sequential writes stand, if writable
 
 
-class HandleTable:
-    """Open handles by FUSE file handle number."""
+class HandleTable(dict[int, Handle]):
+    """Open handles by FUSE file handle number.
 
-    __slots__ = ("_handles",)
+    A ``dict`` itself, so the FUSE layer's per-request ``get``, ``[]`` and ``pop``
+    are the C dict's (a wrapper method would add a call to every read and
+    write); the migration uses only the methods below."""
 
-    def __init__(self) -> None:
-        self._handles: dict[int, Handle] = {}
-
-    def __getitem__(self, fh: int) -> Handle:
-        return self._handles[fh]
-
-    def __len__(self) -> int:
-        return len(self._handles)
-
-    def __iter__(self) -> Iterator[Handle]:
-        return iter(self._handles.values())
-
-    def get(self, fh: int) -> Handle | None:
-        return self._handles.get(fh)
+    __slots__ = ()
 
     def add(self, fh: int, handle: Handle) -> None:
-        self._handles[fh] = handle
-
-    def pop(self, fh: int) -> Handle | None:
-        return self._handles.pop(fh, None)
+        self[fh] = handle
 
     # -- what the migration asks ----------------------------------------------------
     def open_paths(self) -> set[str]:
         """The legacy names agents hold open now."""
-        return {h.vpath for h in self._handles.values()}
+        return {h.vpath for h in self.values()}
 
     def open_for_writing(self, key: FileKey) -> bool:
         """Whether an agent holds the file *key* open for writing."""
-        return any(h.writable and h.backing == key for h in self._handles.values())
+        return any(h.writable and h.backing == key for h in self.values())
 
     def switch(self, key: FileKey, store: Store, rel: str) -> int:
         """Re-open every handle on the file *key* on *store*/*rel* (its new copy),
         with the flags it was opened with; returns how many. Synchronous: no other
         request runs in between, so no write is lost or reordered."""
         switched = 0
-        for h in self._handles.values():
+        for h in self.values():
             if h.backing != key:
                 continue
             fd = store.open(rel, backing_flags(h.flags) & ~os.O_TRUNC)
@@ -94,9 +79,9 @@ class HandleTable:
 
     def close_all(self) -> None:
         """Close every backing fd (at shutdown)."""
-        for h in self._handles.values():
+        for h in self.values():
             try:
                 os.close(h.fd)
             except OSError:
                 pass
-        self._handles.clear()
+        self.clear()

@@ -95,7 +95,7 @@ class MountState(pyfuse3.Operations):
 
     def _open_fd_of(self, ino: int) -> int | None:
         """An open backing fd of *ino*, for a file whose last name is gone."""
-        for h in self.handles:
+        for h in self.handles.values():
             if h.ino == ino:
                 return h.fd
         return None

@@ -278,7 +278,7 @@ class Operations(MountState):
     async def release(self, fh: int) -> None:
         if self.control_file.release(fh):
             return
-        handle = self.handles.pop(fh)
+        handle = self.handles.pop(fh, None)
         if handle is None:
             raise BadHandle(fh)
         left = self.open_count.get(handle.ino, 1) - 1
