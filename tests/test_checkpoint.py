@@ -447,6 +447,17 @@ def _copy_proto_dir(to: Path) -> None:
         (to / name).write_bytes((proto_dir / name).read_bytes())
 
 
+def _generate_check(proto_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``generate --check`` run on the copy in *proto_dir*."""
+    script = ("import pathlib, sys\n"
+              "import compatfs.proto.generate as g\n"
+              "g.HERE = pathlib.Path(sys.argv[1])\n"
+              "sys.argv = [sys.argv[0], '--check']\n"
+              "raise SystemExit(g.main())\n")
+    return subprocess.run([sys.executable, "-c", script, str(proto_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_generate_check_detects_a_stale_module(tmp_path):
     """--check really compares: a doctored copy is reported out of date."""
     _copy_proto_dir(tmp_path)
@@ -456,13 +467,7 @@ def test_generate_check_detects_a_stale_module(tmp_path):
     assert text.count("payload\\x18\\x01") == 1
     stale = text.replace("payload\\x18\\x01", "payload\\x18\\x02")
     module.write_text(stale)
-    script = ("import pathlib, sys\n"
-              "import compatfs.proto.generate as g\n"
-              "g.HERE = pathlib.Path(sys.argv[1])\n"
-              "sys.argv = [sys.argv[0], '--check']\n"
-              "raise SystemExit(g.main())\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = _generate_check(tmp_path)
     assert proc.returncode == 1
     assert "eve_auth_pb2.py" in proc.stderr
     assert "eve_config_pb2.py" not in proc.stderr
@@ -476,13 +481,7 @@ def test_generate_check_detects_a_stale_stub(tmp_path):
     text = stub.read_text()
     assert text.count("    payload: bytes\n") == 1
     stub.write_text(text.replace("    payload: bytes\n", ""))
-    script = ("import pathlib, sys\n"
-              "import compatfs.proto.generate as g\n"
-              "g.HERE = pathlib.Path(sys.argv[1])\n"
-              "sys.argv = [sys.argv[0], '--check']\n"
-              "raise SystemExit(g.main())\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = _generate_check(tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "out of date: eve_auth_pb2.pyi", proc.stderr
 
