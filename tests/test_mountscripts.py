@@ -552,6 +552,22 @@ def views_answer(root: Path) -> bool:
 
 
 @pytest.mark.root
+def _where_stuck(*pids: int | None) -> str:
+    """Each process's state and the kernel function it sleeps in, for a failure report."""
+    lines = []
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError as exc:
+            lines.append(f"pid {pid}: {exc.strerror}")
+            continue
+        lines.append(f"pid {pid}: state {state}, sleeping in {wchan or '-'}")
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize("kind", ["sh", "busybox"])
 def test_supervised_daemon_comes_back_after_sigkill_and_a_signal_stops_it(device, tmp_path,
                                                                          capsys, kind):
@@ -589,7 +605,12 @@ def test_supervised_daemon_comes_back_after_sigkill_and_a_signal_stops_it(device
 
         stop = signal.SIGINT if kind == "busybox" else signal.SIGTERM  # both stop it
         sup.send_signal(stop)
-        assert sup.wait(timeout=40) == 0, log.read_text()
+        try:
+            rc = sup.wait(timeout=40)
+        except subprocess.TimeoutExpired:   # say where each process is stuck
+            pytest.fail(f"the supervisor did not stop within 40 s of {stop.name}\n"
+                        f"{log.read_text()}\n{_where_stuck(sup.pid, second)}", pytrace=False)
+        assert rc == 0, log.read_text()
         assert f"{stop.name}: stopping the daemon" in log.read_text()
         assert "stopped (the daemon exited with status 0)" in log.read_text()
         assert compatfs_mounts(root, run_dir) == []
