@@ -552,6 +552,10 @@ def views_answer(root: Path) -> bool:
 
 
 @pytest.mark.root
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _where_stuck(*pids: int | None) -> str:
     """Each process's state and the kernel function it sleeps in, for a failure report."""
     lines = []
@@ -577,9 +581,13 @@ def test_supervised_daemon_comes_back_after_sigkill_and_a_signal_stops_it(device
     log = run_dir.parent / "supervisor.log"
     rundir = RunDir(str(run_dir), str(root))
     with open(log, "wb") as out:
+        # SIGINT at its default, as a terminal or an init system starts it: a test
+        # run started with & ignores SIGINT, the supervisor would inherit that,
+        # and a shell cannot trap a signal ignored on entry (docs/operations.md)
         sup = subprocess.Popen([*shell, str(SCRIPTS_DIR / "compatfs-boot"), "--supervise",
                                 *args(root, run_dir, config)], stdin=subprocess.DEVNULL,
-                               stdout=out, stderr=out, env=env, start_new_session=True)
+                               stdout=out, stderr=out, env=env, start_new_session=True,
+                               preexec_fn=_default_sigint)
     try:
         wait_for(lambda: "compatfs: ready (stage observe)" in log.read_text()
                  and rundir.live_pid() is not None, 20, "first readiness", sup, log)
