@@ -79,8 +79,11 @@ def _stop(proc: subprocess.Popen[bytes], deadline: float) -> None:
 def running(root: str | Path, run_dir: str | Path, *, stage: str = "observe",
             config: str | Path | None = None, views: tuple[str, ...] = ("img", "downloads"),
             extra: tuple[str, ...] = (), deadline: float = DEADLINE,
-            own_session: bool = False) -> Iterator[Child]:
+            own_session: bool = False, python: tuple[str, ...] = ()) -> Iterator[Child]:
     """The views of *root* served by a daemon subprocess for the duration.
+
+    *python* are options for the interpreter before ``-m compatfs`` (a
+    benchmark's ``-m cProfile -o FILE``, for one).
 
     *own_session* puts the daemon in a session of its own, so a Ctrl-C at a
     terminal reaches only the caller, whose tear-down then stops it.
@@ -88,7 +91,7 @@ def running(root: str | Path, run_dir: str | Path, *, stage: str = "observe",
     root, run_dir = Path(root), Path(run_dir)
     run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     log = run_dir / f"daemon-{time.monotonic_ns()}.log"
-    argv = [sys.executable, "-m", "compatfs", "mount", "--foreground", "--root", str(root),
+    argv = [sys.executable, *python, "-m", "compatfs", "mount", "--foreground", "--root", str(root),
             "--run-dir", str(run_dir), "--stage", stage, *extra]
     if config is not None:
         argv += ["--config", str(config)]
