@@ -43,6 +43,7 @@ from .control import Control
 from .daemonstate import DaemonState
 from .device import Device, DeviceError, free_views, open_device
 from .enums import ALL_VIEWS, SERVED_STAGES, Stage, ViewName, count_by_state, views_for
+from .fuseloop import Session
 from .handles import HandleTable
 from .migration import Migrator
 from .operations import Operations
@@ -113,6 +114,7 @@ class Daemon:
                                  self.device.bases(), on_switch=self._invalidate)
         self.throttle_mib_per_s = self.cfg.migration.throttle_mib_per_s
         self.device.recover(self.migrator)
+        self._session = Session()
         self.ops = Operations(
             self.device.view, self.attr_timeout, handles=handles,
             changes=self.migrator.changes if self.stage == Stage.MIGRATE else NO_CHANGES,
@@ -167,7 +169,9 @@ class Daemon:
         mountpoint = self.run.check_mountpoint()
         options = {"fsname=compatfs", "subtype=compatfs", "allow_other", "default_permissions"}
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            self._session.before_init()
             pyfuse3.init(self.ops, mountpoint, options)
+            self._session.after_init()
             try:
                 await self._serve(signals, ready)
             finally:
@@ -254,7 +258,7 @@ class Daemon:
             await trio.sleep(METRICS_SECONDS)
 
     async def _main(self, nursery: trio.Nursery) -> None:
-        await pyfuse3.main()
+        await self._session.serve()
         nursery.cancel_scope.cancel()
 
     def _bind_views(self) -> None:

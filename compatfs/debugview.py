@@ -34,6 +34,7 @@ from .boundary import errno_boundary
 from .config import Config
 from .device import inspect_device
 from .enums import ViewName, views_for
+from .fuseloop import Session
 from .operations import Operations
 from .status import ObjectStatus, collect, view_path
 from .view import View
@@ -120,11 +121,14 @@ class Inspector:
         options = {"fsname=compatfs-debug", "subtype=compatfs", "ro", "allow_other",
                    "default_permissions"}
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            session = Session()
+            session.before_init()
             pyfuse3.init(self.ops, self.mountpoint, options)
+            session.after_init()
             try:
                 async with trio.open_nursery() as nursery:
                     async def main() -> None:
-                        await pyfuse3.main()
+                        await session.serve()
                         nursery.cancel_scope.cancel()
 
                     nursery.start_soon(main)
