@@ -94,6 +94,22 @@ class View:
         store, rel, _ = self.locate(vpath)
         return store.lstat(rel)
 
+    def names_beneath(self, vdir: str) -> tuple[Store, str]:
+        """Where the names in the view directory *vdir* that have no record of
+        their own are: one backing directory (a store and a path in it), so a
+        listing can stat them relative to it instead of locating each
+        (:meth:`locate` gives the same answer for every such name; the names
+        with a record are :attr:`Index.children` of *vdir*)."""
+        top, rest = split(vdir)
+        if top == _PREPARED and rest:
+            head, _, tail = rest.partition("/")
+            rec = self.index.records.get(f"prepared/{head}")
+            if rec is not None:
+                return self.backing.get(rec.store), f"{rec.rel}/{tail}" if tail else rec.rel
+        if top not in self.views:
+            raise FileNotFoundError(errno.ENOENT, "no such view", vdir)
+        return self.backing.get(top), rest
+
     def listdir(self, vdir: str) -> list[str]:
         """Names in the view directory *vdir*: the legacy store's plus the index's.
 
