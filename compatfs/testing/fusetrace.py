@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 TRACEFS = "/sys/kernel/tracing"
-INSTANCE = "compatfs-requests"
+INSTANCE = "compatfs-requests"   # plus the pid: several counters may run at once
 EVENT = "events/fuse/fuse_request_send"
 _LINE = re.compile(r"connection (\d+) req \d+ opcode \d+ \((\w+)\)")
 
@@ -62,29 +62,58 @@ class RequestCounter:
         return total
 
 
+def unavailable() -> str | None:
+    """Why requests cannot be counted here, or None when they can (needs root and tracefs)."""
+    if os.geteuid() != 0:
+        return "counting FUSE requests needs root (tracefs)"
+    if not os.path.isdir("/sys/kernel/tracing"):
+        return "this kernel has no tracefs"
+    with contextlib.suppress(OSError):
+        if os.path.isdir(os.path.join(TRACEFS, "instances")):
+            return None if os.path.isdir(os.path.join(TRACEFS, EVENT)) else _NO_EVENT
+        with _tracefs():
+            return None if os.path.isdir(os.path.join(TRACEFS, EVENT)) else _NO_EVENT
+    return "tracefs cannot be mounted"
+
+
+_NO_EVENT = "this kernel has no fuse:fuse_request_send trace event (Linux 6.16 and later have it)"
+
+
+@contextlib.contextmanager
+def _tracefs() -> Iterator[None]:
+    """tracefs mounted at its usual place for the duration, if it is not already;
+    unmounted after only if this mounted it and no other counter still uses it."""
+    if os.path.isdir(os.path.join(TRACEFS, "instances")):
+        yield
+        return
+    subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True,
+                   capture_output=True)
+    try:
+        yield
+    finally:
+        others = [n for n in os.listdir(os.path.join(TRACEFS, "instances"))
+                  if n.startswith(INSTANCE)]
+        if not others:
+            subprocess.run(["umount", TRACEFS], check=False, capture_output=True)
+
+
 @contextlib.contextmanager
 def counting(buffer_kb: int = 65536) -> Iterator[RequestCounter]:
-    """A :class:`RequestCounter` for the duration; tracefs is mounted if it is not."""
-    mounted_here = False
-    if not os.path.exists(os.path.join(TRACEFS, "instances")):
-        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
-        mounted_here = True
-    base = os.path.join(TRACEFS, "instances", INSTANCE)
-    try:
+    """A :class:`RequestCounter` for the duration, in a tracing instance of its own."""
+    with _tracefs():
+        base = os.path.join(TRACEFS, "instances", f"{INSTANCE}-{os.getpid()}")
         if not os.path.isdir(base):
             os.mkdir(base)
-        if not os.path.isdir(os.path.join(base, EVENT)):
-            raise RuntimeError("this kernel has no fuse:fuse_request_send event (Linux 6.16+)")
-        counter = RequestCounter(base)
-        counter._write("buffer_size_kb", str(buffer_kb))
-        counter._write(os.path.join(EVENT, "enable"), "1")
-        counter._write("trace", "")
-        yield counter
-    finally:
-        if os.path.isdir(base):
+        try:
+            if not os.path.isdir(os.path.join(base, EVENT)):
+                raise RuntimeError(_NO_EVENT)
+            counter = RequestCounter(base)
+            counter._write("buffer_size_kb", str(buffer_kb))
+            counter._write(os.path.join(EVENT, "enable"), "1")
+            counter._write("trace", "")
+            yield counter
+        finally:
             with contextlib.suppress(OSError):
                 with open(os.path.join(base, EVENT, "enable"), "w") as f:
                     f.write("0")
             os.rmdir(base)   # an instance is removed with rmdir, its files with it
-        if mounted_here:
-            subprocess.run(["umount", TRACEFS], check=False)
