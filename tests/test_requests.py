@@ -194,7 +194,9 @@ def test_the_session_puts_its_wait_in_place_only_while_serving(monkeypatch):
 
 def test_requests_queued_in_a_row_still_let_the_other_tasks_run():
     """However many requests are queued, the loop yields to trio's scheduler at
-    least every STREAK of them (the migration and the signal handler run there)."""
+    least every STREAK of them (the migration and the signal handler run there).
+    trio runs the tasks ready at a yield in a random order, the loop's own among
+    them, so another task may wait for a second streak, never longer."""
     r, w = os.pipe()
     os.write(w, b"x")   # always readable: a queue that never empties
     session = fuseloop.Session()
@@ -221,4 +223,4 @@ def test_requests_queued_in_a_row_still_let_the_other_tasks_run():
     finally:
         os.close(r)
         os.close(w)
-    assert 1 <= waits_before_other_ran[0] <= fuseloop.STREAK
+    assert 1 <= waits_before_other_ran[0] <= 2 * fuseloop.STREAK
