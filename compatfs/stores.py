@@ -139,6 +139,8 @@ class Store:
     def lstat(self, rel: str) -> os.stat_result:
         if not rel:
             return os.fstat(self.fd)
+        if "/" not in rel:   # in the store's own directory: no parent to open (a hot path)
+            return os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
         with self.parent(rel) as (fd, name):
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
@@ -190,8 +192,11 @@ class Store:
     # -- namespace ------------------------------------------------------------
     def open(self, rel: str, flags: int, mode: int = 0o600) -> int:
         """Open the file *rel*; never follows a symbolic link."""
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if "/" not in rel:   # in the store's own directory (a hot path)
+            return os.open(rel, flags, mode, dir_fd=self.fd)
         with self.parent(rel) as (fd, name):
-            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+            return os.open(name, flags, mode, dir_fd=fd)
 
     def mkdir(self, rel: str, mode: int) -> None:
         with self.parent(rel) as (fd, name):
