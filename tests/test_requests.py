@@ -133,6 +133,7 @@ def test_a_mount_kept_busy_still_answers_its_control_file_and_stops_on_sigterm(s
             for t in threads:
                 t.join(10)
         assert_clean_exit(m)
+        assert "own request loop" not in m.log_text()   # compatfs.fuseloop served
         assert sum(served) > 100, served
         assert stopped_in < 30
 
