@@ -7,6 +7,11 @@ unlinked but still open goes through its open descriptor. These are the
 pieces of :class:`compatfs.operations.Operations` that need no state of
 their own, kept here so that the handlers read as the requests they answer.
 
+Every entry and attribute is cached by the kernel for the daemon's timeout;
+a failed lookup is not (``ENOENT``, never an entry with inode 0): why, and
+how the kernel learns what the daemon changes by itself, is
+:mod:`compatfs.kernelcache`'s.
+
 Every function is on a hot path (``getattr``, ``lookup``, ``readdir`` build
 attributes; the kernel asks ``getxattr security.capability`` before every
 write): no I/O beyond the one call each needs.

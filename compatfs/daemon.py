@@ -45,7 +45,8 @@ from .device import Device, DeviceError, free_views, open_device
 from .enums import ALL_VIEWS, SERVED_STAGES, Stage, ViewName, count_by_state, views_for
 from .fuseloop import Session
 from .handles import HandleTable
-from .migration import Migrator
+from .kernelcache import KernelCache
+from .migration import Migrator, Switch
 from .operations import Operations
 from .rules import release_text
 from .rundir import RunDir
@@ -90,6 +91,8 @@ class Daemon:
         self.device: Device
         self.migrator: Migrator
         self.ops: Operations
+        #: what the kernel is told of the names the daemon changes by itself
+        self.kernel: KernelCache | None = None
 
     # -- set-up ---------------------------------------------------------------------
     def prepare(self) -> None:
@@ -111,7 +114,8 @@ class Daemon:
         self._log_stage_change()
         handles = HandleTable()
         self.migrator = Migrator(self.device.view, self.cfg.migration, handles,
-                                 self.device.bases(), on_switch=self._invalidate)
+                                 self.device.bases(), on_switch=self._switched,
+                                 switch_told=self._switch_told)
         self.throttle_mib_per_s = self.cfg.migration.throttle_mib_per_s
         self.device.recover(self.migrator)
         self._session = Session()
@@ -119,6 +123,7 @@ class Daemon:
             self.device.view, self.attr_timeout, handles=handles,
             changes=self.migrator.changes if self.stage == Stage.MIGRATE else NO_CHANGES,
             control=Control(self.snapshot, self))
+        self.kernel = KernelCache(self.ops.inodes, self.device.view)
 
     # -- what the control file and the metrics see and ask -------------------------------
     def snapshot(self) -> DaemonState:
@@ -208,6 +213,8 @@ class Daemon:
         ready()
         nursery.start_soon(self._supervised, "the config watcher", self._watch_config)
         nursery.start_soon(self._supervised, "the metrics writer", self._write_metrics)
+        if self.kernel is not None:
+            nursery.start_soon(self._supervised, "the kernel notices", self.kernel.run)
         if self.stage == Stage.MIGRATE:
             nursery.start_soon(self._supervised, "the migrator", self.migrator.run)
         async for signum in signals:
@@ -321,24 +328,21 @@ class Daemon:
                 for problem in self.device.resolver.problems:
                     log.warning("%s", problem)
                 for vpath, where in self.device.view.replace_unresolved():
+                    self._switched(vpath, Switch.MOVED)
                     log.info("%s: placed at %s/%s", vpath, where.store, where.rel)
-                    self._invalidate(vpath)
                 self.migrator.wake()
             except Exception:
                 log.exception("re-resolving after a config change failed; will retry")
 
-    def _invalidate(self, vpath: str) -> None:
-        """Tell the kernel the attributes of *vpath* changed (compatfs moved it)."""
-        ino: int = pyfuse3.ROOT_INODE
-        for part in vpath.split("/"):
-            found = self.ops.inodes.find(ino, part)
-            if found is None:
-                return
-            ino = found
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
-        except OSError:
-            pass
+    def _switched(self, vpath: str, how: Switch) -> None:
+        """*vpath* is served from another place now (the migration, the config
+        watcher): the kernel drops what it cached of it (:mod:`compatfs.kernelcache`)."""
+        if self.kernel is not None:
+            self.kernel.changed(vpath, how)
+
+    async def _switch_told(self) -> None:
+        if self.kernel is not None:
+            await self.kernel.told()
 
 
 def cleanup_stale(cfg: Config, root: str, run: RunDir, *, views: bool = True) -> list[str]:

@@ -16,6 +16,15 @@ takes this reader's read marks, as it does for every reader; it holds no
 data. Without a daemon the index is opened immutable and nothing is touched.)
 While the live views are mounted, the legacy directories it opens are those
 views, so it shows what the agents see.
+
+It shows a change at once, whoever makes it: it is a FUSE connection of its
+own, whose kernel caches the live daemon cannot reach (a notification goes
+to the connection it is written on), so nothing it answers is cached: every
+entry and attribute carries a timeout of 0 (:data:`TIMEOUT`) and the kernel
+asks again at each lookup and stat. Costly for a view agents use, right for
+one a person inspects. Where a name is comes from the index, read again
+whenever the daemon has committed to it since (SQLite's ``data_version``,
+one query per lookup, stat, listing or open).
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ XATTRS = ("location", "target", "state", "reason")
 PREFIX = "user.compatfs."
 #: How often the inspection data (plan, index) is read again.
 REFRESH_SECONDS = 5.0
+#: The entry and attribute timeout of every reply: nothing is cached (see above).
+TIMEOUT = 0.0
 
 
 class InspectionOperations(Operations):
@@ -57,9 +68,28 @@ class InspectionOperations(Operations):
     read_only = True
 
     def __init__(self, view: View, statuses: Callable[[], dict[str, ObjectStatus]],
-                 timeout: float = 1.0) -> None:
+                 timeout: float = TIMEOUT, fresh: Callable[[], None] = lambda: None) -> None:
         super().__init__(view, timeout)
         self._statuses = statuses
+        self._fresh = fresh
+
+    # Where a name is, read again first if the daemon changed it (Inspector.fresh).
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._fresh()
+        return await super().lookup(parent_inode, name, ctx)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._fresh()
+        return await super().getattr(inode, ctx)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._fresh()
+        return await super().opendir(inode, ctx)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._fresh()
+        return await super().open(inode, flags, ctx)
 
     def _status(self, inode: int) -> ObjectStatus | None:
         return self._statuses().get(self.inodes.path(inode))
@@ -97,9 +127,23 @@ class Inspector:
         self.index = self.device.index
         self.resolver = self.device.resolver
         self.view = self.device.view
-        self.ops = InspectionOperations(self.view, self.statuses)
+        self.ops = InspectionOperations(self.view, self.statuses, fresh=self.fresh)
         self._statuses: dict[str, ObjectStatus] = {}
         self._read_at = 0.0
+        self._version: object = None
+
+    def fresh(self) -> None:
+        """Read the index again if another connection (the daemon) committed to it
+        since it was last read; what was read stays if it cannot be read now."""
+        if self.index.path is None:
+            return
+        try:
+            version = self.index.db.execute("PRAGMA data_version").fetchone()
+            if version != self._version:
+                self.index.reload()
+                self._version = version
+        except Exception as exc:  # noqa: BLE001 - inspection keeps serving old data
+            log.warning("reading the index again failed: %s", exc)
 
     def statuses(self) -> dict[str, ObjectStatus]:
         """Where each legacy name is and why, read again when older than a few seconds."""

@@ -25,6 +25,7 @@ from .progress import (
     NoSpace,
     Progress,
     Quarantined,
+    Switch,
     Unmovable,
     expected_sha,
 )
@@ -36,6 +37,6 @@ from .steps import Steps, tmp_leaf
 __all__ = [
     "DIRTY_BLOCK", "FAULT_POINTS", "MIGRATE_FAULT_POINTS", "RESCAN_CAP_S", "RETRY_CAP_S",
     "ROLLBACK_FAULT_POINTS", "Converging", "DirtyLog", "InUse", "Item", "LiveChanges",
-    "Migrator", "NoSpace", "Progress", "Quarantined", "Rollback", "Steps", "Unmovable",
+    "Migrator", "NoSpace", "Progress", "Quarantined", "Rollback", "Steps", "Switch", "Unmovable",
     "expected_sha", "recover", "seconds", "tmp_leaf",
 ]

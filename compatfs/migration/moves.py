@@ -31,7 +31,16 @@ from ..throttle import Throttle
 from ..view import View
 from . import livecopy
 from .livecopy import DirtyLog, in_background
-from .progress import Converging, InUse, Item, NoSpace, Progress, Quarantined, Unmovable
+from .progress import (
+    Converging,
+    InUse,
+    Item,
+    NoSpace,
+    Progress,
+    Quarantined,
+    Switch,
+    Unmovable,
+)
 from .steps import Steps, fsync_parent, tmp_place
 
 log = logging.getLogger(__name__)
@@ -74,8 +83,8 @@ class Mover:
             return set()
         return self.handles.open_paths()
 
-    def switched(self, vpath: str) -> None:
-        self.steps.switched(vpath)
+    def switched(self, vpath: str, how: Switch) -> None:
+        self.steps.switched(vpath, how)
 
     # -- checks -----------------------------------------------------------------------
     def check_space(self, dst: Store, need: int) -> None:
@@ -135,7 +144,7 @@ class Mover:
         self.steps.faults.hit("renamed")
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, State.NEW,
                               reason=reason))
-        self.switched(item.vpath)
+        self.switched(item.vpath, Switch.MOVED)
         return True
 
     # -- copy of a file ---------------------------------------------------------------
@@ -242,7 +251,7 @@ class Mover:
         self.steps.place(item, dst, st)
         if key is not None:
             self.steps.switch_handles(key, dst, item.dst_rel)
-        self.switched(item.vpath)
+        self.switched(item.vpath, Switch.COPIED)
         self.steps.faults.hit("switched")
 
     # -- copy of a directory (container volume) -----------------------------------------
@@ -283,7 +292,7 @@ class Mover:
         self.check_unused(item)   # again, just before the switch (blocking: no await between)
         st = src.lstat(item.src_rel)
         self.steps.place(item, dst, st)
-        self.switched(item.vpath)
+        self.switched(item.vpath, Switch.COPIED)
         self.steps.remove_legacy(item)
 
     # -- downgrade then upgrade -----------------------------------------------------------
@@ -306,5 +315,5 @@ class Mover:
         src.move_aside(item.src_rel, where)
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, State.NEW,
                               reason=reason))
-        self.switched(item.vpath)
+        self.switched(item.vpath, Switch.REPLACED)
         log.warning("%s: %s/%s exists: %s", item.vpath, item.dst_store, item.dst_rel, reason)

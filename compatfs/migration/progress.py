@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from ..enums import Kind
 from ..names import is_sha256
@@ -32,6 +33,21 @@ class Item:
     action: str                  # copy, rename, set-aside (the plan's PlanEntry.action)
     expect_sha: str | None = None
     reason: str | None = None    # the plan's: why it is set aside, or what it displaces
+
+
+class Switch(StrEnum):
+    """How a legacy name came to be served from its new place, as the migration
+    reports it (the daemon tells the kernel what it may have cached wrongly)."""
+
+    #: the same object under another backing name (rename(2)): only the
+    #: attributes of the name change (its ctime, its device)
+    MOVED = "moved"
+    #: an identical copy (a file or a tree copied and switched): the attributes of
+    #: the name and of every name beneath it change, the bytes and names do not
+    COPIED = "copied"
+    #: another object (the destination won, the legacy one was set aside): the
+    #: attributes, the bytes and the names beneath may all differ
+    REPLACED = "replaced"
 
 
 def expected_sha(location: str, rel: str) -> str | None:

@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -50,6 +50,7 @@ from .progress import (
     NoSpace,
     Progress,
     Quarantined,
+    Switch,
     expected_sha,
     why,
 )
@@ -87,12 +88,16 @@ class Migrator:
     handles are switched; without (``compatfs migrate --now``, nothing else
     writes), neither is needed. *bases* maps a view to the directory its legacy
     objects are found in when that is not the layout's; *on_switch* is told
-    each legacy name served from its new place from now on.
+    each legacy name served from its new place from now on, and how it got
+    there (:class:`~compatfs.migration.progress.Switch`); *switch_told*, awaited
+    before a move is reported done, returns once what *on_switch* started is
+    finished (the kernel told).
     """
 
     def __init__(self, view: View, settings: Migration, handles: HandleTable | None = None,
                  bases: dict[str, str] | None = None,
-                 on_switch: Callable[[str], None] | None = None) -> None:
+                 on_switch: Callable[[str, Switch], None] | None = None,
+                 switch_told: Callable[[], Awaitable[None]] | None = None) -> None:
         self.view = view
         self.backing = view.backing
         self.index = view.index
@@ -100,6 +105,7 @@ class Migrator:
         self.handles = handles
         self.bases = bases or {}
         self.on_switch = on_switch
+        self.switch_told = switch_told
         rate = settings.throttle_mib_per_s * MIB
         if not math.isfinite(rate) or rate < 0:
             rate = 0.0                    # NaN or infinite: no limit rather than no copy
@@ -341,6 +347,8 @@ class Migrator:
                 await self.moves.copy_tree(item)
             else:
                 await self.moves.copy_file(item)
+            if self.switch_told is not None:
+                await self.switch_told()
             self.retry_at.pop(item.vpath, None)
             log.info("migrated %s to %s/%s", item.vpath, item.dst_store, item.dst_rel)
         except NoSpace as exc:
@@ -458,8 +466,8 @@ class Migrator:
                     for vpath, (_, state, reason, _) in self.unrecorded.items() if state})
         return out
 
-    def _switched(self, vpath: str) -> None:
+    def _switched(self, vpath: str, how: Switch) -> None:
         self.progress.current.pop(vpath, None)
         if self.on_switch is not None:
-            self.on_switch(vpath)
+            self.on_switch(vpath, how)
 

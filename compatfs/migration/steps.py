@@ -34,7 +34,7 @@ from ..placement import split
 from ..scan import TMP_DIR
 from ..stores import Side, Store
 from .faults import Faults
-from .progress import Item, why
+from .progress import Item, Switch, why
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +82,23 @@ class Steps:
     """The steps over one device's stores and index.
 
     *switched* is told the legacy name of every object that is served from its
-    new place from now on; *handles* (the FUSE layer's open files, or None when
-    nothing is served) are re-opened on a file's copy when it switches."""
+    new place from now on, and how it got there (:class:`Switch`); *handles*
+    (the FUSE layer's open files, or None when nothing is served) are re-opened
+    on a file's copy when it switches."""
 
     def __init__(self, backing: Backing, index: Index, faults: Faults,
                  handles: HandleTable | None = None,
-                 switched: Callable[[str], None] | None = None) -> None:
+                 switched: Callable[[str, Switch], None] | None = None) -> None:
         self.backing = backing
         self.index = index
         self.faults = faults
         self.handles = handles
         self._switched = switched
 
-    def switched(self, vpath: str) -> None:
-        """*vpath* is served from its new place now."""
+    def switched(self, vpath: str, how: Switch) -> None:
+        """*vpath* is served from its new place now, got there *how*."""
         if self._switched is not None:
-            self._switched(vpath)
+            self._switched(vpath, how)
 
     # -- temporaries ------------------------------------------------------------------
     def temporaries(self, store: Store, rel: str) -> list[tuple[Store, str]]:
@@ -303,7 +304,7 @@ class Steps:
                         and not src.exists(item.src_rel):
                     self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind,
                                           State.NEW))
-                    self.switched(item.vpath)
+                    self.switched(item.vpath, Switch.MOVED)
                     return True
             elif dst is not None:
                 self.drop_copy(item, dst, renamed_into_place=state == State.COPIED)
