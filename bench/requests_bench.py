@@ -55,10 +55,11 @@ def cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def compatfs_mounted(root: str, run_dir: str, config: str,
                      profile: str | None) -> Iterator[daemonproc.Child]:
-    python = ("-m", "cProfile", "-o", profile) if profile else ()
+    # (passed only when asked, so the script also runs against older commits)
+    python = {"python": ("-m", "cProfile", "-o", profile)} if profile else {}
     with daemonproc.running(root, run_dir, stage="redirect", config=config,
                             deadline=views_bench.DEADLINE, own_session=True,
-                            python=python) as child:
+                            **python) as child:
         yield child
 
 
