@@ -10,17 +10,19 @@ several hard links is one inode with several names: the first is kept in the
 arrays, the others in :attr:`InodeTable.aliases`.
 
 A device lists 100,000 legacy names, and the kernel may hold all of them, so
-the table holds no Python object per inode: flat arrays indexed by inode
-number (parent, lookup count, hash, where its name is), every name's bytes
-packed in one ``bytearray``, and an open-addressing hash table of inode
-numbers (an ``array``, linear probing) finding (parent, name). A Python str,
-a dict entry and an int per name cost about 190 bytes more than that. The
-full paths of directories (few) are cached as str, so :meth:`path` decodes
-only the leaf.
+the table keeps no Python object per inode (a str, a dict entry and an int
+cost about 190 bytes a name): three arrays indexed by inode number (the
+parent with the name's hash, where the name's bytes are, the lookup count),
+every name's bytes packed in one ``bytearray`` (repacked when half of it is
+names no longer given out), and an open-addressing hash table of inode numbers
+(linear probing, at most half full) finding (parent, name). The paths of
+directories (few) are cached as str, so :meth:`InodeTable.path` decodes only
+the leaf.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import sys
 from array import array
@@ -29,9 +31,24 @@ import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
 _GONE = 0  # parent of an inode whose name was removed
-_FREE = 0xFFFF  # name length of an inode number not given out
+_FREE = 0xFFFF  # name length of an inode number not given out (names are shorter)
+_H = 0xFFFFFFFF
 _ENC, _ERR = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
-_MIX = 0x9E3779B1  # spreads parent inode numbers over the hash
+#: a listing of at least this many names is worth giving its memory back for
+BIG_LISTING = 10_000
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)   # glibc's; musl has none
+
+
+def trim_heap() -> None:
+    """Give the free pages of the C heap back to the kernel (glibc's
+    ``malloc_trim``; nothing elsewhere), after a big directory listing died.
+
+    The names of a listing of 100,000 (11 MiB of str) die when the directory
+    is released, their bytes copied into the table; what else the C heap grew
+    meanwhile leaves about 2 MiB of free pages in it that glibc keeps.
+    Trimming them takes about 0.2 ms."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class UnknownInode(LookupError):
@@ -47,23 +64,23 @@ class InodeTable:
     """Inode numbers by (parent, name), with the kernel's lookup count of each."""
 
     def __init__(self) -> None:
-        # per inode number (0 unused, 1 the root)
-        self._parent = array("I", [0, ROOT])
+        # per inode number (0 unused, 1 the root):
+        #: parent << 32 | low 32 bits of hash(name) ^ parent (the hash table's key)
+        self._key = array("Q", [0, ROOT << 32])
+        #: offset << 16 | length of the name's bytes in _blob; length _FREE: not given out
+        self._name_at = array("Q", [_FREE, 0])
         self._lookups = array("q", [0, 1])
-        self._hash = array("I", [0, 0])      # low 32 bits of the (parent, name) key
-        self._off = array("I", [0, 0])       # the name's bytes: _blob[off:off + len]
-        self._len = array("H", [_FREE, 0])   # _FREE: number not given out
         self._blob = bytearray()
         self._garbage = 0                    # bytes of _blob no inode names any more
-        # open addressing, linear probing: slot -> inode number (0: empty)
+        #: the hash table: slot -> inode number (0: empty)
         self._slots = array("I", bytes(4 * 64))
         self._mask = 63
         self._used = 0
-        #: entries (names and aliases) per directory inode, for drop_unreferenced
+        #: names (first ones and aliases) per directory inode, for drop_unreferenced
         self._entries: dict[int, int] = {}
         #: (parent, name) of further hard links -> inode
         self._alias_of: dict[tuple[int, str], int] = {}
-        #: view path of directories met as a path's parent (cleared when one changes)
+        #: view path of directories met as a path's parent (all dropped when one changes)
         self._dir_paths: dict[int, str] = {}
         self._free: list[int] = []
         #: (mtime_ns, size) last served per open file, to keep its page cache
@@ -74,15 +91,16 @@ class InodeTable:
         self.by_backing: dict[tuple[int, int], int] = {}
 
     def __len__(self) -> int:
-        return len(self._len) - len(self._free) - 1
+        return len(self._lookups) - len(self._free) - 1
 
     def known(self, ino: int) -> bool:
-        return 0 < ino < len(self._len) and self._len[ino] != _FREE
+        return 0 < ino < len(self._lookups) and self._name_at[ino] & 0xFFFF != _FREE
 
     # -- names ----------------------------------------------------------------------
     def _name(self, ino: int) -> str:
-        off = self._off[ino]
-        return self._blob[off:off + self._len[ino]].decode(_ENC, _ERR)
+        at = self._name_at[ino]
+        off = at >> 16
+        return self._blob[off:off + (at & 0xFFFF)].decode(_ENC, _ERR)
 
     def _set_name(self, ino: int, parent: int, name: str) -> None:
         """*ino* is now *name* in *parent*, in the hash table."""
@@ -91,80 +109,93 @@ class InodeTable:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if ino in self._dir_paths:
             self._dir_paths.clear()
-        if self._len[ino] != _FREE:
-            self._garbage += self._len[ino]
-        self._parent[ino] = parent
-        self._hash[ino] = (hash(name) ^ parent) & 0xFFFFFFFF
-        self._off[ino] = len(self._blob)
-        self._len[ino] = len(raw)
+        old = self._name_at[ino] & 0xFFFF
+        if old != _FREE:
+            self._garbage += old
+        self._key[ino] = parent << 32 | ((hash(name) ^ parent) & _H)
+        self._name_at[ino] = len(self._blob) << 16 | len(raw)
         self._blob += raw
         self._insert(ino)
         self._entries[parent] = self._entries.get(parent, 0) + 1
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
         if self._garbage > 65536 and self._garbage * 2 > len(self._blob):
             self._compact()
 
     def _compact(self) -> None:
         """Pack the bytes of the names still given out, dropping the others'."""
-        blob, off, length = bytearray(), self._off, self._len
-        old = self._blob
-        for ino in range(1, len(length)):
-            n = length[ino]
+        blob, name_at, old = bytearray(), self._name_at, self._blob
+        for ino in range(1, len(name_at)):
+            at = name_at[ino]
+            n = at & 0xFFFF
             if n != _FREE:
-                start = off[ino]
-                off[ino] = len(blob)
+                start = at >> 16
+                name_at[ino] = len(blob) << 16 | n
                 blob += old[start:start + n]
         self._blob, self._garbage = blob, 0
 
     def path(self, ino: int) -> str:
         """The view path of *ino* ('' for the root); :class:`UnknownInode` when
         unknown, ``FileNotFoundError`` when its name (or a parent's) is gone."""
-        if not self.known(ino):
+        # every request on an inode comes here: known() and _name() written out
+        name_at = self._name_at
+        if not 0 < ino < len(name_at):
+            raise UnknownInode(ino)
+        at = name_at[ino]
+        n = at & 0xFFFF
+        if n == _FREE:
             raise UnknownInode(ino)
         if ino == ROOT:
             return ""
-        parent = self._parent[ino]
+        parent = self._key[ino] >> 32
         if parent == _GONE:
             raise FileNotFoundError(2, "no longer in the view")
+        off = at >> 16
+        leaf = self._blob[off:off + n].decode(_ENC, _ERR)
         if parent == ROOT:
-            return self._name(ino)
+            return leaf
         base = self._dir_paths.get(parent)
         if base is None:
             base = self._dir_paths[parent] = self.path(parent)
-        return base + "/" + self._name(ino)
+        return base + "/" + leaf
 
     def parent_of(self, ino: int) -> int:
         """The directory holding *ino* (the root for the root and for an inode
         whose name is gone); :class:`UnknownInode` when unknown."""
         if not self.known(ino):
             raise UnknownInode(ino)
-        return self._parent[ino] or ROOT
+        return self._key[ino] >> 32 or ROOT
 
     # -- the hash table ---------------------------------------------------------------
     def _slot(self, parent: int, name: str) -> int:
         """The slot holding (parent, name), or ``-1 - slot`` of the empty slot ending its probe.
 
-        Hot (every lookup and readdir entry): written out, locals only."""
-        h = (hash(name) ^ parent) & 0xFFFFFFFF
-        slots, mask, hashes, parents = self._slots, self._mask, self._hash, self._parent
+        Written out again in :meth:`find` and :meth:`ensure` (every lookup and
+        readdir entry): locals only, the name encoded only on a full-key match."""
+        h = (hash(name) ^ parent) & _H
+        key = parent << 32 | h
+        slots, mask, keys = self._slots, self._mask, self._key
         s = h & mask
         raw = None
         while True:
             ino = slots[s]
             if not ino:
                 return -1 - s
-            if hashes[ino] == h and parents[ino] == parent:
+            if keys[ino] == key:
                 if raw is None:
                     raw = name.encode(_ENC, _ERR)
-                if self._len[ino] == len(raw) and self._blob.startswith(raw, self._off[ino]):
+                at = self._name_at[ino]
+                if at & 0xFFFF == len(raw) and self._blob.startswith(raw, at >> 16):
                     return s
             s = (s + 1) & mask
 
     def _insert(self, ino: int) -> None:
-        """Put *ino* (its parent and hash set) in the hash table."""
+        """Put *ino* (its key set) in the hash table."""
         if (self._used + 1) * 2 > self._mask + 1:
             self._grow()
         slots, mask = self._slots, self._mask
-        s = self._hash[ino] & mask
+        s = self._key[ino] & mask
         while slots[s]:
             s = (s + 1) & mask
         slots[s] = ino
@@ -174,29 +205,29 @@ class InodeTable:
         old = self._slots
         self._mask = mask = (self._mask + 1) * 2 - 1
         self._slots = slots = array("I", bytes(4 * (mask + 1)))
-        hashes = self._hash
+        keys = self._key
         for ino in old:
             if ino:
-                s = hashes[ino] & mask
+                s = keys[ino] & mask
                 while slots[s]:
                     s = (s + 1) & mask
                 slots[s] = ino
 
     def _remove(self, ino: int) -> None:
-        """Take *ino* out of the hash table (shifting back the entries after it)."""
-        slots, mask, hashes = self._slots, self._mask, self._hash
-        i = hashes[ino] & mask
+        """Take the first name of *ino* out of the hash table and its directory."""
+        slots, mask, keys = self._slots, self._mask, self._key
+        i = keys[ino] & mask
         while slots[i] != ino:
             if not slots[i]:
                 return
             i = (i + 1) & mask
         j = i
-        while True:
+        while True:   # shift back the entries after it that may not stay behind a hole
             j = (j + 1) & mask
             other = slots[j]
             if not other:
                 break
-            home = hashes[other] & mask
+            home = keys[other] & mask
             # other stays if its home is cyclically in (i, j]
             if (i < home <= j) if i <= j else (home > i or home <= j):
                 continue
@@ -204,7 +235,15 @@ class InodeTable:
             i = j
         slots[i] = 0
         self._used -= 1
-        entries, parent = self._entries, self._parent[ino]
+        entries, parent = self._entries, keys[ino] >> 32
+        left = entries[parent] - 1
+        if left:
+            entries[parent] = left
+        else:
+            del entries[parent]
+
+    def _count_down(self, parent: int) -> None:
+        entries = self._entries
         left = entries[parent] - 1
         if left:
             entries[parent] = left
@@ -213,19 +252,20 @@ class InodeTable:
 
     # -- lookups ------------------------------------------------------------------------
     def find(self, parent: int, name: str) -> int | None:
-        # _slot written out: every lookup comes here
-        h = (hash(name) ^ parent) & 0xFFFFFFFF
-        slots, mask, hashes, parents = self._slots, self._mask, self._hash, self._parent
+        h = (hash(name) ^ parent) & _H   # _slot, written out
+        key = parent << 32 | h
+        slots, mask, keys = self._slots, self._mask, self._key
         s = h & mask
         raw = None
         while True:
             ino = slots[s]
             if not ino:
                 return self._alias_of.get((parent, name)) if self._alias_of else None
-            if hashes[ino] == h and parents[ino] == parent:
+            if keys[ino] == key:
                 if raw is None:
                     raw = name.encode(_ENC, _ERR)
-                if self._len[ino] == len(raw) and self._blob.startswith(raw, self._off[ino]):
+                at = self._name_at[ino]
+                if at & 0xFFFF == len(raw) and self._blob.startswith(raw, at >> 16):
                     return ino
             s = (s + 1) & mask
 
@@ -234,7 +274,7 @@ class InodeTable:
         if self.find(parent, name) == ino:
             return
         self.detach(parent, name)
-        if self._parent[ino] == _GONE:
+        if self._key[ino] >> 32 == _GONE:
             self._set_name(ino, parent, name)
         else:
             self.aliases.setdefault(ino, []).append((parent, name))
@@ -257,37 +297,49 @@ class InodeTable:
 
     def ensure(self, parent: int, name: str) -> int:
         """The inode named *name* in *parent*, made (with no references) when new."""
-        s = self._slot(parent, name)
-        if s >= 0:
-            return self._slots[s]
+        h = (hash(name) ^ parent) & _H   # _slot, written out
+        key = parent << 32 | h
+        slots, mask, keys = self._slots, self._mask, self._key
+        s = h & mask
+        raw = None
+        while True:
+            ino = slots[s]
+            if not ino:
+                break
+            if keys[ino] == key:
+                if raw is None:
+                    raw = name.encode(_ENC, _ERR)
+                at = self._name_at[ino]
+                if at & 0xFFFF == len(raw) and self._blob.startswith(raw, at >> 16):
+                    return ino
+            s = (s + 1) & mask
         if self._alias_of:
             found = self._alias_of.get((parent, name))
             if found is not None:
                 return found
-        raw = name.encode(_ENC, _ERR)
+        if raw is None:
+            raw = name.encode(_ENC, _ERR)
         if len(raw) >= _FREE:
             raise OSError(errno.ENAMETOOLONG, "name too long")
+        blob = self._blob
         if self._free:
             ino = self._free.pop()
+            keys[ino] = key
+            self._name_at[ino] = len(blob) << 16 | len(raw)
             self._lookups[ino] = 0
-            self._parent[ino] = parent
-            self._hash[ino] = (hash(name) ^ parent) & 0xFFFFFFFF
-            self._off[ino] = len(self._blob)
-            self._len[ino] = len(raw)
         else:
-            ino = len(self._len)
+            ino = len(keys)
+            keys.append(key)
+            self._name_at.append(len(blob) << 16 | len(raw))
             self._lookups.append(0)
-            self._parent.append(parent)
-            self._hash.append((hash(name) ^ parent) & 0xFFFFFFFF)
-            self._off.append(len(self._blob))
-            self._len.append(len(raw))
-        self._blob += raw
-        if (self._used + 1) * 2 > self._mask + 1:
+        blob += raw
+        if (self._used + 1) * 2 > mask + 1:
             self._insert(ino)   # grows the table, then probes again
         else:
-            self._slots[-1 - s] = ino
+            slots[s] = ino
             self._used += 1
-        self._entries[parent] = self._entries.get(parent, 0) + 1
+        entries = self._entries
+        entries[parent] = entries.get(parent, 0) + 1
         return ino
 
     # -- references ------------------------------------------------------------------------
@@ -315,27 +367,19 @@ class InodeTable:
             self._dir_paths.clear()
         if self.cache_sig:
             self.cache_sig.pop(ino, None)
-        n = self._len[ino]
-        self._garbage += n
-        self._len[ino] = _FREE
-        self._parent[ino] = _GONE
+        self._garbage += self._name_at[ino] & 0xFFFF
+        self._name_at[ino] = _FREE
+        self._key[ino] = 0
         self._lookups[ino] = 0
         self._free.append(ino)
-        if self._garbage > 65536 and self._garbage * 2 > len(self._blob):
-            self._compact()
-
-    def _count_down(self, parent: int) -> None:
-        left = self._entries[parent] - 1
-        if left:
-            self._entries[parent] = left
-        else:
-            del self._entries[parent]
+        if self._garbage > 65536:
+            self._maybe_compact()
 
     def drop_unreferenced(self, ino: int) -> None:
         """Forget *ino* if the kernel holds no reference (a readdir entry not sent)."""
         if ino != ROOT and self.known(ino) and self._lookups[ino] <= 0 \
                 and ino not in self._entries:
-            if self._parent[ino] != _GONE:
+            if self._key[ino] >> 32 != _GONE:
                 self._remove(ino)
             self._release(ino)
 
@@ -345,8 +389,8 @@ class InodeTable:
         others = self.aliases.get(ino)
         if not others:
             return False
-        if self._parent[ino] == parent and self._name(ino) == name:
-            # the first name went: another one takes its place in the hash table
+        if self._key[ino] >> 32 == parent and self._name(ino) == name:
+            # its first name went: another takes its place in the hash table
             new_parent, new_name = others.pop()
             del self._alias_of[(new_parent, new_name)]
             self._count_down(new_parent)
@@ -383,7 +427,7 @@ class InodeTable:
             return
         if ino in self._dir_paths:
             self._dir_paths.clear()
-        self._parent[ino] = _GONE
+        self._key[ino] &= _H   # parent _GONE
         if self._lookups[ino] <= 0:
             self._release(ino)
 
@@ -400,11 +444,12 @@ class InodeTable:
             self._set_name(ino, new_parent, new_name)
 
     def forget(self, ino: int, count: int) -> None:
-        if ino == ROOT or not self.known(ino):
+        if ino == ROOT or not 0 < ino < len(self._name_at) \
+                or self._name_at[ino] & 0xFFFF == _FREE:
             return
         left = self._lookups[ino] - count
         self._lookups[ino] = left
         if left <= 0:
-            if self._parent[ino] != _GONE:
+            if self._key[ino] >> 32 != _GONE:
                 self._remove(ino)
             self._release(ino)
