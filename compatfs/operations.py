@@ -26,7 +26,7 @@ from .attributes import control_attributes, entry_attributes, setattr_fd, xattr_
 from .boundary import BadHandle, errno_boundary, no_reply_boundary
 from .control import CONTROL_NAME
 from .handles import backing_flags
-from .inodes import ROOT
+from .inodes import BIG_LISTING, ROOT, trim_heap
 from .mountstate import MountState
 from .placement import join
 
@@ -362,8 +362,12 @@ class Operations(MountState):
 
     @errno_boundary
     async def releasedir(self, fh: int) -> None:
-        if self.dirs.pop(fh, None) is None:
+        listing = self.dirs.pop(fh, None)
+        if listing is None:
             raise BadHandle(fh)
+        if len(listing[1]) >= BIG_LISTING:
+            del listing   # its names die here
+            trim_heap()
 
     @errno_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
