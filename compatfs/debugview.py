@@ -73,20 +73,25 @@ class InspectionOperations(Operations):
         self._statuses = statuses
         self._fresh = fresh
 
-    # Where a name is, read again first if the daemon changed it (Inspector.fresh).
+    # Where a name is, read again first if the daemon changed it (Inspector.fresh);
+    # each inside the errno boundary too (what fresh() does not catch is a fault).
+    @errno_boundary
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._fresh()
         return await super().lookup(parent_inode, name, ctx)
 
+    @errno_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._fresh()
         return await super().getattr(inode, ctx)
 
+    @errno_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._fresh()
         return await super().opendir(inode, ctx)
 
+    @errno_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self._fresh()
         return await super().open(inode, flags, ctx)
