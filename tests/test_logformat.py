@@ -263,5 +263,29 @@ def test_the_daemon_in_the_background_logs_only_json_lines_with_a_migrated_objec
                and str(r["msg"]).startswith("migrated ")]
     assert moved["state"] == "switched" and moved["level"] == "info"
     assert str(moved["file"]).startswith("compatfs/migration/scheduler.py:")
-    assert any(r.get("stage") == "migrate" and str(r["msg"]).startswith("serving ")
-               for r in records), text
+    for start in ("serving ", "stage: none -> migrate"):
+        assert any(r.get("stage") == "migrate" and str(r["msg"]).startswith(start)
+                   for r in records), (start, text)
+
+
+@pytest.mark.root
+def test_migrate_now_writes_only_json_lines_progress_and_summary_included(tmp_path):
+    rng = random.Random(14)
+    app = devicegen.AppDef(devicegen.random_uuid(rng), "vm", [
+        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw",
+                           volume_uuid=devicegen.random_uuid(rng))])
+    work = tmp_path / "dev"
+    work.mkdir()
+    with device_root(work, size_mb=128) as root:
+        devicegen.write_device_state(str(root), [app])
+        name = f"img/{app.legacy_name(0)}"
+        (root / "img").mkdir()
+        (root / name).write_bytes(rng.randbytes(1 << 20))
+        proc = run_cli("migrate", "--now", "--root", str(root), "--run-dir", str(tmp_path / "r"),
+                       "--log-level", "info", "--log-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert all(EVE_FIELDS <= set(r) for r in records), proc.stderr
+    assert any(r.get("object") == name and r.get("state") == "switched" for r in records)
+    assert records[-1]["msg"] == "migrated 1 of 1 objects", proc.stderr
+    assert str(records[-1]["file"]).startswith("compatfs/cli/migrate.py:")
