@@ -163,7 +163,7 @@ class Daemon:
         if before is None:
             before = (self.run.read_text(self.run.LAST_STAGE) or "").strip() or None
         if before != self.stage:
-            log.info("stage: %s -> %s", before or "none", self.stage)
+            log.info("stage: %s -> %s", before or "none", self.stage, extra={"stage": self.stage})
         if self.device.index.path:
             self.device.index.set_meta("stage", self.stage)
         self.run.write_file(self.run.LAST_STAGE, self.stage + "\n")
@@ -209,7 +209,7 @@ class Daemon:
                              "mountpoint": self.run.mountpoint,
                              "started": time.time()})
         log.info("serving %s at %s (stage %s)", ", ".join(self.views),
-                 self.layout.root, self.stage)
+                 self.layout.root, self.stage, extra={"stage": self.stage})
         ready()
         nursery.start_soon(self._supervised, "the config watcher", self._watch_config)
         nursery.start_soon(self._supervised, "the metrics writer", self._write_metrics)
@@ -329,7 +329,8 @@ class Daemon:
                     log.warning("%s", problem)
                 for vpath, where in self.device.view.replace_unresolved():
                     self._switched(vpath, Switch.MOVED)
-                    log.info("%s: placed at %s/%s", vpath, where.store, where.rel)
+                    log.info("%s: placed at %s/%s", vpath, where.store, where.rel,
+                             extra={"object": vpath})
                 self.migrator.wake()
             except Exception:
                 log.exception("re-resolving after a config change failed; will retry")

@@ -10,6 +10,7 @@ the command. No traceback reaches the caller.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from . import (
     status,
     umount,
 )
-from .common import EXIT_FAILURE, EXIT_USAGE, Command, CommandError
+from .common import EXIT_FAILURE, EXIT_USAGE, Command, CommandError, say
 
 #: The commands, in the order ``compatfs --help`` lists them.
 COMMANDS = (plan, mount, umount, status, migrate, rollback, reload, debug_mount, ctl, demo)
@@ -68,21 +69,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (ConfigError, LayoutError, RunDirError) as exc:
-        print(f"compatfs: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", logging.ERROR)
         return EXIT_USAGE
     except CommandError as exc:
-        print(f"compatfs: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", logging.ERROR)
         return exc.code
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"compatfs: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        say(f"error: {where}{exc.strerror or exc}", logging.ERROR)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("compatfs: interrupted", file=sys.stderr)
+        say("interrupted", logging.WARNING)
         return 130
     except Exception as exc:
         if os.environ.get("COMPATFS_DEBUG"):
             raise
-        print(f"compatfs: internal error: {type(exc).__name__}: {exc} "
-              "(set COMPATFS_DEBUG=1 for the traceback)", file=sys.stderr)
+        say(f"internal error: {type(exc).__name__}: {exc} "
+            "(set COMPATFS_DEBUG=1 for the traceback)", logging.CRITICAL)
         return EXIT_FAILURE

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from .. import logformat
 from ..config import Config, load
 from ..rundir import DEFAULT_RUN_DIR, RunDir
 
@@ -51,14 +52,49 @@ def run_dir(args: argparse.Namespace, root: str) -> RunDir:
     return RunDir(args.run_dir or os.environ.get("COMPATFS_RUN_DIR") or DEFAULT_RUN_DIR, root)
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr: a daemon started in the background has its stderr on the log
-    its parent opened in the run dir (:meth:`RunDir.open_log`), a supervised one
-    on the supervisor's output; no path is ever opened for logging."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s compatfs[%(process)d] %(levelname)s "
-                                           "%(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+def add_log_format(p: argparse.ArgumentParser) -> None:
+    """``--log-format``, for every command that logs."""
+    p.add_argument("--log-format", choices=logformat.FORMATS,
+                   help=f"text, or one JSON object per line as EVE's agents write "
+                        f"(default ${logformat.ENV}, else text)")
+
+
+def log_format(args: argparse.Namespace) -> str:
+    """The log format of the command line: its option, else $COMPATFS_LOG_FORMAT,
+    else text; a command started in the background is given it explicitly."""
+    try:
+        return logformat.chosen(getattr(args, "log_format", None))
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+#: The lines a command reports whatever the log level (``compatfs: serving ...``),
+#: in JSON lines when the log is (:func:`say`).
+_report = logging.getLogger("compatfs.report")
+_report.setLevel(logging.INFO)
+#: The handler :func:`setup_logging` installed last.
+_handler: logging.Handler | None = None
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr in the format *fmt* (:mod:`compatfs.logformat`): a daemon
+    started in the background has its stderr on the log its parent opened in the
+    run dir (:meth:`RunDir.open_log`), a supervised one on the supervisor's
+    output; no path is ever opened for logging."""
+    global _handler
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logformat.formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[_handler], force=True)
+
+
+def say(text: str, level: int = logging.INFO) -> None:
+    """Report *text* on stderr: ``compatfs: TEXT``, or a JSON line of *level* when
+    the log is JSON (then stderr holds nothing else), whatever the log level."""
+    if _handler is not None and isinstance(_handler.formatter, logformat.JSONFormatter) \
+            and _handler in logging.getLogger().handlers:
+        _report.log(level, "%s", text, stacklevel=2)
+    else:
+        print(f"compatfs: {text}", file=sys.stderr)
 
 
 def add_mount_common(p: argparse.ArgumentParser) -> None:

@@ -14,9 +14,12 @@ from .common import (
     EXIT_USAGE,
     AddCommand,
     CommandError,
+    add_log_format,
     add_mount_common,
     config_and_root,
+    log_format,
     run_dir,
+    say,
     setup_logging,
 )
 
@@ -28,6 +31,7 @@ def register(add: AddCommand) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--foreground", action="store_true", help="serve in this process")
     p.add_argument("--unmount", action="store_true", help="unmount MOUNTPOINT instead")
+    add_log_format(p)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
 
@@ -37,6 +41,8 @@ def cmd_debug_mount(args: argparse.Namespace) -> int:
             raise CommandError(f"{args.mountpoint} is not mounted")
         fuse_unmount(args.mountpoint)
         return 0
+    fmt = log_format(args)
+    setup_logging("info", fmt)
     cfg, root = config_and_root(args)
     if not os.path.isdir(args.mountpoint):
         raise CommandError(f"{args.mountpoint}: not a directory", EXIT_USAGE)
@@ -46,14 +52,13 @@ def cmd_debug_mount(args: argparse.Namespace) -> int:
         run = run_dir(args, root)
         run.make()
         argv = [sys.executable, "-m", "compatfs", "debug-mount", "--foreground", "--root", root,
-                args.mountpoint]
+                "--log-format", fmt, args.mountpoint]
         if args.config:
             argv += ["--config", args.config]
         pid = spawn(argv, run, run.DEBUG_LOG, args.timeout)
-        print(f"compatfs: read-only view of {root} at {args.mountpoint} (pid {pid}); "
-              f"'compatfs debug-mount --unmount {args.mountpoint}' ends it", file=sys.stderr)
+        say(f"read-only view of {root} at {args.mountpoint} (pid {pid}); "
+            f"'compatfs debug-mount --unmount {args.mountpoint}' ends it")
         return 0
-    setup_logging("info")
     import trio
 
     from ..debugview import Inspector

@@ -4,6 +4,7 @@ this process, with a progress line, while no daemon serves the root."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -15,7 +16,10 @@ from .common import (
     LOG_LEVELS,
     AddCommand,
     CommandError,
+    add_log_format,
     add_mount_common,
+    log_format,
+    say,
     setup_logging,
 )
 from .offline import open_offline
@@ -30,6 +34,7 @@ def register(add: AddCommand) -> None:
     add_mount_common(p)
     p.add_argument("--now", action="store_true", help="run to completion in this process")
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    add_log_format(p)
 
 
 def progress_line(p: Progress, width: int = 30) -> str:
@@ -49,9 +54,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not args.now:
         raise CommandError("'compatfs migrate' needs --now (in the background, the daemon "
                            "migrates in stage migrate)", EXIT_USAGE)
-    setup_logging(args.log_level)
+    fmt = log_format(args)
+    setup_logging(args.log_level, fmt)
     device, migrator = open_offline(args)
-    tty = sys.stderr.isatty()
+    tty = sys.stderr.isatty() and fmt == "text"   # JSON: a line every 5 s, no bar
 
     async def report(done: trio.Event) -> None:
         last = 0.0
@@ -62,7 +68,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if tty:
                 print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
             elif time.monotonic() - last >= 5.0 or done.is_set():
-                print(line, file=sys.stderr, flush=True)
+                if fmt == "json":
+                    say(line)
+                else:
+                    print(line, file=sys.stderr, flush=True)
                 last = time.monotonic()
 
     pass_error: list[BaseException] = []
@@ -87,16 +96,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         failed = migrator.failures()
         device.close()
     p = migrator.progress
-    print(f"compatfs: migrated {p.objects_done - p.failed - len(p.waiting)} of "
-          f"{p.objects_total} objects", file=sys.stderr)
+    say(f"migrated {p.objects_done - p.failed - len(p.waiting)} of {p.objects_total} objects")
     for vpath, why in p.waiting.items():
-        print(f"compatfs: waiting: {vpath}: {why}", file=sys.stderr)
+        say(f"waiting: {vpath}: {why}")
     for vpath, why in sorted(failed.items()):
         state = State.QUARANTINED if states.get(vpath) == State.QUARANTINED else State.FAILED
-        print(f"compatfs: {state}: {vpath}: {why}", file=sys.stderr)
+        say(f"{state}: {vpath}: {why}", logging.WARNING)
     if pass_error:
         exc = pass_error[0]
         why = f"{exc.strerror or exc}" if isinstance(exc, OSError) else \
             f"{type(exc).__name__}: {exc}"
-        print(f"compatfs: the migration pass stopped: {why}", file=sys.stderr)
+        say(f"the migration pass stopped: {why}", logging.ERROR)
     return 1 if failed or p.waiting or pass_error else 0

@@ -17,9 +17,12 @@ from .common import (
     LOG_LEVELS,
     AddCommand,
     CommandError,
+    add_log_format,
     add_mount_common,
     config_and_root,
+    log_format,
     run_dir,
+    say,
     setup_logging,
 )
 
@@ -31,6 +34,7 @@ def register(add: AddCommand) -> None:
                    help="rollout stage (default: from the config)")
     p.add_argument("--foreground", action="store_true", help="serve in this process, log to stderr")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    add_log_format(p)
     p.add_argument("--attr-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long the kernel may cache names and attributes (default 10)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -39,6 +43,8 @@ def register(add: AddCommand) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     from ..daemon import Daemon, cleanup_stale
 
+    fmt = log_format(args)
+    setup_logging(args.log_level, fmt)
     cfg, root = config_and_root(args)
     stage = Stage(args.stage or cfg.stage)
     run = run_dir(args, root)
@@ -47,11 +53,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise CommandError(f"{os.path.abspath(root)} is already mounted by compatfs "
                            f"(daemon pid {pid}); 'compatfs umount --root {root}' first")
     for line in cleanup_stale(cfg, root, run, views=False):
-        print(f"compatfs: {line} (left by a daemon that died)", file=sys.stderr)
+        say(f"{line} (left by a daemon that died)")
     if not args.foreground:
-        return _spawn_daemon(args, root, run)
+        return _spawn_daemon(args, root, run, fmt)
 
-    setup_logging(args.log_level)
     ready_fd = args.ready_fd
 
     def report(line: str) -> None:
@@ -73,8 +78,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         report("ready")
         sd_notify(b"READY=1")
         if ready_fd is None:
-            print(f"compatfs: serving {', '.join(daemon.views)} at {daemon.layout.root} "
-                  f"(stage {stage})", file=sys.stderr)
+            say(f"serving {', '.join(daemon.views)} at {daemon.layout.root} (stage {stage})")
 
     import trio
 
@@ -86,16 +90,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spawn_daemon(args: argparse.Namespace, root: str, run: RunDir) -> int:
+def _spawn_daemon(args: argparse.Namespace, root: str, run: RunDir, fmt: str) -> int:
     """Start the daemon in the background and wait until its views answer."""
     run.make()
     argv = [sys.executable, "-m", "compatfs", "mount", "--foreground", "--root", root,
-            "--log-level", args.log_level, "--attr-timeout", str(args.attr_timeout),
+            "--log-level", args.log_level, "--log-format", fmt,
+            "--attr-timeout", str(args.attr_timeout),
             "--run-dir", os.path.dirname(run.dir)]
     if args.config:
         argv += ["--config", args.config]
     if args.stage:
         argv += ["--stage", args.stage]
     pid = spawn(argv, run, run.LOG, args.timeout)
-    print(f"compatfs: mounted {root} (daemon pid {pid}, log {run.log_file})", file=sys.stderr)
+    say(f"mounted {root} (daemon pid {pid}, log {run.log_file})")
     return 0

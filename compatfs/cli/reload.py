@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..enums import Stage
-from .common import AddCommand, add_mount_common, config_and_root, run_dir
+from .common import AddCommand, add_log_format, add_mount_common, config_and_root, run_dir
 from .ctl import cmd_ctl
 from .mount import cmd_mount
 from .rollback import cmd_rollback
@@ -19,6 +19,7 @@ def register(add: AddCommand) -> None:
             "Apply the config again: a changed stage remounts, rolls back or stops; "
             "otherwise the daemon re-reads the checkpoint.")
     add_mount_common(p)
+    add_log_format(p)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

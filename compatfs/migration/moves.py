@@ -180,7 +180,8 @@ class Mover:
             want_hash = item.expect_sha is not None or verify == "readback"
             result = await self._bulk_copy(src_fd, tmp_fd, hash=want_hash,
                                            compare=verify != "off", item=item)
-            log.debug("%s: bulk copy done, %d data bytes", item.vpath, result.data_bytes)
+            log.debug("%s: bulk copy done, %d data bytes", item.vpath, result.data_bytes,
+                      extra={"object": item.vpath})
             self.steps.faults.hit("bulk-copied")
             dirty = self.dirty.get(key)
             if dirty is not None:
@@ -316,4 +317,5 @@ class Mover:
         self.index.put(Record(item.vpath, item.dst_store, item.dst_rel, item.kind, State.NEW,
                               reason=reason))
         self.switched(item.vpath, Switch.REPLACED)
-        log.warning("%s: %s/%s exists: %s", item.vpath, item.dst_store, item.dst_rel, reason)
+        log.warning("%s: %s/%s exists: %s", item.vpath, item.dst_store, item.dst_rel, reason,
+                    extra={"object": item.vpath, "state": State.NEW})

@@ -322,7 +322,8 @@ class Migrator:
             await self.migrate(item)
         except Exception as exc:
             self.progress.faults += 1
-            log.warning("%s: unexpected error after its migration: %s", item.vpath, why(exc))
+            log.warning("%s: unexpected error after its migration: %s", item.vpath, why(exc),
+                        extra={"object": item.vpath})
             log.debug("%s: unexpected error", item.vpath, exc_info=True)
         finally:
             limiter.release()
@@ -350,15 +351,16 @@ class Migrator:
             if self.switch_told is not None:
                 await self.switch_told()
             self.retry_at.pop(item.vpath, None)
-            log.info("migrated %s to %s/%s", item.vpath, item.dst_store, item.dst_rel)
+            log.info("migrated %s to %s/%s", item.vpath, item.dst_store, item.dst_rel,
+                     extra={"object": item.vpath, "state": State.SWITCHED})
         except NoSpace as exc:
             self._undo(item)
             self._retry_later(item, str(exc))
-            log.info("%s: %s; will retry", item.vpath, exc)
+            log.info("%s: %s; will retry", item.vpath, exc, extra={"object": item.vpath})
         except Converging as exc:
             self._undo(item)
             self._retry_later(item, None)
-            log.info("%s: %s; will retry", item.vpath, exc)
+            log.info("%s: %s; will retry", item.vpath, exc, extra={"object": item.vpath})
         except InUse as exc:
             self._undo(item)
             self._retry_later(item, str(exc))
@@ -366,14 +368,15 @@ class Migrator:
             # per change of holder
             level = logging.DEBUG if self.in_use.get(item.vpath) == str(exc) else logging.INFO
             self.in_use[item.vpath] = str(exc)
-            log.log(level, "%s: %s", item.vpath, exc)
+            log.log(level, "%s: %s", item.vpath, exc, extra={"object": item.vpath})
         except filecopy.CopyAborted:
             self._undo(item)
         except Quarantined as exc:
             self._undo(item)
             self._keep_legacy(item, State.QUARANTINED, str(exc), attempts + 1)
             self.progress.failed += 1
-            log.warning("%s: %s; quarantined, left where it is", item.vpath, exc)
+            log.warning("%s: %s; quarantined, left where it is", item.vpath, exc,
+                        extra={"object": item.vpath, "state": State.QUARANTINED})
         except Exception as exc:  # noqa: BLE001 - one failure never stops the others
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # a full disk mid-copy: back off and try again, not a failure
@@ -385,7 +388,8 @@ class Migrator:
                 if settled is not None:
                     if not settled:
                         self._retry_later(item, f"the destination filled up: {exc.strerror}")
-                        log.info("%s: destination full mid-copy; will retry", item.vpath)
+                        log.info("%s: destination full mid-copy; will retry", item.vpath,
+                                 extra={"object": item.vpath})
                     return
             self._failed(item, exc, attempts + 1)
 
@@ -397,7 +401,7 @@ class Migrator:
         except Exception as exc:  # noqa: BLE001 - e.g. the index's disk is full
             self.progress.faults += 1
             log.warning("%s: its record cannot be put back in order now (%s); will try "
-                        "again", item.vpath, why(exc))
+                        "again", item.vpath, why(exc), extra={"object": item.vpath})
             self.unrecorded[item.vpath] = (item, None, "", 0)
 
     def _failed(self, item: Item, exc: Exception, attempts: int) -> None:
@@ -410,7 +414,8 @@ class Migrator:
             migrated = self.steps.settle(item)
         except Exception as settle_exc:
             log.warning("%s: migration failed (%s) and its record cannot be put back in "
-                        "order now (%s); will try again", item.vpath, reason, why(settle_exc))
+                        "order now (%s); will try again", item.vpath, reason, why(settle_exc),
+                        extra={"object": item.vpath})
             log.debug("%s: settling failed", item.vpath, exc_info=True)
             self.unrecorded[item.vpath] = (item, State.FAILED, reason, attempts)
             migrated = False
@@ -418,13 +423,14 @@ class Migrator:
         self.retry_at[item.vpath] = time.monotonic() + delay
         if migrated:
             self.retry_at.pop(item.vpath, None)
-            log.warning("%s: %s after its move; the move was finished", item.vpath, reason)
+            log.warning("%s: %s after its move; the move was finished", item.vpath, reason,
+                        extra={"object": item.vpath, "state": State.SWITCHED})
             return
         self.progress.failed += 1  # in this pass, whether or not it is retried later
         if item.vpath not in self.unrecorded:
             self._keep_legacy(item, State.FAILED, reason, attempts)
         log.warning("%s: migration failed (%s); attempt %d, next in %.0f s", item.vpath,
-                    reason, attempts, delay)
+                    reason, attempts, delay, extra={"object": item.vpath, "state": State.FAILED})
 
     def _keep_legacy(self, item: Item, state: str, reason: str, attempts: int) -> None:
         """Mark *item* failed or quarantined (served from its legacy place). If the
@@ -436,7 +442,7 @@ class Migrator:
             again = item.vpath in self.unrecorded
             log.log(logging.DEBUG if again else logging.WARNING,
                     "%s: cannot record that it is %s (%s); kept in memory", item.vpath,
-                    state, why(exc))
+                    state, why(exc), extra={"object": item.vpath, "state": state})
             self.unrecorded[item.vpath] = (item, state, reason, attempts)
         else:
             self.unrecorded.pop(item.vpath, None)
@@ -456,7 +462,8 @@ class Migrator:
                 continue
             self._keep_legacy(item, state, reason, attempts)
             if vpath not in self.unrecorded:
-                log.info("%s: that it is %s is recorded now", vpath, state)
+                log.info("%s: that it is %s is recorded now", vpath, state,
+                         extra={"object": vpath, "state": state})
 
     def failures(self) -> dict[str, str]:
         """vpath -> reason of every object whose last attempt failed, recorded or not."""
