@@ -69,10 +69,12 @@ def main() -> int:
         build_names_root(root, random.Random(7))
         log(f"{args.names:,} names built ({time.perf_counter() - t0:.1f} s)")
         img = os.path.join(root, "img")
+        # interpreter options only when asked, so the script also measures older commits
+        python = {"python": tuple(args.python)} if args.python else {}
         for r in range(args.runs):
             with daemonproc.running(root, os.path.join(base, f"run{r}"), stage="redirect",
                                     config=config, deadline=views_bench.DEADLINE,
-                                    own_session=True, python=tuple(args.python)) as child:
+                                    own_session=True, **python) as child:
                 time.sleep(0.5)   # let the daemon settle after its mounts
                 _, base_rss = proc_memory(child.pid)
                 t0 = time.perf_counter()
