@@ -35,6 +35,7 @@ from .controlfile import ControlFile
 from .handles import Handle, HandleTable
 from .inodes import ROOT, InodeTable
 from .latency import LatencyHistogram
+from .listing import Listing
 from .placement import join
 from .stores import Store
 from .view import View
@@ -56,7 +57,8 @@ class MountState(pyfuse3.Operations):
         #: every open file; the migration is given this table to switch handles
         self.handles = handles if handles is not None else HandleTable()
         self.open_count: dict[int, int] = {}
-        self.dirs: dict[int, tuple[int, list[str]]] = {}
+        #: open directory handles: the inode listed and its names, snapshot at opendir
+        self.dirs: dict[int, tuple[int, Listing]] = {}
         self._next_fh = 1
         #: unexpected errors answered with EIO, and the time per request (the boundary's)
         self.faults = 0
@@ -136,7 +138,7 @@ class MountState(pyfuse3.Operations):
             raise BadHandle(fh)
         return handle
 
-    def _dir(self, fh: int) -> tuple[int, list[str]]:
+    def _dir(self, fh: int) -> tuple[int, Listing]:
         listing = self.dirs.get(fh)
         if listing is None:
             raise BadHandle(fh)

@@ -27,6 +27,7 @@ from .boundary import BadHandle, errno_boundary, no_reply_boundary
 from .control import CONTROL_NAME
 from .handles import backing_flags
 from .inodes import BIG_LISTING, ROOT, trim_heap
+from .listing import FS_ENCODING, FS_ERRORS, Listing
 from .mountstate import MountState
 from .placement import join
 
@@ -303,9 +304,9 @@ class Operations(MountState):
     @errno_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode == ROOT:
-            names = list(self.view.views)
+            names = Listing(self.view.views)
         else:
-            names = self.view.listdir(self.inodes.path(inode))
+            names = Listing(self.view.iter_names(self.inodes.path(inode)))
         fh = self._new_fh()
         self.dirs[fh] = (inode, names)
         return fh
@@ -328,23 +329,24 @@ class Operations(MountState):
         fd = store.open_dir(rel)
         try:
             for i in range(start_id, len(names)):
-                name = names[i]
+                raw = names.raw(i)
+                name = raw.decode(FS_ENCODING, FS_ERRORS)
                 try:
                     if name in placed:
                         st = lstat(join(base, name))
                     else:
-                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        st = os.stat(raw, dir_fd=fd, follow_symlinks=False)
                 except (FileNotFoundError, NotADirectoryError):
                     continue  # gone since opendir
                 ino = ino_for(inode, name, st)
-                if not reply(token, os.fsencode(name), entry_attributes(ino, st, timeout), i + 1):
+                if not reply(token, raw, entry_attributes(ino, st, timeout), i + 1):
                     self.inodes.drop_unreferenced(ino)
                     return
                 self.inodes.ref(ino)
         finally:
             os.close(fd)
 
-    def _readdir_located(self, base: str, inode: int, names: list[str], start_id: int,
+    def _readdir_located(self, base: str, inode: int, names: Listing, start_id: int,
                          token: pyfuse3.ReaddirToken) -> None:
         """readdir locating every name on its own (the root, whose names are the views)."""
         for i in range(start_id, len(names)):
@@ -355,7 +357,7 @@ class Operations(MountState):
                 continue
             ino = self._ino_for(inode, name, st)
             attrs = entry_attributes(ino, st, self.timeout)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
+            if not pyfuse3.readdir_reply(token, names.raw(i), attrs, i + 1):
                 self.inodes.drop_unreferenced(ino)
                 return
             self.inodes.ref(ino)

@@ -160,6 +160,17 @@ class Store:
         finally:
             os.close(fd)
 
+    def iter_names(self, rel: str) -> Iterator[str]:
+        """The names in the directory *rel*, one at a time, as the directory is read
+        (no list of them all; the directory stays open until the last)."""
+        fd = self.open_dir(rel)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    yield entry.name
+        finally:
+            os.close(fd)
+
     def chmod(self, rel: str, mode: int) -> None:
         with self.parent(rel) as (fd, name):
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterator
 
 from . import snapshotid
 from .backing import Backing
@@ -114,12 +115,21 @@ class View:
         """Names in the view directory *vdir*: the legacy store's plus the index's.
 
         In the backing store's order (the caller snapshots it; no sort needed)."""
+        return list(self.iter_names(vdir))
+
+    def iter_names(self, vdir: str) -> Iterator[str]:
+        """:meth:`listdir`, one name at a time as the backing directory is read."""
         store, rel, _ = self.locate(vdir)
-        names = store.listdir(rel)
         placed = self.index.children.get(vdir)
-        if placed:
-            names.extend(placed.difference(names))
-        return names
+        if not placed:
+            yield from store.iter_names(rel)
+            return
+        seen = set()
+        for name in store.iter_names(rel):
+            if name in placed:
+                seen.add(name)
+            yield name
+        yield from placed.difference(seen)
 
     # -- where new things go ---------------------------------------------------
     def inside(self, vpath: str) -> Placement | None:
