@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import pathlib
 import pstats
 import random
 import shutil
@@ -120,15 +119,7 @@ def main() -> int:
     try:
         with contextlib.ExitStack() as stack:
             rng = random.Random(20261201)
-            if args.plain:
-                root = os.path.join(bench, "root")
-            else:
-                from compatfs.testing import devicefs
-
-                image_dir = os.path.join(bench, "device")
-                os.mkdir(image_dir)
-                root = str(stack.enter_context(devicefs.device_root(
-                    pathlib.Path(image_dir), size_mb=1024)))
+            root = views_bench.work_root(stack, bench, args.plain, size_mb=1024)
             dev = views_bench.build_device(root, rng, VOLUME)
             config = os.path.join(bench, "compatfs.yaml")
             with open(config, "w") as f:

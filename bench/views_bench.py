@@ -199,6 +199,22 @@ def chunk_at(data: bytes, i: int) -> memoryview:
     return memoryview(data)[off:off + CHUNK]
 
 
+def work_root(stack: contextlib.ExitStack, bench: str, plain: bool, size_mb: int) -> str:
+    """Where the device is built: a plain directory under *bench*, or (the
+    default, as on a device) the root of an ext4 image of *size_mb* on a loop
+    device with an fscrypt vault, unmounted when *stack* closes."""
+    if plain:
+        return os.path.join(bench, "root")
+    from compatfs.testing import devicefs
+
+    image_dir = os.path.join(bench, "device")
+    os.mkdir(image_dir)
+    root = str(stack.enter_context(devicefs.device_root(pathlib.Path(image_dir),
+                                                        size_mb=size_mb)))
+    log(f"device image with an fscrypt vault mounted at {root}")
+    return root
+
+
 def build_device(root: str, rng: random.Random, big_size: int) -> Device:
     app = devicegen.AppDef(devicegen.random_uuid(rng), "bench", [
         devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw",
@@ -408,16 +424,7 @@ def main() -> int:
         with contextlib.ExitStack() as stack:
             rng = random.Random(20261126)
             data = pattern(rng)
-            if args.plain:
-                root = os.path.join(bench, "root")
-            else:
-                from compatfs.testing import devicefs
-
-                image_dir = os.path.join(bench, "device")
-                os.mkdir(image_dir)
-                root = str(stack.enter_context(devicefs.device_root(
-                    pathlib.Path(image_dir), size_mb=6144)))
-                log(f"device image with an fscrypt vault mounted at {root}")
+            root = work_root(stack, bench, args.plain, size_mb=6144)
             t0 = time.perf_counter()
             dev = build_device(root, rng, big)
             config = os.path.join(bench, "compatfs.yaml")
