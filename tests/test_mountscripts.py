@@ -96,7 +96,8 @@ HELP_OPTIONS = {
                              "--unmount", "--dry-run", "--help", "MOUNTPOINT", "COMPATFS",
                              "exit status"),
     "compatfs-ci-container": ("--engine", "--image", "--privileged", "--rebuild", "--build-only",
-                              "--quirks", "--suite", "--mirror", "--network", "--engine-opts",
+                              "--quirks", "--suite", "--mirror", "--ca-file", "--network",
+                              "--engine-opts",
                               "--run-opts", "--no-install", "--dry-run", "--help", "podman",
                               "docker", "mmdebstrap", "COMPATFS_CI_ENGINE", "./dev.sh test",
                               "exit status"),
@@ -207,6 +208,18 @@ def test_ci_container_options_and_environment_reach_the_engine():
     cmd = dry_run("--quirks", "no-ulimits", "--network", "none", env=env)[-1]
     assert re.match(r"CONTAINERS_CONF=\S+/containers\.conf podman --storage-driver vfs run ", cmd)
     assert " --network none " in cmd
+    # pip in the build trusts the CA file the host's pip does (a proxy that re-signs TLS)
+    ca = REPO / "pyproject.toml"   # any file: only mounted
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "COMPATFS_CI_CA_FILE"):
+        env.pop(name, None)
+    setup = [line for line in dry_run(env=env) if " run --name compatfs-ci-build-" in line]
+    assert len(setup) == 1 and "PIP_CERT" not in setup[0] and "/run/compatfs-ci/" not in setup[0]
+    lines = dry_run(env=dict(env, REQUESTS_CA_BUNDLE=str(ca)))
+    setup = [line for line in lines if " run --name compatfs-ci-build-" in line]
+    assert f" -v {ca}:/run/compatfs-ci/ca.crt:ro -e PIP_CERT=/run/compatfs-ci/ca.crt " in setup[0]
+    assert "/run/compatfs-ci/" not in lines[-1]   # the test run needs no network
+    proc = run(CI, "--dry-run", "--ca-file", str(REPO / "no-such.crt"), env=env)
+    assert proc.returncode == 2 and "no-such.crt" in one_line_error(proc, CI)
     for bad, word in ((("--quirks", "fast"), "'fast'"), (("--engine", "lxc"), "'lxc'"),
                       (("--engine", "docker", "--quirks", "runc"), "podman's")):
         proc = run(CI, "--dry-run", *bad)
