@@ -20,11 +20,12 @@ venv="$here/.venv"
 # qemu-utils: real qcow2 images. e2fsprogs + util-linux: loop-mounted ext4
 # vaults with fscrypt. fuse-overlayfs: the reference FUSE peer in bench/.
 # The shellcheck package lints mountscripts/, busybox runs them as EVE ash would.
-# mount (mount, umount, losetup) and ca-certificates (pip over https) are on every
-# ordinary Debian machine, not in a minimal root file system such as a container's.
+# mount (mount, umount, losetup), ca-certificates (pip over https) and tzdata (the
+# log tests' time zones) are on every ordinary Debian machine, not in a minimal
+# root file system such as a container's.
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv
           qemu-utils e2fsprogs util-linux fuse-overlayfs shellcheck busybox
-          mount ca-certificates)
+          mount ca-certificates tzdata)
 
 # mountscripts/compatfs-ci-container: mmdebstrap builds its image from Debian
 # packages (the archive keyring verifies them, also on Ubuntu); podman runs it
