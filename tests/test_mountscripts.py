@@ -152,8 +152,17 @@ def test_sh_scripts_run_under_dash_and_busybox(shell, tmp_path):
 CI = "compatfs-ci-container"
 
 
+def ci_env(**extra: str) -> dict[str, str]:
+    """script_env without the script's own settings (inside its container, for one,
+    COMPATFS_CI_PRIVILEGED is set)."""
+    env = {k: v for k, v in script_env().items()
+           if not k.startswith("COMPATFS_CI_") and k != "CONTAINERS_CONF"}
+    env.update(extra)
+    return env
+
+
 def dry_run(*args: str, env: dict[str, str] | None = None) -> list[str]:
-    proc = run(CI, "--dry-run", *args, env=env)
+    proc = run(CI, "--dry-run", *args, env=env or ci_env())
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 
@@ -198,9 +207,8 @@ def test_ci_container_dry_run_prints_the_build_and_the_run():
 
 
 def test_ci_container_options_and_environment_reach_the_engine():
-    env = script_env(COMPATFS_CI_ENGINE="podman", COMPATFS_CI_ENGINE_OPTS="--storage-driver vfs",
-                     COMPATFS_CI_RUN_OPTS="--pids-limit 4096", COMPATFS_CI_QUIRKS="runc,cgroupfs")
-    env.pop("CONTAINERS_CONF", None)
+    env = ci_env(COMPATFS_CI_ENGINE="podman", COMPATFS_CI_ENGINE_OPTS="--storage-driver vfs",
+                 COMPATFS_CI_RUN_OPTS="--pids-limit 4096", COMPATFS_CI_QUIRKS="runc,cgroupfs")
     cmd = dry_run(env=env)[-1]
     assert cmd.startswith("podman --storage-driver vfs --runtime runc "
                           "--cgroup-manager=cgroupfs run --rm "), cmd
@@ -222,7 +230,7 @@ def test_ci_container_options_and_environment_reach_the_engine():
     assert proc.returncode == 2 and "no-such.crt" in one_line_error(proc, CI)
     for bad, word in ((("--quirks", "fast"), "'fast'"), (("--engine", "lxc"), "'lxc'"),
                       (("--engine", "docker", "--quirks", "runc"), "podman's")):
-        proc = run(CI, "--dry-run", *bad)
+        proc = run(CI, "--dry-run", *bad, env=ci_env())
         assert proc.returncode == 2 and word in one_line_error(proc, CI), proc.stderr
 
 
@@ -277,11 +285,7 @@ exit 99
 
 
 def fake_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = script_env(PATH=path_without_engines(tmp_path, fake="podman"), **extra)
-    for name in ("COMPATFS_CI_ENGINE", "COMPATFS_CI_QUIRKS", "COMPATFS_CI_ENGINE_OPTS",
-                 "COMPATFS_CI_RUN_OPTS", "CONTAINERS_CONF", "COMPATFS_CI_PRIVILEGED"):
-        env.pop(name, None)
-    return env
+    return ci_env(PATH=path_without_engines(tmp_path, fake="podman"), **extra)
 
 
 def calls(tmp_path: Path) -> list[str]:
