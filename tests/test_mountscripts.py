@@ -95,8 +95,12 @@ HELP_OPTIONS = {
     "compatfs-debug-mount": ("--root", "--config", "--run-dir", "--timeout", "--foreground",
                              "--unmount", "--dry-run", "--help", "MOUNTPOINT", "COMPATFS",
                              "exit status"),
-    "compatfs-ci-container": ("--engine", "--image", "--dry-run", "--help", "podman", "docker",
-                              "debian:bookworm", "./dev.sh test", "exit status"),
+    "compatfs-ci-container": ("--engine", "--image", "--privileged", "--rebuild", "--build-only",
+                              "--quirks", "--suite", "--mirror", "--ca-file", "--network",
+                              "--engine-opts",
+                              "--run-opts", "--no-install", "--dry-run", "--help", "podman",
+                              "docker", "mmdebstrap", "COMPATFS_CI_ENGINE", "./dev.sh test",
+                              "exit status"),
 }
 
 
@@ -142,27 +146,97 @@ def test_sh_scripts_run_under_dash_and_busybox(shell, tmp_path):
 
 
 # -- compatfs-ci-container ---------------------------------------------------------
+# Without running a container: dry runs, and a fake engine that records its calls.
+# tests/test_ci_container.py runs the script for real.
 
-def test_ci_container_dry_run_prints_the_container_command():
-    proc = run("compatfs-ci-container", "--dry-run", "--engine", "docker")
+CI = "compatfs-ci-container"
+
+
+def ci_env(**extra: str) -> dict[str, str]:
+    """script_env without the script's own settings (inside its container, for one,
+    COMPATFS_CI_PRIVILEGED is set)."""
+    env = {k: v for k, v in script_env().items()
+           if not k.startswith("COMPATFS_CI_") and k != "CONTAINERS_CONF"}
+    env.update(extra)
+    return env
+
+
+def dry_run(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    proc = run(CI, "--dry-run", *args, env=env or ci_env())
     assert proc.returncode == 0, proc.stderr
-    cmd = proc.stdout.strip()
+    return proc.stdout.splitlines()
+
+
+def test_ci_container_dry_run_prints_the_build_and_the_run():
+    lines = dry_run("--engine", "docker")
+    packages = subprocess.run([str(REPO / "dev.sh"), "packages"], capture_output=True,
+                              text=True, check=True).stdout.split()
+    assert "mount" in packages and "fuse3" in packages
+    mmdebstrap = next(line for line in lines if line.startswith("mmdebstrap "))
+    assert "--variant=apt" in mmdebstrap and " bookworm " in mmdebstrap
+    assert mmdebstrap.split()[2].replace("\\,", ",") == "--include=" + ",".join(packages)
+    base = re.search(r"^docker import \S+/rootfs\.tar (compatfs-ci-base:[0-9a-f]{16})$",
+                     "\n".join(lines), re.M)
+    assert base, lines
+    setup = next(line for line in lines if line.startswith("docker run --name compatfs-ci-build-"))
+    assert base.group(1) in setup and "./dev.sh setup" in setup
+    ci = re.search(r"^docker commit \S+ (compatfs-ci:[0-9a-f]{16})$", "\n".join(lines), re.M)
+    assert ci, lines
+    cmd = lines[-1]
     assert cmd.startswith("docker run --rm ")
-    for part in ("--device /dev/fuse", "--cap-add SYS_ADMIN",
-                 "--security-opt apparmor=unconfined", "./dev.sh test", "debian:bookworm",
-                 f"{REPO}:/src:ro"):
+    for part in ("--device /dev/fuse", "--cap-add SYS_ADMIN", "--security-opt apparmor=unconfined",
+                 "exec ./dev.sh test", f"{REPO}:/src:ro", ci.group(1)):
         assert part in cmd, part
-    proc = run("compatfs-ci-container", "--dry-run", "--engine", "podman", "--image",
-               "example.org/ci:1", "--", "-k", "boot", "-x")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("podman run ")
-    assert "example.org/ci:1" in proc.stdout and "debian:bookworm" not in proc.stdout
-    assert proc.stdout.rstrip().endswith("-k boot -x")
+    assert "--privileged" not in cmd.split(" bash -c ")[0]
+
+    # the tags are hashes of the inputs: the same again, another suite another tag
+    def same(line: str) -> str:
+        return re.sub(r"-(run|build)-\d+", "", line)
+
+    assert same(dry_run("--engine", "docker")[-1]) == same(cmd)
+    trixie = dry_run("--engine", "docker", "--suite", "trixie")
+    assert base.group(1) not in "\n".join(trixie) and ci.group(1) not in "\n".join(trixie)
+
+    lines = dry_run("--engine", "podman", "--image", "example.org/ci:1", "--privileged",
+                    "--", "-k", "boot", "-x")
+    assert not any(line.startswith("mmdebstrap") for line in lines)
+    assert any("example.org/ci:1 bash -c" in line and "./dev.sh setup" in line for line in lines)
+    assert lines[-1].startswith("podman run --rm ")
+    assert " --privileged " in lines[-1].split(" bash -c ")[0]
+    assert lines[-1].endswith("-k boot -x")
+
+
+def test_ci_container_options_and_environment_reach_the_engine():
+    env = ci_env(COMPATFS_CI_ENGINE="podman", COMPATFS_CI_ENGINE_OPTS="--storage-driver vfs",
+                 COMPATFS_CI_RUN_OPTS="--pids-limit 4096", COMPATFS_CI_QUIRKS="runc,cgroupfs")
+    cmd = dry_run(env=env)[-1]
+    assert cmd.startswith("podman --storage-driver vfs --runtime runc "
+                          "--cgroup-manager=cgroupfs run --rm "), cmd
+    assert " --pids-limit 4096 " in cmd and "CONTAINERS_CONF" not in cmd
+    cmd = dry_run("--quirks", "no-ulimits", "--network", "none", env=env)[-1]
+    assert re.match(r"CONTAINERS_CONF=\S+/containers\.conf podman --storage-driver vfs run ", cmd)
+    assert " --network none " in cmd
+    # pip in the build trusts the CA file the host's pip does (a proxy that re-signs TLS)
+    ca = REPO / "pyproject.toml"   # any file: only mounted
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "COMPATFS_CI_CA_FILE"):
+        env.pop(name, None)
+    setup = [line for line in dry_run(env=env) if " run --name compatfs-ci-build-" in line]
+    assert len(setup) == 1 and "PIP_CERT" not in setup[0] and "/run/compatfs-ci/" not in setup[0]
+    lines = dry_run(env=dict(env, REQUESTS_CA_BUNDLE=str(ca)))
+    setup = [line for line in lines if " run --name compatfs-ci-build-" in line]
+    assert f" -v {ca}:/run/compatfs-ci/ca.crt:ro -e PIP_CERT=/run/compatfs-ci/ca.crt " in setup[0]
+    assert "/run/compatfs-ci/" not in lines[-1]   # the test run needs no network
+    proc = run(CI, "--dry-run", "--ca-file", str(REPO / "no-such.crt"), env=env)
+    assert proc.returncode == 2 and "no-such.crt" in one_line_error(proc, CI)
+    for bad, word in ((("--quirks", "fast"), "'fast'"), (("--engine", "lxc"), "'lxc'"),
+                      (("--engine", "docker", "--quirks", "runc"), "podman's")):
+        proc = run(CI, "--dry-run", *bad, env=ci_env())
+        assert proc.returncode == 2 and word in one_line_error(proc, CI), proc.stderr
 
 
 def path_without_engines(tmp_path: Path, fake: str | None = None) -> str:
     """A PATH with every command of ours except podman and docker (and, with *fake*,
-    a fake engine of that name that records its arguments)."""
+    the fake engine of :data:`FAKE_ENGINE` under that name)."""
     shim = tmp_path / "bin"
     shim.mkdir()
     for directory in os.environ.get("PATH", "").split(os.pathsep):
@@ -173,34 +247,120 @@ def path_without_engines(tmp_path: Path, fake: str | None = None) -> str:
                 continue
             (shim / entry.name).symlink_to(entry.path)
     if fake:
-        (shim / fake).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/argv"\nexit 7\n')
+        (shim / fake).write_text(FAKE_ENGINE.replace("STATE", str(tmp_path)))
         (shim / fake).chmod(0o755)
     return str(shim)
 
 
-def test_ci_container_without_an_engine_exits_2(tmp_path):
-    env = script_env(PATH=path_without_engines(tmp_path))
-    env.pop("COMPATFS_CI_ENGINE", None)
-    proc = run("compatfs-ci-container", env=env)
-    assert proc.returncode == 2
-    line = one_line_error(proc, "compatfs-ci-container")
+#: An engine that records each call (CONTAINERS_CONF and its arguments) in STATE/calls,
+#: knows the images pulled or committed, and runs no container: a probe ('true') is
+#: refused unless $FAKE_QUIRKS is unset or every podman work-around is given; the test
+#: run prints $FAKE_OUTPUT and exits $FAKE_STATUS.
+FAKE_ENGINE = r"""#!/bin/sh
+state=STATE
+printf 'CONTAINERS_CONF=%s podman %s\n' "${CONTAINERS_CONF:-}" "$(printf %s "$*" | tr '\n' ' ')" \
+    >> "$state/calls"
+for last; do :; done
+for sub; do case $sub in info|image|pull|commit|rm|run) break ;; esac; done
+case $sub in
+    info) exit 0 ;;
+    image) grep -qxF "$last" "$state/images" 2>/dev/null || exit 1
+           echo "sha256:$(printf %s "$last" | cksum | cut -d' ' -f1)"; exit 0 ;;
+    pull|commit) echo "$last" >> "$state/images"; exit 0 ;;
+    rm) exit 0 ;;
+    run)
+        if [ "$last" = true ]; then
+            [ -z "${FAKE_QUIRKS:-}" ] && exit 0
+            case " $* " in *" --runtime runc --cgroup-manager=cgroupfs "*)
+                grep -q "default_ulimits = \[\]" "${CONTAINERS_CONF:-/nonexistent}" && exit 0 ;;
+            esac
+            echo "Error: crun: setrlimit RLIMIT_NOFILE: Operation not permitted" >&2; exit 126
+        fi
+        case " $* " in *" --rm "*) printf '%b\n' "$FAKE_OUTPUT"; exit "$FAKE_STATUS" ;; esac
+        exit 0 ;;
+esac
+echo "fake engine: unexpected call: $*" >&2
+exit 99
+"""
+
+
+def fake_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return ci_env(PATH=path_without_engines(tmp_path, fake="podman"), **extra)
+
+
+def calls(tmp_path: Path) -> list[str]:
+    path = tmp_path / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_ci_container_without_an_engine_exits_69(tmp_path):
+    env = fake_env(tmp_path)
+    (Path(env["PATH"]) / "podman").unlink()   # no engine at all
+    proc = run(CI, "--no-install", env=env)
+    assert proc.returncode == 69
+    line = one_line_error(proc, CI)
     assert "podman" in line and "docker" in line and "--dry-run" in line
-    # --dry-run still prints a command
-    proc = run("compatfs-ci-container", "--dry-run", env=env)
+    # --dry-run still prints the commands
+    proc = run(CI, "--dry-run", env=env)
     assert proc.returncode == 0 and "--device /dev/fuse" in proc.stdout
 
 
-def test_ci_container_runs_the_engine_it_finds(tmp_path):
-    env = script_env(PATH=path_without_engines(tmp_path, fake="podman"))
-    env.pop("COMPATFS_CI_ENGINE", None)
-    proc = run("compatfs-ci-container", "--", "-q", env=env)
-    assert proc.returncode == 7, proc.stderr  # the engine's status
-    argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[:2] == ["run", "--rm"]
-    assert argv[argv.index("--device") + 1] == "/dev/fuse"
-    assert argv[argv.index("--cap-add") + 1] == "SYS_ADMIN"
-    assert "debian:bookworm" in argv and argv[-1] == "-q"
-    assert any("exec ./dev.sh test" in a for a in argv)
+def test_ci_container_builds_once_runs_the_suite_and_passes_its_status_on(tmp_path):
+    summary = "3 passed, 1 skipped in 1.50s"
+    env = fake_env(tmp_path, FAKE_OUTPUT=f"collected 4 items\\n===== {summary} =====",
+                   FAKE_STATUS="0")
+    proc = run(CI, "--image", "example.org/ci:1", "--", "-q", "tests/test_mount.py", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"{CI}: {summary} (exit status 0)"
+    first = calls(tmp_path)
+    assert any(" pull example.org/ci:1" in c for c in first)
+    commit = [c for c in first if " commit " in c]
+    assert len(commit) == 1 and re.search(r"commit compatfs-ci-build-\d+ compatfs-ci:[0-9a-f]{16}$",
+                                          commit[0])
+    tag = commit[0].split()[-1]
+    test_run = [c for c in first if " run --rm --name compatfs-ci-run-" in c]
+    assert len(test_run) == 1 and tag in test_run[0]
+    assert test_run[0].endswith("compatfs-ci -q tests/test_mount.py")
+
+    # cached: no second build; a failing suite's status and summary come out
+    (tmp_path / "calls").unlink()
+    env.update(FAKE_OUTPUT="1 failed, 2 passed in 0.90s", FAKE_STATUS="1")
+    proc = run(CI, "--image", "example.org/ci:1", env=env)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-1] == f"{CI}: 1 failed, 2 passed in 0.90s (exit status 1)"
+    assert not any(" commit " in c or " pull " in c for c in calls(tmp_path))
+    # --rebuild builds again; no summary at all is an error with the engine's status
+    env.update(FAKE_OUTPUT="Error: no such device", FAKE_STATUS="125")
+    proc = run(CI, "--image", "example.org/ci:1", "--rebuild", env=env)
+    assert proc.returncode == 125
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{CI}: error: the container exited with status 125 before pytest "
+                           "printed its summary"), proc.stderr
+    assert sum(" commit " in c for c in calls(tmp_path)) == 1
+
+
+def test_ci_container_finds_the_podman_quirks_this_host_needs(tmp_path):
+    env = fake_env(tmp_path, FAKE_OUTPUT="1 passed in 0.10s", FAKE_STATUS="0", FAKE_QUIRKS="1")
+    proc = run(CI, "--image", "example.org/ci:1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quirks runc,cgroupfs,no-ulimits" in proc.stderr and "RLIMIT_NOFILE" in proc.stderr
+    after_probe = [c for c in calls(tmp_path)
+                   if " commit " in c or " run --rm --name compatfs-ci-run-" in c]
+    assert len(after_probe) == 2
+    for call in after_probe:
+        assert re.match(r"CONTAINERS_CONF=\S+ podman --runtime runc --cgroup-manager=cgroupfs ",
+                        call), call
+    # told the quirks, it does not probe; told none, podman's refusal is the error (69)
+    (tmp_path / "calls").unlink()
+    proc = run(CI, "--image", "example.org/ci:1", "--quirks", "runc,cgroupfs,no-ulimits", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(c.endswith(" true") for c in calls(tmp_path))
+    proc = run(CI, "--image", "example.org/ci:2", "--quirks", "none", "--build-only", env=env)
+    assert proc.returncode == 0, proc.stderr  # --quirks none: no probe, the fake builds anyway
+    assert not any(c.endswith(" true") for c in calls(tmp_path))
+    env2 = dict(env, CONTAINERS_CONF=str(tmp_path / "mine.conf"))
+    proc = run(CI, "--image", "example.org/ci:1", env=env2)
+    assert proc.returncode == 69 and "RLIMIT_NOFILE" in one_line_error(proc, CI)
 
 
 # -- dry runs -------------------------------------------------------------------------
