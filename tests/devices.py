@@ -72,3 +72,12 @@ def device_root(workdir: Path, size_mb: int = 256, encrypted_vault: bool = True)
     skip_without_loop_devices()
     with devicefs.device_root(workdir, size_mb, encrypted_vault) as root:
         yield root
+
+
+@contextlib.contextmanager
+def device_under(tmp_path: Path, size_mb: int = 256) -> Iterator[Path]:
+    """:func:`device_root` in ``tmp_path/dev``: the device a test's fixture yields."""
+    work = tmp_path / "dev"
+    work.mkdir()
+    with device_root(work, size_mb=size_mb) as root:
+        yield root

@@ -21,7 +21,7 @@ from compatfs.rundir import RunDir
 from compatfs.testing import devicegen
 
 from .conftest import run_cli
-from .devices import device_root
+from .devices import device_under
 from .mounting import Mounted, mounted
 
 pytestmark = pytest.mark.root
@@ -31,9 +31,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def device(tmp_path):
-    work = tmp_path / "dev"
-    work.mkdir()
-    with device_root(work, size_mb=256) as root:
+    with device_under(tmp_path, size_mb=256) as root:
         yield root
 
 

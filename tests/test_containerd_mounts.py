@@ -22,7 +22,7 @@ from compatfs.inuse import busy, mounts_inside
 from compatfs.testing import devicegen
 
 from .conftest import run_cli, temporaries, tmpfs
-from .devices import device_root
+from .devices import device_under
 from .mounting import mounted
 from .test_migrate import sha_tree
 
@@ -31,9 +31,7 @@ ZFS = "io.containerd.snapshotter.v1.zfs"
 
 @pytest.fixture
 def device(tmp_path):
-    work = tmp_path / "dev"
-    work.mkdir()
-    with device_root(work, size_mb=512) as root:
+    with device_under(tmp_path, size_mb=512) as root:
         yield root
 
 

@@ -40,7 +40,7 @@ from compatfs.testing import devicegen
 from compatfs.view import View
 
 from .conftest import staged
-from .devices import device_root
+from .devices import device_under
 from .mounting import mounted
 
 KIB = 1 << 10
@@ -332,9 +332,7 @@ async def test_a_file_renamed_during_the_copy_is_not_switched_under_its_old_name
 
 @pytest.fixture
 def device(tmp_path):
-    work = tmp_path / "dev"
-    work.mkdir()
-    with device_root(work, size_mb=256) as root:
+    with device_under(tmp_path, size_mb=256) as root:
         yield root
 
 

@@ -16,7 +16,7 @@ import pytest
 from compatfs.testing import devicegen
 
 from .conftest import layout_config, legacy_snapshot, run_cli, temporaries
-from .devices import device_root
+from .devices import device_under
 from .mounting import mounted
 
 pytestmark = pytest.mark.root
@@ -40,9 +40,7 @@ def sha_tree(root: Path, rel: str) -> dict[str, str]:
 
 @pytest.fixture
 def device(tmp_path):
-    work = tmp_path / "dev"
-    work.mkdir()
-    with device_root(work, size_mb=768) as root:
+    with device_under(tmp_path, size_mb=768) as root:
         yield root
 
 
