@@ -184,7 +184,7 @@ class KernelCache:
             # the table is the event loop's (no structure a thread may read while
             # a lookup grows or repacks it): one trip there per directory
             children = trio.from_thread.run_sync(self._find_all, parent, names)
-            for (name, is_dir), child in zip(names, children):
+            for (name, is_dir), child in zip(names, children, strict=True):
                 if child is None:
                     continue
                 found.append(child)
