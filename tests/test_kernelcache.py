@@ -61,3 +61,4 @@ async def test_a_tree_walk_reads_the_inode_table_only_in_the_event_loop(tmp_path
         store.close()
     assert sorted(told) == sorted([d, e, f, g])
     assert threads == {threading.get_ident()}
+
