@@ -136,6 +136,7 @@ class Inspector:
         self._statuses: dict[str, ObjectStatus] = {}
         self._read_at = 0.0
         self._version: object = None
+        self._failed = ""   # why the index last failed to be read again
 
     def fresh(self) -> None:
         """Read the index again if another connection (the daemon) committed to it
@@ -148,7 +149,12 @@ class Inspector:
                 self.index.reload()
                 self._version = version
         except Exception as exc:  # noqa: BLE001 - inspection keeps serving old data
-            log.warning("reading the index again failed: %s", exc)
+            # tried again at every request; said once (not at each stat of an ls -l)
+            if str(exc) != self._failed:
+                log.warning("reading the index again failed: %s", exc)
+            self._failed = str(exc)
+            return
+        self._failed = ""
 
     def statuses(self) -> dict[str, ObjectStatus]:
         """Where each legacy name is and why, read again when older than a few seconds."""

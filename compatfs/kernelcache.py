@@ -181,11 +181,17 @@ class KernelCache:
                 names = []
             finally:
                 os.close(fd)
-            for name, is_dir in names:
-                child = self.inodes.find(parent, name)
+            # the table is the event loop's (no structure a thread may read while
+            # a lookup grows or repacks it): one trip there per directory
+            children = trio.from_thread.run_sync(self._find_all, parent, names)
+            for (name, is_dir), child in zip(names, children, strict=True):
                 if child is None:
                     continue
                 found.append(child)
                 if is_dir:
                     todo.append((child, f"{where}/{name}" if where else name))
         return found
+
+    def _find_all(self, parent: int, names: list[tuple[str, bool]]) -> list[int | None]:
+        find = self.inodes.find
+        return [find(parent, name) for name, _ in names]

@@ -326,7 +326,12 @@ class Operations(MountState):
         placed = self.view.index.children.get(base, ())
         timeout, lstat, ino_for, reply = self.timeout, self.view.lstat, self._ino_for, \
             pyfuse3.readdir_reply
-        fd = store.open_dir(rel)
+        try:
+            fd = store.open_dir(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            # the backing directory went since opendir: its names are gone too,
+            # those with a record of their own may not be
+            return self._readdir_located(base, inode, names, start_id, token)
         try:
             for i in range(start_id, len(names)):
                 raw = names.raw(i)

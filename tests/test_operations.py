@@ -158,3 +158,36 @@ async def test_create_write_read_release(ops):
     await ops.release(fi.fh)
     assert (ops.view.backing.get(StoreKey.IMG).lstat("new.bin").st_mode & 0o777) == 0o640 & ~0o022
     assert not ops.handles
+
+
+def collect_readdir(monkeypatch) -> list[bytes]:
+    """The names the handlers hand the kernel through ``readdir_reply``."""
+    import compatfs.operations as mod
+    sent: list[bytes] = []
+
+    def reply(token, name, attrs, next_id):
+        sent.append(name)
+        return True
+
+    monkeypatch.setattr(mod.pyfuse3, "readdir_reply", reply)
+    return sent
+
+
+async def test_a_directory_removed_between_opendir_and_readdir_lists_nothing(ops, tmp_path,
+                                                                             monkeypatch):
+    """As a local file system does: a directory removed while open lists no names
+    (no error); readdir of a listing larger than one buffer runs after opendir."""
+    d = tmp_path / "img" / "d"
+    d.mkdir()
+    for i in range(5):
+        (d / f"f{i}").write_bytes(b"x")
+    img = await lookup_img(ops)
+    dino = (await ops.lookup(img, b"d", Ctx())).st_ino
+    fh = await ops.opendir(dino, Ctx())
+    for i in range(5):
+        (d / f"f{i}").unlink()
+    d.rmdir()
+    sent = collect_readdir(monkeypatch)
+    await ops.readdir(fh, 0, None)
+    assert sent == []
+    await ops.releasedir(fh)
