@@ -153,12 +153,33 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+class TextFormatter(logging.Formatter):
+    """compatfs' text line (:data:`TEXT`). A message is one line whatever it
+    quotes: a control character in it (a legacy name may hold a newline or a
+    terminal escape) is written escaped (``\\n``, ``\\x1b``), so no name can
+    forge a line of its own or drive a terminal. A traceback follows on lines
+    of its own, as logging writes it."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        message = record.message
+        if not message.isprintable():
+            record.message = message.translate(_CONTROLS)
+        return super().formatMessage(record)
+
+
 def formatter(name: str) -> logging.Formatter:
     """The formatter of the log format *name* (one of :data:`FORMATS`)."""
     if name == "json":
         return JSONFormatter()
     if name == "text":
-        return logging.Formatter(TEXT)
+        return TextFormatter()
     raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {name!r}")
 
 

@@ -15,6 +15,7 @@ import random
 import re
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,24 @@ def test_the_text_format_is_unchanged():
     line = logformat.formatter("text").format(record)
     assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} compatfs\[{os.getpid()}\] "
                         r"INFO compatfs\.daemon: img/a: placed at vault/x", line), line
+
+
+def test_a_name_cannot_forge_a_text_line_or_drive_a_terminal():
+    name = "img/evil\n2026-12-01 00:00:00,000 compatfs[1] INFO compatfs.daemon: forged\x1b[2J\t.raw"
+    record = logging.LogRecord("compatfs.daemon", logging.WARNING, __file__, 1, "%s: set aside",
+                               (name,), None)
+    line = logformat.formatter("text").format(record)
+    assert "\n" not in line and "\x1b" not in line and "\t" not in line, line
+    assert line.endswith(r"img/evil\n2026-12-01 00:00:00,000 compatfs[1] INFO "
+                         r"compatfs.daemon: forged\x1b[2J\t.raw: set aside"), line
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("compatfs.daemon", logging.ERROR, __file__, 1, "fault in %s",
+                                   ("img/a\nb",), sys.exc_info())
+    text = logformat.formatter("text").format(record)
+    first, *rest = text.split("\n")
+    assert first.endswith(r"fault in img/a\nb") and rest[0] == "Traceback (most recent call last):"
 
 
 def test_the_option_wins_over_the_environment_and_text_is_the_default():
