@@ -29,7 +29,7 @@ from compatfs.testing import devicegen
 from compatfs.testing.daemonproc import teardown
 
 from .conftest import REPO, run_cli
-from .devices import device_root
+from .devices import device_under
 
 EVE_FIELDS = {"time", "level", "msg", "source", "pid", "file", "func"}
 
@@ -242,20 +242,23 @@ def test_the_boot_script_passes_the_format_and_puts_a_json_log_on_stdout(tmp_pat
 
 # -- a real daemon ----------------------------------------------------------------------
 
+def one_volume_app(rng: random.Random) -> devicegen.AppDef:
+    """An app with one raw volume, for a migration that logs one object."""
+    return devicegen.AppDef(devicegen.random_uuid(rng), "vm", [
+        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw",
+                           volume_uuid=devicegen.random_uuid(rng))])
+
+
 @pytest.mark.root
 def test_the_daemon_in_the_background_logs_only_json_lines_with_a_migrated_object(tmp_path):
     """``compatfs mount --log-format json`` passes the format to the daemon it
     starts; stage migrate moves one volume: its line names the object and state."""
     rng = random.Random(13)
-    app = devicegen.AppDef(devicegen.random_uuid(rng), "vm", [
-        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw",
-                           volume_uuid=devicegen.random_uuid(rng))])
-    work = tmp_path / "dev"
-    work.mkdir()
+    app = one_volume_app(rng)
     config = tmp_path / "c.yaml"
     config.write_text("migration:\n  rescan_s: 1\n  retry_backoff_s: 0\n")
     run_dir = tmp_path / "run"
-    with device_root(work, size_mb=128) as root:
+    with device_under(tmp_path, size_mb=128) as root:
         devicegen.write_device_state(str(root), [app])
         name = app.legacy_name(0)
         (root / "img").mkdir()
@@ -290,12 +293,8 @@ def test_the_daemon_in_the_background_logs_only_json_lines_with_a_migrated_objec
 @pytest.mark.root
 def test_migrate_now_writes_only_json_lines_progress_and_summary_included(tmp_path):
     rng = random.Random(14)
-    app = devicegen.AppDef(devicegen.random_uuid(rng), "vm", [
-        devicegen.DriveDef(devicegen.random_uuid(rng), devicegen.random_sha(rng), "raw",
-                           volume_uuid=devicegen.random_uuid(rng))])
-    work = tmp_path / "dev"
-    work.mkdir()
-    with device_root(work, size_mb=128) as root:
+    app = one_volume_app(rng)
+    with device_under(tmp_path, size_mb=128) as root:
         devicegen.write_device_state(str(root), [app])
         name = f"img/{app.legacy_name(0)}"
         (root / "img").mkdir()

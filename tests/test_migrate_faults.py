@@ -14,7 +14,6 @@ quarantined, one failure never stops the others, small objects go first, and
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -27,7 +26,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,7 @@ from compatfs.testing import devicegen
 from compatfs.testing.devicegen import AppDef, DriveDef, random_sha, random_uuid
 
 from .conftest import legacy_snapshot, set_aside, staged, temporaries
-from .devices import device_root
+from .devices import device_under as device
 from .mounting import answers_within, assert_clean_exit, mounted
 
 pytestmark = pytest.mark.root
@@ -56,14 +54,6 @@ MOVED = (*VIEW_DIRS, "containerd")
 
 
 # -- helpers --------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def device(tmp_path: Path, size_mb: int = 256) -> Iterator[Path]:
-    work = tmp_path / "dev"
-    work.mkdir()
-    with device_root(work, size_mb=size_mb) as root:
-        yield root
-
 
 def cli(*args: str, fault: str | None = None, skip: int = 0,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -124,10 +125,12 @@ def test_a_mount_kept_busy_still_answers_its_control_file_and_stops_on_sigterm(s
             time.sleep(0.5)
             # the control file is answered by the handlers; its settings by the daemon's state
             assert os.getxattr(img / ".compatfs", "user.compatfs.stage") == b"observe"
-            start = time.monotonic()
             m.proc.send_signal(signal.SIGTERM)
-            m.proc.wait(timeout=30)
-            stopped_in = time.monotonic() - start
+            try:
+                m.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a busy daemon did not stop within 30 s of SIGTERM:\n"
+                            f"{m.log_text()[-3000:]}")
         finally:
             stop.set()
             for t in threads:
@@ -135,7 +138,6 @@ def test_a_mount_kept_busy_still_answers_its_control_file_and_stops_on_sigterm(s
         assert_clean_exit(m)
         assert "own request loop" not in m.log_text()   # compatfs.fuseloop served
         assert sum(served) > 100, served
-        assert stopped_in < 30
 
 
 def test_fuse_fds_finds_a_dev_fuse_descriptor():
