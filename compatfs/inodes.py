@@ -171,8 +171,8 @@ class InodeTable:
     def _slot(self, parent: int, name: str) -> int:
         """The slot holding (parent, name), or ``-1 - slot`` of the empty slot ending its probe.
 
-        Written out again in :meth:`find` and :meth:`ensure` (every lookup and
-        readdir entry): locals only, the name encoded only on a full-key match."""
+        Written out again in :meth:`ensure` (every lookup and readdir entry):
+        locals only, the name encoded only on a full-key match."""
         h = (hash(name) ^ parent) & _H
         key = parent << 32 | h
         slots, mask, keys = self._slots, self._mask, self._key
@@ -252,22 +252,11 @@ class InodeTable:
 
     # -- lookups ------------------------------------------------------------------------
     def find(self, parent: int, name: str) -> int | None:
-        h = (hash(name) ^ parent) & _H   # _slot, written out
-        key = parent << 32 | h
-        slots, mask, keys = self._slots, self._mask, self._key
-        s = h & mask
-        raw = None
-        while True:
-            ino = slots[s]
-            if not ino:
-                return self._alias_of.get((parent, name)) if self._alias_of else None
-            if keys[ino] == key:
-                if raw is None:
-                    raw = name.encode(_ENC, _ERR)
-                at = self._name_at[ino]
-                if at & 0xFFFF == len(raw) and self._blob.startswith(raw, at >> 16):
-                    return ino
-            s = (s + 1) & mask
+        """The inode named *name* in *parent*, if it is known (never made here)."""
+        s = self._slot(parent, name)
+        if s >= 0:
+            return self._slots[s]
+        return self._alias_of.get((parent, name)) if self._alias_of else None
 
     def add_name(self, ino: int, parent: int, name: str) -> None:
         """Give *ino* one more name (a hard link)."""
